@@ -1,0 +1,459 @@
+"""OpenAI's guided-diffusion UNet ("ADM", Dhariwal & Nichol 2021) in Flax, NHWC.
+
+The network follows `guided_diffusion/unet.py::UNetModel` option for option so
+that converted PyTorch checkpoints compute the same function. Module names are
+the PyTorch module paths with dots replaced by underscores
+(`input_blocks.1.0.in_layers.2` -> `input_blocks_1_0` / `in_layers_2`); that
+rule, inverted by `torch_key`, is what the converter relies on.
+
+Mixed precision mirrors the original `use_fp16`: only the convolutions of the
+torso (input, middle and output blocks, attention qkv/proj) run in the compute
+dtype; linear layers, the time embedding and the output head stay float32,
+GroupNorm and the attention softmax are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ADMConfig",
+    "ADMUNet",
+    "adm_apply",
+    "adm_init",
+    "timestep_embedding",
+    "torch_key",
+]
+
+NUM_CLASSES = 1000
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# guided-diffusion's `create_model` defaults for `channel_mult=""`.
+_DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+
+# `create_model` keyword arguments that have no effect on the function computed
+# at inference (gradient checkpointing) and are accepted for compatibility.
+_IGNORED_KWARGS = ("use_checkpoint",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ADMConfig:
+    """Architecture of a guided-diffusion `UNetModel` (all values resolved).
+
+    `attention_ds` holds downsampling rates (1, 2, 4, ...), as `UNetModel`
+    takes them; `from_create_model` converts `create_model`'s resolutions.
+    """
+
+    image_size: int
+    model_channels: int
+    num_res_blocks: tuple[int, ...]
+    attention_ds: tuple[int, ...]
+    channel_mult: tuple[float, ...]
+    in_channels: int = 3
+    out_channels: int = 3
+    num_classes: int | None = None
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    use_new_attention_order: bool = False
+    dropout: float = 0.0
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if len(self.num_res_blocks) != len(self.channel_mult):
+            raise ValueError(
+                f"num_res_blocks has {len(self.num_res_blocks)} entries but "
+                f"channel_mult has {len(self.channel_mult)} levels"
+            )
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(
+                f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if any(n < 1 for n in self.num_res_blocks):
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        for mult in self.channel_mult:
+            if int(mult * self.model_channels) % 32:
+                raise ValueError(
+                    f"channel count {int(mult * self.model_channels)} is not a multiple "
+                    "of the 32 GroupNorm groups"
+                )
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.out_channels == 2 * self.in_channels
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def heads_upsample(self) -> int:
+        return self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+
+    @property
+    def dtype(self) -> Any:
+        return _DTYPES[self.compute_dtype]
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be divisible by this (one halving per extra level)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @classmethod
+    def from_create_model(cls, kwargs: Mapping[str, Any]) -> ADMConfig:
+        """Resolve guided-diffusion `create_model(**kwargs)` into a config.
+
+        Accepts exactly `create_model`'s keywords (strings as its argparse
+        front end gives them, or lists), plus `conv_resample` and
+        `compute_dtype` (float32 | bfloat16 | float16; overrides `use_fp16`).
+        `num_res_blocks` may be an int or one count per level.
+        """
+        known = {
+            "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
+            "class_cond", "use_checkpoint", "attention_resolutions", "num_heads",
+            "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "dropout",
+            "resblock_updown", "use_fp16", "use_new_attention_order", "conv_resample",
+            "compute_dtype",
+        }  # fmt: skip
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown create_model arguments: {', '.join(unknown)}")
+        for required in ("image_size", "num_channels", "num_res_blocks"):
+            if required not in kwargs:
+                raise ValueError(f"missing create_model argument: {required}")
+        image_size = int(kwargs["image_size"])
+        channel_mult = kwargs.get("channel_mult", "")
+        if channel_mult in ("", None):
+            if image_size not in _DEFAULT_CHANNEL_MULT:
+                raise ValueError(f"unsupported image size: {image_size} (give channel_mult)")
+            mult = _DEFAULT_CHANNEL_MULT[image_size]
+        elif isinstance(channel_mult, str):
+            mult = tuple(int(m) for m in channel_mult.split(","))
+        else:
+            mult = tuple(channel_mult)
+        resolutions = kwargs.get("attention_resolutions", "16")
+        if isinstance(resolutions, str):
+            resolutions = [int(r) for r in resolutions.split(",") if r.strip()]
+        nrb = kwargs["num_res_blocks"]
+        nrb = (int(nrb),) * len(mult) if isinstance(nrb, int | str) else tuple(map(int, nrb))
+        dtype = kwargs.get("compute_dtype") or (
+            "float16" if kwargs.get("use_fp16", False) else "float32"
+        )
+        return cls(
+            image_size=image_size,
+            model_channels=int(kwargs["num_channels"]),
+            num_res_blocks=nrb,
+            attention_ds=tuple(image_size // int(r) for r in resolutions),
+            channel_mult=mult,
+            out_channels=6 if kwargs.get("learn_sigma", False) else 3,
+            num_classes=NUM_CLASSES if kwargs.get("class_cond", False) else None,
+            num_heads=int(kwargs.get("num_heads", 1)),
+            num_head_channels=int(kwargs.get("num_head_channels", -1)),
+            num_heads_upsample=int(kwargs.get("num_heads_upsample", -1)),
+            use_scale_shift_norm=bool(kwargs.get("use_scale_shift_norm", False)),
+            resblock_updown=bool(kwargs.get("resblock_updown", False)),
+            conv_resample=bool(kwargs.get("conv_resample", True)),
+            use_new_attention_order=bool(kwargs.get("use_new_attention_order", False)),
+            dropout=float(kwargs.get("dropout", 0.0)),
+            compute_dtype=dtype,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ADMConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown ADM config fields: {', '.join(unknown)}")
+        data = dict(data)
+        for name in ("num_res_blocks", "attention_ds", "channel_mult"):
+            if name in data:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding (N,) -> (N, dim): [cos(t f_i), sin(t f_i)], f_i = P^(-i/half)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm(32, C) evaluated in float32 (two-pass variance), cast back."""
+
+    groups: int = 32
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        h = x.astype(jnp.float32)
+        g = h.reshape(*h.shape[:-1], self.groups, c // self.groups)
+        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+        mean = g.mean(axis=axes, keepdims=True)
+        var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (g.reshape(h.shape) * scale + bias).astype(x.dtype)
+
+
+def _conv(features: int, name: str, dtype: Any, *, kernel: int = 3, stride: int = 1,
+          zero: bool = False) -> nn.Conv:  # fmt: skip
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.zeros if zero else nn.initializers.lecun_normal(),
+        name=name,
+    )
+
+
+def _upsample(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avgpool(x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    channels: int
+    use_conv: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return _conv(self.channels, "op", self.dtype, stride=2)(x)
+        return _avgpool(x)
+
+
+class Upsample(nn.Module):
+    channels: int
+    use_conv: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _upsample(x)
+        if self.use_conv:
+            x = _conv(self.channels, "conv", self.dtype)(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    out_channels: int
+    use_scale_shift_norm: bool
+    dtype: Any
+    up: bool = False
+    down: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+        if self.up:
+            h, x = _upsample(h), _upsample(x)
+        elif self.down:
+            h, x = _avgpool(h), _avgpool(x)
+        h = _conv(self.out_channels, "in_layers_2", self.dtype)(h)
+        # The embedding projection is a float32 Linear in the original.
+        width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = nn.Dense(width, dtype=jnp.float32, name="emb_layers_1")(nn.silu(emb))
+        emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+        out_norm = GroupNorm32(name="out_layers_0")
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = out_norm(h) * (1 + scale) + shift
+        else:
+            h = out_norm(h + emb_out)
+        # Dropout sits here in the original; this network is inference-only.
+        h = _conv(self.out_channels, "out_layers_3", self.dtype, zero=True)(nn.silu(h))
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, "skip_connection", self.dtype, kernel=1)(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    num_heads: int
+    num_head_channels: int
+    use_new_attention_order: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hh, ww, c = x.shape
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+        else:
+            if c % self.num_head_channels:
+                raise ValueError(f"{c} channels not divisible by {self.num_head_channels}")
+            heads = c // self.num_head_channels
+        ch = c // heads
+        seq = x.reshape(b, hh * ww, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(GroupNorm32(name="norm")(seq))
+        if self.use_new_attention_order:
+            # Channels laid out [q|k|v][head][ch]: split qkv before heads.
+            qkv = qkv.reshape(b, hh * ww, 3, heads, ch)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            # Legacy layout [head][q|k|v][ch]: split heads before qkv.
+            qkv = qkv.reshape(b, hh * ww, heads, 3, ch)
+            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        # Scaling q and k by ch^-1/4 each (not the product by ch^-1/2) is the
+        # original's choice for float16 stability; kept for identical rounding.
+        scale = 1.0 / math.sqrt(math.sqrt(ch))
+        w = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(w.dtype)
+        a = jnp.einsum("bhts,bshc->bthc", w, v).reshape(b, hh * ww, c)
+        out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(a)
+        return (seq + out).reshape(b, hh, ww, c)
+
+
+class ADMUNet(nn.Module):
+    """guided-diffusion `UNetModel`: (B, H, W, C_in), (B,), (B,)? -> (B, H, W, C_out)."""
+
+    config: ADMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        dtype = cfg.dtype
+        mc = cfg.model_channels
+        if (y is None) != (cfg.num_classes is None):
+            raise ValueError("pass a class label y if and only if the model is class-conditional")
+        emb = timestep_embedding(t, mc)
+        emb = nn.Dense(cfg.time_embed_dim, name="time_embed_0")(emb)
+        emb = nn.Dense(cfg.time_embed_dim, name="time_embed_2")(nn.silu(emb))
+        if cfg.num_classes is not None:
+            emb = emb + nn.Embed(cfg.num_classes, cfg.time_embed_dim, name="label_emb")(y)
+
+        def attention(name: str, heads: int) -> AttentionBlock:
+            return AttentionBlock(
+                heads, cfg.num_head_channels, cfg.use_new_attention_order, dtype, name=name
+            )
+
+        def resblock(name: str, out: int, **updown: bool) -> ResBlock:
+            return ResBlock(out, cfg.use_scale_shift_norm, dtype, name=name, **updown)
+
+        h = x.astype(dtype)
+        ch = int(cfg.channel_mult[0] * mc)
+        h = _conv(ch, "input_blocks_0_0", dtype)(h)
+        skips, skip_chans = [h], [ch]
+        ds, block = 1, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks[level]):
+                ch = int(mult * mc)
+                h = resblock(f"input_blocks_{block}_0", ch)(h, emb)
+                if ds in cfg.attention_ds:
+                    h = attention(f"input_blocks_{block}_1", cfg.num_heads)(h)
+                skips.append(h), skip_chans.append(ch)
+                block += 1
+            if level != len(cfg.channel_mult) - 1:
+                name = f"input_blocks_{block}_0"
+                if cfg.resblock_updown:
+                    h = resblock(name, ch, down=True)(h, emb)
+                else:
+                    h = Downsample(ch, cfg.conv_resample, dtype, name=name)(h)
+                skips.append(h), skip_chans.append(ch)
+                ds, block = ds * 2, block + 1
+
+        h = resblock("middle_block_0", ch)(h, emb)
+        h = attention("middle_block_1", cfg.num_heads)(h)
+        h = resblock("middle_block_2", ch)(h, emb)
+
+        block = 0
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks[level] + 1):
+                skip_chans.pop()
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                ch = int(mc * mult)
+                h = resblock(f"output_blocks_{block}_0", ch)(h, emb)
+                sub = 1
+                if ds in cfg.attention_ds:
+                    h = attention(f"output_blocks_{block}_1", cfg.heads_upsample)(h)
+                    sub = 2
+                if level and i == cfg.num_res_blocks[level]:
+                    name = f"output_blocks_{block}_{sub}"
+                    if cfg.resblock_updown:
+                        h = resblock(name, ch, up=True)(h, emb)
+                    else:
+                        h = Upsample(ch, cfg.conv_resample, dtype, name=name)(h)
+                    ds //= 2
+                block += 1
+
+        h = h.astype(jnp.float32)
+        h = nn.silu(GroupNorm32(name="out_0")(h))
+        return _conv(cfg.out_channels, "out_2", jnp.float32, zero=True)(h)
+
+
+def adm_init(config: ADMConfig, key: jax.Array) -> dict[str, Any]:
+    """Fresh parameters (zero-initialised where the original zero-initialises)."""
+    size = config.size_multiple * 2
+    x = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = None if config.num_classes is None else jnp.zeros((1,), jnp.int32)
+    return ADMUNet(config).init(key, x, t, y)["params"]
+
+
+def adm_apply(
+    config: ADMConfig,
+    params: Mapping[str, Any],
+    x: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None = None,
+) -> jax.Array:
+    """Raw network output (B, H, W, out_channels) for x (B, H, W, 3), t (B,) int, y (B,)."""
+    return ADMUNet(config).apply({"params": params}, x, t, y)
+
+
+def abstract_params(config: ADMConfig) -> dict[str, Any]:
+    """Parameter tree of `config` as ShapeDtypeStructs (nothing allocated)."""
+    return jax.eval_shape(lambda k: adm_init(config, k), jax.random.key(0))
+
+
+_SEGMENT = re.compile(r"(.*?)((?:_\d+)*)")
+_PARAM_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def torch_key(path: Sequence[str]) -> str:
+    """Flax parameter path -> guided-diffusion state-dict key.
+
+    `("input_blocks_1_0", "in_layers_2", "kernel")` -> `input_blocks.1.0.in_layers.2.weight`.
+    """
+    *modules, leaf = path
+    parts = []
+    for seg in modules:
+        m = _SEGMENT.fullmatch(seg)
+        assert m is not None
+        parts.append(m.group(1))
+        parts.extend(d for d in m.group(2).split("_") if d)
+    parts.append(_PARAM_NAMES[leaf])
+    return ".".join(parts)
