@@ -55,10 +55,10 @@ _TORCH_DTYPES = {
 
 # Opcodes a state-dict pickle (protocol 2) uses, plus harmless container and
 # constant opcodes. Absent on purpose: INST/OBJ/NEWOBJ/NEWOBJ_EX (build
-# arbitrary objects), EXT1/2/4 (copyreg registry), PERSID (text persistent ids),
-# STACK_GLOBAL (name computed at run time; we only accept literal GLOBALs).
+# arbitrary objects), EXT1/2/4 (copyreg registry), PERSID (text persistent ids).
+# STACK_GLOBAL (protocol >= 4) is admitted only right after two literal strings.
 _ALLOWED_OPCODES = frozenset(
-    """PROTO FRAME STOP MARK POP POP_MARK DUP GLOBAL REDUCE BUILD BINPERSID
+    """PROTO FRAME STOP MARK POP POP_MARK DUP GLOBAL STACK_GLOBAL REDUCE BUILD BINPERSID
     EMPTY_DICT EMPTY_LIST EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 LIST DICT
     APPEND APPENDS SETITEM SETITEMS BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET
     NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 BINFLOAT
@@ -139,14 +139,18 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 
 def _scan_pickle(data: bytes) -> None:
     """Refuse any pickle that uses an opcode or global outside the allow-list."""
-    ops = 0
+    strings: list[Any] = []  # the values pushed by the latest opcodes, for STACK_GLOBAL
     try:
         for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-            ops += 1
             if op.name not in _ALLOWED_OPCODES:
                 raise pickle.UnpicklingError(f"refused pickle opcode {op.name}")
-            if op.name == "GLOBAL":
-                module, _, name = str(arg).partition(" ")
+            if op.name in ("GLOBAL", "STACK_GLOBAL"):
+                if op.name == "GLOBAL":
+                    module, _, name = str(arg).partition(" ")
+                elif len(strings) == 2 and all(isinstance(s, str) for s in strings):
+                    module, name = strings
+                else:
+                    raise pickle.UnpicklingError("refused STACK_GLOBAL with a computed name")
                 if (module, name) not in _GLOBALS:
                     raise pickle.UnpicklingError(
                         f"refused global {module}.{name} (only state-dict types are allowed)"
@@ -155,6 +159,10 @@ def _scan_pickle(data: bytes) -> None:
                 # The C unpickler sizes its memo by the largest index: bound it.
                 if not isinstance(arg, int) or arg > len(data):
                     raise pickle.UnpicklingError(f"memo index {arg} out of range")
+            if op.name.endswith("UNICODE"):
+                strings = [*strings[-1:], arg]
+            elif op.name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "FRAME"):
+                strings = []
     except pickle.UnpicklingError:
         raise
     except Exception as e:  # genops raises ValueError on garbage

@@ -6,7 +6,7 @@ and a layout transform chosen by the two ranks:
   Flax 4-D conv kernel HWIO  <- torch Conv2d weight OIHW   (transpose 2,3,1,0)
   Flax 2-D dense kernel (I,O) <- torch Linear weight (O,I) (transpose)
   Flax 2-D dense kernel (I,O) <- torch Conv1d weight (O,I,1) (attention qkv/proj_out)
-  everything else (biases, norm scales, embeddings)          unchanged
+  biases, norm scales, embedding tables                       unchanged
 
 `plan_conversion` checks names and shapes before any array is touched: every
 checkpoint key must be used exactly once, every Flax parameter filled, every
@@ -70,7 +70,9 @@ class ConversionError(ValueError):
         super().__init__("checkpoint does not match the architecture: " + "; ".join(parts))
 
 
-def _layout(flax_shape: tuple[int, ...], torch_shape: tuple[int, ...]) -> str:
+def _layout(leaf: str, flax_shape: tuple[int, ...], torch_shape: tuple[int, ...]) -> str:
+    if leaf != "kernel":  # biases, norm scales and embedding tables keep their layout
+        return "same"
     if len(flax_shape) == 4 and len(torch_shape) == 4:
         return "conv2d"
     if len(flax_shape) == 2 and len(torch_shape) == 2:
@@ -127,9 +129,9 @@ def plan_conversion(config: ADMConfig, shapes: Mapping[str, tuple[int, ...]]) ->
         if key not in shapes:
             missing.append(key)
             continue
-        layout = _layout(flax_shape, shapes[key])
+        layout = _layout(path[-1], flax_shape, shapes[key])
         if _torch_shape(layout, flax_shape) != shapes[key]:
-            default = {4: "conv2d", 2: "linear"}.get(len(flax_shape), "same")
+            default = {4: "conv2d", 2: "linear"}.get(len(flax_shape), "same") if path[-1] == "kernel" else "same"
             expect = _torch_shape(layout if layout != "same" else default, flax_shape)
             misshaped.append(f"{key} {shapes[key]} (expected {expect})")
             continue

@@ -214,11 +214,12 @@ class GroupNorm32(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         h = x.astype(jnp.float32)
         g = h.reshape(*h.shape[:-1], self.groups, c // self.groups)
-        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+        axes = (*range(1, g.ndim - 2), g.ndim - 1)  # spatial and within-group axes
         mean = g.mean(axis=axes, keepdims=True)
         var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
         g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (g.reshape(h.shape) * scale + bias).astype(x.dtype)
+        bshape = (1,) * (h.ndim - 1) + (c,)
+        return (g.reshape(h.shape) * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype)
 
 
 def _conv(features: int, name: str, dtype: Any, *, kernel: int = 3, stride: int = 1,

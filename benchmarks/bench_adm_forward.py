@@ -1,0 +1,129 @@
+"""Forward time of the Flax ADM vs the same network in PyTorch, side by side in one run.
+
+    python benchmarks/bench_adm_forward.py --json out/adm_forward.json
+
+The PyTorch network is `tests/torch_adm.py` (the test suite checks it computes
+what the converted Flax model computes); both run the same random weights.
+Reports the median of `--repeats` timed calls after warm-up (and, for JAX,
+after compilation, reported separately). Needs the `bench` extra for torch;
+without it only the JAX side is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from ddcm_jax.convert import convert_state_dict
+
+from ddcm_jax.models import ADMConfig, adm_apply
+
+CONFIGS = {
+    # The reference fixture's architecture.
+    "adm_tiny_32px": dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                          attention_resolutions="16", num_heads=4, num_head_channels=16,
+                          learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True),
+    # A mid-size ADM: the ImageNet-64 layout at 128 channels.
+    "adm_mid_64px": dict(image_size=64, num_channels=128, num_res_blocks=2, channel_mult="",
+                         attention_resolutions="32,16,8", num_head_channels=64,
+                         learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True),
+}  # fmt: skip
+
+
+def _time(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict:
+    cfg = ADMConfig.from_create_model({**kwargs, "compute_dtype": dtype})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    t = rng.integers(0, 1000, size=batch)
+    row: dict = {"config": name, "batch": batch, "compute_dtype": dtype}
+    try:
+        import torch
+        from torch_adm import random_torch_adm
+    except ImportError:
+        torch = None
+    if torch is not None:
+        net = random_torch_adm(ADMConfig.from_create_model(kwargs), seed=0)
+        state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+        params = convert_state_dict(cfg, state)
+        xt, tt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t)
+        with torch.inference_mode():
+            net(xt, tt)
+            times = _time(lambda: net(xt, tt), repeats)
+        row["torch_s"] = statistics.median(times)
+    else:
+        from ddcm_jax.models import adm_init
+
+        params = adm_init(cfg, jax.random.key(0))
+    params = jax.device_put(params)
+    fwd = jax.jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt))
+    t0 = time.perf_counter()
+    fwd(params, x, t).block_until_ready()
+    row["jax_compile_s"] = time.perf_counter() - t0
+    times = _time(lambda: fwd(params, x, t).block_until_ready(), repeats)
+    row["jax_s"] = statistics.median(times)
+    if "torch_s" in row:
+        row["speedup_vs_torch"] = row["torch_s"] / row["jax_s"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    args = parser.parse_args()
+    rows = []
+    for name, kwargs in CONFIGS.items():
+        for batch in args.batches:
+            for dtype in args.dtypes:
+                row = bench(name, kwargs, batch, args.repeats, dtype)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    try:
+        import torch
+
+        torch_info = {"version": torch.__version__, "threads": torch.get_num_threads()}
+    except ImportError:
+        torch_info = None
+    result = {
+        "benchmark": "adm_forward",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+        },
+        "jax_version": jax.__version__,
+        "torch": torch_info,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Strict JAX settings for the whole suite, and paths to the shared reference fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+# Implicit rank promotion hides shape bugs (an (H, W, 3) image silently
+# broadcast against a (3,) vector); make it an error everywhere in tests.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("DDCM_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        skip = pytest.mark.skip(reason="PyTorch not installed (pip install '.[bench]')")
+        for item in items:
+            if "torch" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"reference fixtures not found at {REFERENCE} (set DDCM_SHARED)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, reference: Path) -> Path:
+    """adm_tiny converted once per session through the public converter."""
+    from ddcm_jax.convert import main
+
+    out = tmp_path_factory.mktemp("models") / "adm_tiny"
+    code = main([str(reference / "adm_tiny" / "model.pt"), "-o", str(out),
+                 "--config", str(reference / "adm_tiny" / "config.json")])  # fmt: skip
+    assert code == 0
+    return out
