@@ -88,6 +88,16 @@ def _unit_std(v: jax.Array) -> jax.Array:
     return v / jnp.std(v, ddof=1)
 
 
+def _single_atom(book: AtomSource, indices: jax.Array) -> jax.Array:
+    return book.get(indices[:1])[0]
+
+
+def _best_single(scores: jax.Array, book: AtomSource) -> Selection:
+    """argmax (first index on ties, as the reference) and its atom as the noise."""
+    idx = jnp.argmax(scores).astype(jnp.int32)[None]
+    return Selection(_single_atom(book, idx), idx, jnp.zeros((0,), jnp.int32))
+
+
 def _residual(ctx: StepContext) -> jax.Array:
     r = ctx.target - ctx.x0_hat
     return r if ctx.weights is None else r * ctx.weights
@@ -102,13 +112,10 @@ class DDCM:
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         r = _residual(ctx)
-        scores = chunked_scores(book.get, lambda z: _dot(z, r), book.size, self.chunk)
-        idx = jnp.argmax(scores).astype(jnp.int32)[None]
-        coeffs = jnp.zeros((0,), jnp.int32)
-        return Selection(self.noise(book, idx, coeffs), idx, coeffs)
+        return _best_single(chunked_scores(book.get, lambda z: _dot(z, r), book.size, self.chunk), book)
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
-        return book.get(indices[:1])[0]
+        return _single_atom(book, indices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +237,10 @@ class MSE:
             score = lambda z: -jnp.mean(  # noqa: E731
                 jnp.square(coef * a(z) - y_res[None]), axis=tuple(range(1, z.ndim))
             )
-        scores = chunked_scores(book.get, score, book.size, self.chunk)
-        idx = jnp.argmax(scores).astype(jnp.int32)[None]
-        coeffs = jnp.zeros((0,), jnp.int32)
-        return Selection(self.noise(book, idx, coeffs), idx, coeffs)
+        return _best_single(chunked_scores(book.get, score, book.size, self.chunk), book)
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
-        return book.get(indices[:1])[0]
+        return _single_atom(book, indices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,11 +251,10 @@ class Random:
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         idx = jax.random.randint(ctx.key, (1,), 0, book.size, jnp.int32)
-        coeffs = jnp.zeros((0,), jnp.int32)
-        return Selection(self.noise(book, idx, coeffs), idx, coeffs)
+        return Selection(_single_atom(book, idx), idx, jnp.zeros((0,), jnp.int32))
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
-        return book.get(indices[:1])[0]
+        return _single_atom(book, indices)
 
 
 def coeff_width(rule: Any) -> int:
