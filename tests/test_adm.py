@@ -172,14 +172,15 @@ def test_class_label_required_iff_class_conditional():
 def test_dropout_is_a_noop_at_inference():
     cfg0 = ADMConfig.from_create_model(BASE)
     cfg1 = ADMConfig.from_create_model({**BASE, "dropout": 0.3})
-    params = adm_init(cfg0, jax.random.key(2))
+    params = jax.jit(adm_init, static_argnums=0)(cfg0, jax.random.key(2))
     x, t, _ = _inputs(cfg0)
-    np.testing.assert_array_equal(adm_apply(cfg0, params, x, t), adm_apply(cfg1, params, x, t))
+    fwd = jax.jit(adm_apply, static_argnums=0)
+    np.testing.assert_array_equal(fwd(cfg0, params, x, t), fwd(cfg1, params, x, t))
 
 
 def _random_params(cfg: ADMConfig, seed: int):
     """Init then perturb every leaf, so zero-initialised layers do not hide bugs."""
-    params = adm_init(cfg, jax.random.key(seed))
+    params = jax.jit(adm_init, static_argnums=0)(cfg, jax.random.key(seed))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
@@ -190,7 +191,7 @@ def test_jit_vmap_and_scan_agree_with_batched_apply(tiny_model_dir):
     model = ddcm_jax.load_model(tiny_model_dir)
     x, t, _ = _inputs(model.config.architecture, batch=3)
     batched = np.asarray(model(x, t))
-    single = jax.vmap(lambda xi, ti: model.apply(model.params, xi[None], ti[None])[0])(x, t)
+    single = jax.jit(jax.vmap(lambda xi, ti: model.apply(model.params, xi[None], ti[None])[0]))(x, t)
     np.testing.assert_allclose(np.asarray(single), batched, atol=1e-5)
     jitted = jax.jit(lambda m, xx, tt: m(xx, tt))(model, x, t)  # the model is a pytree
     np.testing.assert_allclose(np.asarray(jitted), batched, atol=1e-5)
@@ -199,7 +200,7 @@ def test_jit_vmap_and_scan_agree_with_batched_apply(tiny_model_dir):
         xi, ti = inp
         return carry + 1, model.apply(model.params, xi[None], ti[None])[0]
 
-    _, scanned = jax.lax.scan(body, 0, (jnp.asarray(x), jnp.asarray(t)))
+    _, scanned = jax.jit(lambda xx, tt: jax.lax.scan(body, 0, (xx, tt)))(jnp.asarray(x), jnp.asarray(t))
     np.testing.assert_allclose(np.asarray(scanned), batched, atol=1e-5)
 
 
