@@ -10,7 +10,15 @@ from ddcm_jax.model import (
     save_model,
 )
 from ddcm_jax.models.adm import ADMConfig
-from ddcm_jax.sampler import CompressResult, compress, decompress, restore
+from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
+from ddcm_jax.sampler import (
+    CompressResult,
+    bits_per_image,
+    compress,
+    decompress,
+    generate,
+    restore,
+)
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import (
     DDCM,
@@ -19,10 +27,10 @@ from ddcm_jax.selection import (
     MatchingPursuit,
     Random,
     Selection,
+    Soft,
     StepContext,
     Turbo,
-    colorization,
-    inpainting,
+    select_atoms,
 )
 
 __version__ = "0.1.0"
@@ -32,24 +40,30 @@ __all__ = [
     "MSE",
     "ADMConfig",
     "AtomSource",
+    "Colorization",
     "CompressResult",
     "DiffusionConfig",
     "DiffusionModel",
+    "GaussianBlur",
+    "Inpainting",
     "MatchingPursuit",
     "ModelConfig",
     "ModelDirError",
     "Random",
     "Schedule",
     "Selection",
+    "Soft",
     "StepContext",
+    "SuperResolution",
     "Turbo",
     "__version__",
-    "colorization",
+    "bits_per_image",
     "compress",
     "decompress",
     "fingerprint",
-    "inpainting",
+    "generate",
     "load_model",
     "restore",
     "save_model",
+    "select_atoms",
 ]

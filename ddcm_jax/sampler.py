@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.codebook import step_key
+from ddcm_jax.operators import operator_by_name
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import (
     DDCM,
@@ -32,10 +33,20 @@ from ddcm_jax.selection import (
     Random,
     StepContext,
     Turbo,
-    coeff_width,
 )
 
-__all__ = ["CompressResult", "SchedT", "compress", "decompress", "predict_x0", "schedule_xs", "step"]
+__all__ = [
+    "CompressResult",
+    "SchedT",
+    "bits_per_image",
+    "compress",
+    "decompress",
+    "generate",
+    "predict_x0",
+    "restore",
+    "schedule_xs",
+    "step",
+]
 
 
 class SchedT(NamedTuple):
@@ -52,18 +63,30 @@ class SchedT(NamedTuple):
 
 
 def schedule_xs(schedule: Schedule, eta: float = 1.0) -> SchedT:
-    """Per-step values in the order the sampler runs them (i = steps-1 .. 0), float32."""
-    ab = np.asarray(schedule.alpha_bar, np.float64)[::-1]
-    abp = np.asarray(schedule.alpha_bar_prev, np.float64)[::-1]
-    sigma = schedule.sigma(eta)[::-1]
-    f32 = functools.partial(np.asarray, dtype=np.float32)
+    """Per-step values in the order the sampler runs them (i = steps-1 .. 0).
+
+    NumPy schedules (from `Schedule.create`) are evaluated in float64 on the
+    host and rounded once to float32; a schedule holding JAX arrays (e.g. one
+    being differentiated) is evaluated with jnp in its own precision.
+    """
+    xp = np if isinstance(schedule.alpha_bar, np.ndarray) else jnp
+    ab = xp.asarray(schedule.alpha_bar)[::-1]
+    abp = xp.asarray(schedule.alpha_bar_prev)[::-1]
+
+    def sqrt0(v):  # sqrt clamped at 0, with a zero (not NaN) derivative there
+        pos = v > 0
+        return xp.where(pos, xp.sqrt(xp.where(pos, v, 1.0)), 0.0)
+
+    sigma = eta * sqrt0((1 - abp) / (1 - ab)) * sqrt0(1 - ab / abp)
+    f32 = functools.partial(xp.asarray, dtype=np.float32)
+    steps = schedule.steps
     return SchedT(
-        i=np.arange(schedule.steps, dtype=np.int32)[::-1].copy(),
+        i=np.arange(steps, dtype=np.int32)[::-1].copy(),
         t=np.asarray(schedule.timesteps, np.int32)[::-1].copy(),
-        sqrt_recip_ab=f32(np.sqrt(1.0 / ab)),
-        sqrt_recipm1_ab=f32(np.sqrt(1.0 / ab - 1.0)),
-        sqrt_ab_prev=f32(np.sqrt(abp)),
-        dir_coef=f32(np.sqrt(np.maximum(1.0 - abp - sigma**2, 0.0))),
+        sqrt_recip_ab=f32(xp.sqrt(1.0 / ab)),
+        sqrt_recipm1_ab=f32(xp.sqrt(1.0 / ab - 1.0)),
+        sqrt_ab_prev=f32(xp.sqrt(abp)),
+        dir_coef=f32(sqrt0(1.0 - abp - sigma**2)),
         sigma=f32(sigma),
         alpha_bar_prev=f32(abp),
     )
@@ -85,14 +108,17 @@ def step(x_t: jax.Array, eps_hat: jax.Array, s: SchedT, noise: jax.Array,
     return s.sqrt_ab_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise  # (3)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CompressResult:
-    indices: jax.Array  # (steps-1, M) or (B, steps-1, M)
-    coeffs: jax.Array  # (steps-1, M-1 | M | 0)
-    image: jax.Array  # reconstruction, identical to what `decompress` returns
+    """A pytree, so it can leave `jit` / `vmap`."""
+
+    indices: jax.Array  # (steps-1, M) int32, or (B, steps-1, M)
+    coeffs: jax.Array  # (steps-1, M-1) matching pursuit, (steps-1, M) turbo signs, else (steps-1, 0)
+    image: jax.Array  # the reconstruction; `decompress(indices, coeffs)` returns the same
 
 
-def resolve_rule(rule: Any, num_atoms: int, coef_bits: int, operator: Any = None) -> Any:
+def resolve_rule(rule: Any, num_atoms: int = 1, coef_bits: int = 1, operator: Any = None) -> Any:
     """A rule name (with M, C) -> a rule object; rule objects pass through."""
     if not isinstance(rule, str):
         return rule
@@ -107,17 +133,45 @@ def resolve_rule(rule: Any, num_atoms: int, coef_bits: int, operator: Any = None
     if rule in ("mse", "mse_inner"):
         if operator is None:
             raise ValueError(f"rule {rule!r} needs an operator")
+        if isinstance(operator, str):
+            operator = operator_by_name(operator)
         return MSE(operator, inner_product=rule == "mse_inner")
     raise ValueError(f"unknown rule {rule!r} (ddcm, mp, turbo, mse, mse_inner, random)")
 
 
+def bits_per_image(steps: int, codebook_size: int, num_atoms: int = 1, coef_bits: int = 1,
+                   rule: str = "ddcm") -> int:  # fmt: skip
+    """Payload bits of one image, exactly (big-integer arithmetic).
+
+    DDCM / matching pursuit: (steps-1) * (M * ceil(log2 K) + (M-1) * C);
+    turbo: (steps-1) * (ceil(log2 binom(K, M)) + M).
+    """
+    import math
+
+    def ceil_log2(n: int) -> int:
+        return (n - 1).bit_length()
+
+    if rule == "turbo":
+        per_step = ceil_log2(math.comb(codebook_size, num_atoms)) + num_atoms
+    else:
+        per_step = num_atoms * ceil_log2(codebook_size) + (num_atoms - 1) * coef_bits
+    return (steps - 1) * per_step
+
+
+PRNG_IMPL = "threefry2x32"
+
+
 def _as_key(key: Any) -> jax.Array:
+    """A typed key (or a (B,) array of them) from a key or an int seed; never a default."""
     if key is None:
         raise ValueError("a key (typed jax.random.key or an int seed) is required; there is no default")
     if isinstance(key, int | np.integer):
-        return jax.random.key(int(key))
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        raise TypeError("key must be a typed key (jax.random.key) or an int seed")
+        # Named explicitly: a global jax_default_prng_impl must not change the codebooks.
+        return jax.random.key(int(key), impl=PRNG_IMPL)
+    if not (hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        raise TypeError("key must be a typed key (jax.random.key) or an int seed, not a raw uint32 PRNGKey")
+    if key.ndim > 1:
+        raise ValueError(f"key must be one typed key or a (B,) array of them, got shape {key.shape}")
     return key
 
 
@@ -126,23 +180,9 @@ def _denoise(model: Any, x_t: jax.Array, s: SchedT, y: jax.Array | None) -> jax.
     return out[..., : x_t.shape[-1]]  # learned-sigma channels are not used by DDIM
 
 
-def _scan_body(model: Any, noise_fn: Any, clip: bool) -> Any:
-    def body(x_t, inp):
-        s, rows, extra = inp
-        eps_hat = _denoise(model, x_t, s, None)
-        noise, ys = noise_fn(x_t, eps_hat, s, rows, extra)
-        return step(x_t, eps_hat, s, noise, clip), ys
-
-    return body
-
-
 def _split_last(xs: SchedT) -> tuple[SchedT, SchedT]:
     """(the noise-adding steps, the final sigma = 0 step)."""
     return jax.tree_util.tree_map(lambda a: a[:-1], xs), jax.tree_util.tree_map(lambda a: a[-1], xs)
-
-
-def _final(model: Any, x_1: jax.Array, last: SchedT, clip: bool) -> jax.Array:
-    return step(x_1, _denoise(model, x_1, last, None), last, jnp.zeros_like(x_1), clip)
 
 
 def _book(size: int, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: Any) -> AtomSource:
@@ -151,10 +191,31 @@ def _book(size: int, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: A
     return AtomSource(size, shape, key=step_key(root, s.i))
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "codebook_size", "steps_schedule", "clip"))
-def _compress_one(model, image, x_T, codebook, weights, measurement, key, *, rule,
-                  codebook_size, steps_schedule, clip):  # fmt: skip
-    noisy, last = _split_last(schedule_xs(Schedule.create(*steps_schedule[:3]), steps_schedule[3]))
+def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip):
+    """The scan over the noise-adding steps, then the final sigma = 0 step (zero noise)."""
+    noisy, last = _split_last(xs)
+
+    def body(x_t, inp):
+        s, rows, extra = inp
+        eps_hat = _denoise(model, x_t, s, y)
+        noise, ys = noise_fn(x_t, eps_hat, s, rows, extra)
+        return step(x_t, eps_hat, s, noise, clip), ys
+
+    x_1, ys = jax.lax.scan(body, x_T, (noisy, codebook, chosen))
+    x_0 = step(x_1, _denoise(model, x_1, last, y), last, jnp.zeros_like(x_1), clip)
+    return x_0, ys
+
+
+def _default_indices(rule: Any) -> tuple[jax.Array, jax.Array]:
+    """What a step outside `t_range` records: atoms 0..M-1 (turbo needs distinct ones), no coefficients."""
+    m = rule.num_atoms
+    idx = jnp.arange(m, dtype=jnp.int32) if isinstance(rule, Turbo) else jnp.zeros((m,), jnp.int32)
+    return idx, jnp.zeros((rule.coeff_width,), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("codebook_size", "clip", "t_range"))
+def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y, key, *,
+                  codebook_size, clip, t_range):  # fmt: skip
     shape = tuple(x_T.shape)
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
@@ -162,18 +223,20 @@ def _compress_one(model, image, x_T, codebook, weights, measurement, key, *, rul
         x0_hat, _ = predict_x0(x_t, eps_hat, s, clip)
         ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_bar_prev, image, measurement, weights,
                           jax.random.fold_in(rule_root, s.i))  # fmt: skip
-        sel = rule.select(ctx, _book(codebook_size, shape, cb_root, s, rows))
-        return sel.noise, (sel.indices, sel.coeffs)
+        book = _book(codebook_size, shape, cb_root, s, rows)
+        if t_range is None:
+            sel = rule.select(ctx, book)
+            return sel.noise, (sel.indices, sel.coeffs)
+        active = (s.t >= t_range[0]) & (s.t <= t_range[1])
+        idx, co = jax.lax.cond(active, lambda: tuple(rule.select(ctx, book)[1:]),
+                               lambda: _default_indices(rule))  # fmt: skip
+        return rule.noise(book, idx, co), (idx, co)
 
-    body = _scan_body(model, noise_fn, clip)
-    x_1, (indices, coeffs) = jax.lax.scan(body, x_T, (noisy, codebook, None))
-    return indices, coeffs, _final(model, x_1, last, clip)
+    return _run(model, x_T, xs, codebook, y, None, noise_fn, clip)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "codebook_size", "steps_schedule", "clip"))
-def _decompress_one(model, indices, coeffs, x_T, codebook, key, *, rule, codebook_size,
-                    steps_schedule, clip):  # fmt: skip
-    noisy, last = _split_last(schedule_xs(Schedule.create(*steps_schedule[:3]), steps_schedule[3]))
+@functools.partial(jax.jit, static_argnames=("codebook_size", "clip"))
+def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, codebook_size, clip):
     shape = tuple(x_T.shape)
     cb_root = jax.random.fold_in(key, 1)
 
@@ -181,21 +244,23 @@ def _decompress_one(model, indices, coeffs, x_T, codebook, key, *, rule, codeboo
         idx, co = chosen
         return rule.noise(_book(codebook_size, shape, cb_root, s, rows), idx, co), None
 
-    body = _scan_body(model, noise_fn, clip)
-    x_1, _ = jax.lax.scan(body, x_T, (noisy, codebook, (indices, coeffs)))
-    return _final(model, x_1, last, clip)
+    x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, clip)
+    return x_0
 
 
 def _prepare(model: Any, image_shape: tuple[int, ...], steps: int, key: Any, x_T: Any,
-             eta: float) -> tuple[jax.Array, jax.Array, tuple]:  # fmt: skip
+             eta: float, schedule: Schedule | None) -> tuple[jax.Array, jax.Array, SchedT]:  # fmt: skip
     key = _as_key(key)
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2, got {steps}")
-    d = model.config.diffusion
-    sched = (d.noise_schedule, d.num_timesteps, str(steps), float(eta))
+    if schedule is None:
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        d = model.config.diffusion
+        schedule = Schedule.create(d.noise_schedule, d.num_timesteps, str(steps))
+    elif schedule.steps != steps:
+        raise ValueError(f"schedule has {schedule.steps} steps, steps={steps}")
     if x_T is None:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), image_shape, jnp.float32)
-    return key, jnp.asarray(x_T, jnp.float32), sched
+    return key, jnp.asarray(x_T, jnp.float32), schedule_xs(schedule, eta)
 
 
 def _check_codebook(codebook: Any, steps: int, codebook_size: int, shape: tuple[int, ...]) -> Any:
@@ -208,76 +273,196 @@ def _check_codebook(codebook: Any, steps: int, codebook_size: int, shape: tuple[
     return codebook
 
 
+def _label(model: Any, class_label: Any) -> jax.Array | None:
+    if (class_label is None) != (model.config.architecture.num_classes is None):
+        raise ValueError("give class_label if and only if the model is class-conditional")
+    return None if class_label is None else jnp.asarray(class_label, jnp.int32)
+
+
+def _check_t_range(t_range: Any) -> tuple[int, int] | None:
+    if t_range is None:
+        return None
+    lo, hi = (int(v) for v in t_range)
+    if lo > hi:
+        raise ValueError(f"t_range must be (t_min, t_max) with t_min <= t_max, got {t_range}")
+    return lo, hi
+
+
+def _per_image(fn: Any, args: dict[str, Any], rows: set[str]) -> Any:
+    """vmap `fn(**args)` over the leading (batch) axis of the arguments named in `rows`.
+
+    The other arguments (None, or without a batch axis) are shared by every image.
+    """
+    names = [n for n in args if n in rows]
+    batch = {np.shape(args[n])[0] for n in names}
+    if len(batch) != 1:
+        sizes = ", ".join(f"{n} {np.shape(args[n])[0]}" for n in names)
+        raise ValueError(f"per-image arguments disagree on the batch size: {sizes}")
+    shared = {n: v for n, v in args.items() if n not in rows}
+
+    def one(*vals: Any) -> Any:
+        return fn(**shared, **dict(zip(names, vals, strict=True)))
+
+    return jax.vmap(one)(*(args[n] for n in names))
+
+
+def _rows(args: dict[str, Any], image_ndim: int) -> set[str]:
+    """Which of x_T / weights / measurement, class_label, key carry a per-image axis."""
+    out = set()
+    for name, v in args.items():
+        if v is None:
+            continue
+        if name == "key":
+            if _as_key(v).ndim == 1:
+                out.add(name)
+        elif name in ("class_label", "indices", "coeffs"):
+            if np.ndim(v) == {"class_label": 1}.get(name, 3):
+                out.add(name)
+        elif np.ndim(v) == image_ndim + 1:
+            out.add(name)
+    return out
+
+
 def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, num_atoms: int = 1,
              coef_bits: int = 1, rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
              codebook: jax.Array | None = None, weights: jax.Array | None = None,
-             eta: float = 1.0, clip: bool = True) -> CompressResult:  # fmt: skip
-    """Encode `image` (H, W, 3) in [-1, 1] as codebook indices.
+             t_range: tuple[int, int] | None = None, class_label: Any = None,
+             schedule: Schedule | None = None, eta: float = 1.0,
+             clip: bool = True) -> CompressResult:  # fmt: skip
+    """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices.
 
-    Returns indices (steps-1, M), coeffs and the reconstruction that
-    `decompress` reproduces. `codebook` (steps-1, K, H, W, 3) overrides the
-    key-derived codebooks; `x_T` the start noise; `weights` (H, W, 1 or 3)
-    makes the residual priority-aware.
+    `rule`: "ddcm" (M = 1; with num_atoms > 1, matching pursuit with coef_bits C),
+    "mp", "turbo" (M atoms, sign bits), "random", or a rule object from
+    `ddcm_jax.selection`. `key` (required): a typed key or an int seed; it fixes
+    x_T and every codebook. `codebook` (steps-1, K, H, W, 3) overrides the
+    key-derived codebooks and `x_T` the start noise; `weights` (H, W, 1 or 3)
+    weight the residual (priority-aware coding); `t_range=(t_min, t_max)`
+    (original timesteps, inclusive) restricts selection to those steps, the
+    others recording atom 0 (turbo: atoms 0..M-1, positive). `schedule`
+    overrides the model's respaced schedule (e.g. to differentiate through it).
+
+    `model`: what `load_model` returns, or any object with `.params`,
+    `.apply(params, x (B,H,W,C), t (B,), y) -> (B,H,W,C or 2C)` and
+    `.config.diffusion` / `.config.architecture` like `DiffusionModel`.
+
+    Batches: a (B, H, W, 3) image is vmapped; `x_T`, `weights` (with a leading
+    B axis), `class_label` (B,) and `key` (a (B,) array of keys) may be given
+    per image, otherwise one is shared by all. With a shared key the indices
+    equal B single calls.
     """
     image = jnp.asarray(image, jnp.float32)
-    if image.ndim == 4:  # a batch: the same key (codebooks, x_T) for every image, vmapped
-        x_T = None if x_T is None else jnp.broadcast_to(jnp.asarray(x_T, jnp.float32), image.shape)
-        w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), image.shape)
-        one = functools.partial(compress, model, steps=steps, codebook_size=codebook_size,
-                                num_atoms=num_atoms, coef_bits=coef_bits, rule=rule, key=key,
-                                codebook=codebook, eta=eta, clip=clip)  # fmt: skip
-        res = jax.vmap(lambda im, xt, ww: _fields(one(im, x_T=xt, weights=ww)),
-                       in_axes=(0, None if x_T is None else 0, None if w is None else 0))(image, x_T, w)  # fmt: skip
-        return CompressResult(*res)
+    rule_obj = resolve_rule(rule, num_atoms, coef_bits)
+    if image.ndim == 4:
+        args = dict(x_T=x_T, weights=weights, class_label=class_label, key=key)
+        kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, codebook=codebook,
+                  t_range=t_range, schedule=schedule, eta=eta, clip=clip)  # fmt: skip
+        return _per_image(functools.partial(compress, model, **kw), {"image": image, **args},
+                          {"image"} | _rows(args, 3))  # fmt: skip
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W, C) or (B, H, W, C), got shape {image.shape}")
-    rule_obj = resolve_rule(rule, num_atoms, coef_bits)
-    key, x_T, sched = _prepare(model, image.shape, steps, key, x_T, eta)
+    key, x_T, xs = _prepare(model, image.shape, steps, key, x_T, eta, schedule)
     codebook = _check_codebook(codebook, steps, codebook_size, image.shape)
     w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), image.shape)
-    indices, coeffs, out = _compress_one(model, image, x_T, codebook, w, None, key, rule=rule_obj,
-                                         codebook_size=codebook_size, steps_schedule=sched, clip=clip)  # fmt: skip
+    out, (indices, coeffs) = _compress_one(
+        model, rule_obj, image, x_T, xs, codebook, w, None, _label(model, class_label), key,
+        codebook_size=codebook_size, clip=clip, t_range=_check_t_range(t_range),
+    )
     return CompressResult(indices, coeffs, out)
-
-
-def _fields(res: CompressResult) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return res.indices, res.coeffs, res.image
 
 
 def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, codebook_size: int,
             rule: Any = "mse", key: Any, image_shape: tuple[int, ...] | None = None,
             x_T: jax.Array | None = None, codebook: jax.Array | None = None,
-            eta: float = 1.0, clip: bool = True) -> CompressResult:  # fmt: skip
-    """Compressed posterior sampling for y = operator(x): indices + restored image."""
+            class_label: Any = None, schedule: Schedule | None = None, eta: float = 1.0,
+            clip: bool = True) -> CompressResult:  # fmt: skip
+    """Compressed posterior sampling for y = operator(x): indices + restored image.
+
+    `operator`: an operator from `ddcm_jax.operators` or its name
+    ("colorization"); `rule`: "mse", "mse_inner" or an `MSE` object.
+    `image_shape` (H, W, 3) of the image to restore; (B, H, W, 3) restores a
+    batch, `measurement` then having a leading B axis (per-image `x_T`,
+    `class_label` and keys as in `compress`).
+    """
     if image_shape is None:
         if x_T is None:
             raise ValueError("give image_shape or x_T")
         image_shape = tuple(np.shape(x_T))
+    image_shape = tuple(int(v) for v in image_shape)
     rule_obj = resolve_rule(rule, 1, 1, operator)
-    key, x_T, sched = _prepare(model, image_shape, steps, key, x_T, eta)
-    codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
     y = jnp.asarray(measurement, jnp.float32)
-    indices, coeffs, out = _compress_one(model, None, x_T, codebook, None, y, key, rule=rule_obj,
-                                         codebook_size=codebook_size, steps_schedule=sched, clip=clip)  # fmt: skip
+    if len(image_shape) == 4:
+        args = dict(x_T=x_T, class_label=class_label, key=key)
+        kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, image_shape=image_shape[1:],
+                  codebook=codebook, schedule=schedule, eta=eta, clip=clip)  # fmt: skip
+        return _per_image(lambda measurement, **a: restore(model, measurement, None, **kw, **a),
+                          {"measurement": y, **args}, {"measurement"} | _rows(args, 3))  # fmt: skip
+    key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
+    codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
+    out, (indices, coeffs) = _compress_one(
+        model, rule_obj, None, x_T, xs, codebook, None, y, _label(model, class_label), key,
+        codebook_size=codebook_size, clip=clip, t_range=None,
+    )
+    return CompressResult(indices, coeffs, out)
+
+
+def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_label: Any = None,
+             image_shape: tuple[int, ...] | None = None, eta: float = 1.0,
+             clip: bool = True) -> CompressResult:  # fmt: skip
+    """Compressed generation: uniformly random atoms; the indices encode the sample.
+
+    `image_shape` defaults to the model's native (size, size, 3). For B samples
+    pass B keys (e.g. `jax.random.split(key, B)`) and/or B class labels.
+    """
+    if image_shape is None:
+        arch = model.config.architecture
+        image_shape = (arch.image_size, arch.image_size, arch.in_channels)
+    args = dict(key=key, class_label=class_label)
+    if rows := _rows(args, 3):
+        kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, eta=eta, clip=clip)
+        return _per_image(functools.partial(generate, model, **kw), args, rows)
+    key, x_T, xs = _prepare(model, image_shape, steps, key, None, eta, None)
+    out, (indices, coeffs) = _compress_one(
+        model, Random(), None, x_T, xs, None, None, None, _label(model, class_label), key,
+        codebook_size=codebook_size, clip=clip, t_range=None,
+    )
     return CompressResult(indices, coeffs, out)
 
 
 def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, codebook_size: int,
                image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1,
                rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
-               codebook: jax.Array | None = None, eta: float = 1.0,
+               codebook: jax.Array | None = None, class_label: Any = None,
+               schedule: Schedule | None = None, eta: float = 1.0,
                clip: bool = True) -> jax.Array:  # fmt: skip
-    """Rebuild the image from indices, regenerating only the chosen atoms."""
+    """Rebuild the image from indices, regenerating only the chosen atoms.
+
+    `indices` (steps-1, M) or a `CompressResult`; (B, steps-1, M) decodes a
+    batch (per-image `x_T`, `class_label` and keys as in `compress`).
+    `rule` only decides how indices become noise: single-atom rules (ddcm,
+    mse, random, soft) replay atom[index]; "mp" and "turbo" need M (and C).
+    """
     if isinstance(indices, CompressResult):
         indices, coeffs = indices.indices, indices.coeffs
-    if rule in ("mse", "mse_inner", "random") or isinstance(rule, MSE | Random):
-        rule_obj: Any = DDCM()  # single-atom rules replay the same way: z = atom[index]
-    else:
-        rule_obj = resolve_rule(rule, num_atoms, coef_bits)
-    key, x_T, sched = _prepare(model, image_shape, steps, key, x_T, eta)
-    codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
+    if isinstance(rule, str) and rule in ("mse", "mse_inner", "random", "soft"):
+        rule = "ddcm"
+    rule_obj = resolve_rule(rule, num_atoms, coef_bits)
+    if rule_obj.num_atoms == 1 and not isinstance(rule_obj, Turbo):
+        rule_obj = DDCM()  # every single-atom rule replays z = atom[index]
     indices = jnp.asarray(indices, jnp.int32)
     if coeffs is None:
-        coeffs = jnp.zeros((steps - 1, coeff_width(rule_obj)), jnp.int32)
-    return _decompress_one(model, indices, jnp.asarray(coeffs, jnp.int32), x_T, codebook, key,
-                           rule=rule_obj, codebook_size=codebook_size, steps_schedule=sched, clip=clip)  # fmt: skip
+        coeffs = jnp.zeros((*indices.shape[:-1], rule_obj.coeff_width), jnp.int32)
+    coeffs = jnp.asarray(coeffs, jnp.int32)
+    if indices.ndim == 3:
+        args = dict(indices=indices, coeffs=coeffs, x_T=x_T, class_label=class_label, key=key)
+        kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, rule=rule_obj,
+                  codebook=codebook, schedule=schedule, eta=eta, clip=clip)  # fmt: skip
+        return _per_image(functools.partial(decompress, model, **kw), args, _rows(args, 3))
+    image_shape = tuple(int(v) for v in image_shape)[-3:]
+    want = (steps - 1, rule_obj.num_atoms)
+    if indices.shape != want or coeffs.shape != (steps - 1, rule_obj.coeff_width):
+        raise ValueError(f"indices must be {want} and coeffs {(steps - 1, rule_obj.coeff_width)} for this "
+                         f"rule, got {indices.shape} and {coeffs.shape}")  # fmt: skip
+    key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
+    codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
+    return _decompress_one(model, rule_obj, indices, coeffs, x_T, xs, codebook,
+                           _label(model, class_label), key, codebook_size=codebook_size, clip=clip)  # fmt: skip

@@ -1,6 +1,8 @@
 """Selection rules: which codebook atom(s) become a step's noise.
 
-A rule is a frozen dataclass (its static settings) with two pure methods:
+A rule is a frozen dataclass registered as a pytree (settings such as M and C
+are static fields, arrays such as a soft rule's temperature are leaves, so
+`jax.grad` reaches them) with two pure methods:
 
   select(ctx, book) -> Selection(noise, indices, coeffs)   the encoder's choice
   noise(book, indices, coeffs) -> noise                      the decoder's replay
@@ -11,14 +13,14 @@ key or from explicit arrays. Every rule computes the noise it returns with its
 own `noise` method, so encoder and decoder run the same arithmetic on the same
 indices. Scores are computed `chunk` atoms at a time (never K x D at once).
 
-Adding a rule: write a dataclass with `select` and `noise`, and pass it as
-`rule=` to `compress`; nothing else needs to know about it.
+Adding a rule: write a registered dataclass with `select`, `noise` and a
+`num_atoms` / `coeff_width` (see `DDCM`), and pass it as `rule=` to
+`compress`; nothing else needs to know about it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -35,13 +37,22 @@ __all__ = [
     "MatchingPursuit",
     "Random",
     "Selection",
+    "Soft",
     "StepContext",
     "Turbo",
-    "colorization",
-    "inpainting",
+    "select_atoms",
 ]
 
 DEFAULT_CHUNK = 64
+
+
+def _static(default: Any = dataclasses.MISSING) -> Any:
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+def _rule(cls: type) -> type:
+    """Frozen dataclass + pytree registration (static fields marked with `_static`)."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
 class StepContext(NamedTuple):
@@ -63,12 +74,16 @@ class Selection(NamedTuple):
     coeffs: jax.Array  # (M-1,) for matching pursuit, (M,) sign bits for turbo, (0,) otherwise
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AtomSource:
-    """Atoms of one step's codebook: from a step key, or from an explicit (K, *shape) array."""
+    """Atoms of one step's codebook: from a step key, or from an explicit (K, *shape) array.
 
-    size: int
-    shape: tuple[int, ...]
+    A pytree (size and shape static), so it can be passed into `jit`.
+    """
+
+    size: int = _static()
+    shape: tuple[int, ...] = _static()
     key: jax.Array | None = None
     array: jax.Array | None = None
 
@@ -103,12 +118,13 @@ def _residual(ctx: StepContext) -> jax.Array:
     return r if ctx.weights is None else r * ctx.weights
 
 
-@dataclasses.dataclass(frozen=True)
+@_rule
 class DDCM:
     """Compression: z* = argmax_k <z_k, w * (target - x0_hat)> (DDCM paper, Sec. 4)."""
 
-    chunk: int = DEFAULT_CHUNK
-    num_atoms: int = dataclasses.field(default=1, init=False)
+    chunk: int = _static(DEFAULT_CHUNK)
+    num_atoms = 1
+    coeff_width = 0
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         r = _residual(ctx)
@@ -118,7 +134,7 @@ class DDCM:
         return _single_atom(book, indices)
 
 
-@dataclasses.dataclass(frozen=True)
+@_rule
 class MatchingPursuit:
     """M atoms combined greedily with C-bit coefficients (DDCM paper, App. on MP).
 
@@ -126,13 +142,23 @@ class MatchingPursuit:
     candidate sqrt(c) * current + sqrt(1 - c) * z_k for c in
     linspace(0, 1, 2**C)[1:], rescales it to unit (ddof = 1) std, and keeps the
     best one only if it raises the score; a round that does not is recorded as
-    atom 0 with coefficient index 0. Coefficient indices point into the full
-    linspace(0, 1, 2**C) (so kept rounds use 1 .. 2**C - 1).
+    atom 0 with coefficient index 0, and so are all later rounds (they see the
+    same state), which is why the decoder stops at the first 0. Coefficient
+    indices point into the full linspace(0, 1, 2**C) (kept rounds use
+    1 .. 2**C - 1). Ties are broken like the reference: first atom, then first
+    coefficient. Candidates that are the same vector in exact arithmetic (an
+    atom mixed with itself, or c = 1 once `current` is normalised) tie exactly,
+    so which of them wins is float rounding, in the reference as here; the
+    resulting noise is the same either way.
     """
 
-    num_atoms: int
-    coef_bits: int
-    chunk: int = DEFAULT_CHUNK
+    num_atoms: int = _static()
+    coef_bits: int = _static()
+    chunk: int = _static(DEFAULT_CHUNK)
+
+    @property
+    def coeff_width(self) -> int:
+        return self.num_atoms - 1
 
     @property
     def _cs(self) -> np.ndarray:
@@ -172,20 +198,26 @@ class MatchingPursuit:
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         cs = jnp.asarray(self._cs, jnp.float32)
         z = book.get(indices)
+        # The original decoder stops at the first coefficient 0: later rounds are ignored.
+        active = jnp.cumprod((coeffs > 0).astype(jnp.int32)) > 0
         current = z[0]
         for m in range(1, self.num_atoms):
             c = cs[coeffs[m - 1]]
             mixed = _unit_std(jnp.sqrt(c) * current + jnp.sqrt(1 - c) * z[m])
-            current = jnp.where(coeffs[m - 1] > 0, mixed, current)
+            current = jnp.where(active[m - 1], mixed, current)
         return current
 
 
-@dataclasses.dataclass(frozen=True)
+@_rule
 class Turbo:
     """Turbo-DDCM: the M atoms with the largest |<z_k, r>|, signed, summed, unit std."""
 
-    num_atoms: int
-    chunk: int = DEFAULT_CHUNK
+    num_atoms: int = _static()
+    chunk: int = _static(DEFAULT_CHUNK)
+
+    @property
+    def coeff_width(self) -> int:
+        return self.num_atoms
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         r = _residual(ctx)
@@ -200,21 +232,7 @@ class Turbo:
         return _unit_std(jnp.einsum("m,m...->...", s, book.get(indices)))
 
 
-Operator = Callable[[jax.Array], jax.Array]
-
-
-def colorization(x: jax.Array) -> jax.Array:
-    """Grayscale observation: the channel mean, (H, W, 3) -> (H, W, 1)."""
-    return jnp.mean(x, axis=-1, keepdims=True)
-
-
-def inpainting(mask: jax.Array) -> Operator:
-    """Observation of the pixels where `mask` (H, W, 1 or 3) is 1."""
-    mask = jnp.asarray(mask, jnp.float32)
-    return lambda x: x * mask
-
-
-@dataclasses.dataclass(frozen=True)
+@_rule
 class MSE:
     """Compressed posterior sampling for y = A(x).
 
@@ -222,10 +240,11 @@ class MSE:
     `inner_product=True`: maximise <A(z), y - A(x0_hat)>.
     """
 
-    operator: Operator
-    inner_product: bool = False
-    chunk: int = DEFAULT_CHUNK
-    num_atoms: int = dataclasses.field(default=1, init=False)
+    operator: Any  # a pytree callable from `ddcm_jax.operators`: (H, W, C) -> observation
+    inner_product: bool = _static(False)
+    chunk: int = _static(DEFAULT_CHUNK)
+    num_atoms = 1
+    coeff_width = 0
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         a = jax.vmap(self.operator)
@@ -243,11 +262,12 @@ class MSE:
         return _single_atom(book, indices)
 
 
-@dataclasses.dataclass(frozen=True)
+@_rule
 class Random:
     """Compressed generation: a uniform index from the rule's own per-step key."""
 
-    num_atoms: int = dataclasses.field(default=1, init=False)
+    num_atoms = 1
+    coeff_width = 0
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         idx = jax.random.randint(ctx.key, (1,), 0, book.size, jnp.int32)
@@ -257,10 +277,69 @@ class Random:
         return _single_atom(book, indices)
 
 
-def coeff_width(rule: Any) -> int:
-    """Length of a rule's per-step coefficient vector."""
-    if isinstance(rule, MatchingPursuit):
-        return rule.num_atoms - 1
-    if isinstance(rule, Turbo):
-        return rule.num_atoms
-    return 0
+@_rule
+class Soft:
+    """Differentiable selection: softmax(scores / temperature) mixes the atoms.
+
+    Scores are the `ddcm` inner products <z_k, w * (target - x0_hat)>. The
+    mixture sum_k p_k z_k is divided by sqrt(sum_k p_k^2) so that it has unit
+    variance whatever the temperature (as T -> 0 it becomes the argmax atom).
+    With `straight_through`, the forward value is the hard argmax atom and the
+    gradient is the soft mixture's. `indices` always report the argmax.
+    Atoms are regenerated in both passes, chunk by chunk (under `jax.checkpoint`),
+    so neither the forward nor the backward pass holds K x D.
+    """
+
+    temperature: jax.Array
+    straight_through: bool = _static(False)
+    chunk: int = _static(DEFAULT_CHUNK)
+    num_atoms = 1
+    coeff_width = 0
+
+    def select(self, ctx: StepContext, book: AtomSource) -> Selection:
+        r = _residual(ctx)
+        score = jax.checkpoint(lambda z: _dot(z, r))
+        scores = chunked_scores(book.get, score, book.size, self.chunk)
+        p = jax.nn.softmax(scores / self.temperature)
+        soft = _weighted_sum(book, p, self.chunk) / jnp.sqrt(jnp.sum(jnp.square(p)))
+        hard = _best_single(scores, book)
+        # (soft - stop_gradient(soft)) is exactly 0 forward, so the value is the hard atom bit for bit.
+        noise = hard.noise + (soft - jax.lax.stop_gradient(soft)) if self.straight_through else soft
+        return Selection(noise, hard.indices, hard.coeffs)
+
+    def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
+        return _single_atom(book, indices)
+
+
+def _weighted_sum(book: AtomSource, p: jax.Array, chunk: int) -> jax.Array:
+    """sum_k p_k z_k over the codebook, chunk by chunk."""
+    chunk = max(1, min(chunk, book.size))
+    n_chunks = -(-book.size // chunk)
+    pad = jnp.concatenate([p, jnp.zeros((n_chunks * chunk - book.size,), p.dtype)])
+
+    @jax.checkpoint
+    def add(acc, start):
+        ks = start + jnp.arange(chunk)
+        z = book.get(jnp.minimum(ks, book.size - 1))
+        return acc + jnp.einsum("n,n...->...", jax.lax.dynamic_slice(pad, (start,), (chunk,)), z), None
+
+    total, _ = jax.lax.scan(add, jnp.zeros(book.shape, jnp.float32), jnp.arange(n_chunks) * chunk)
+    return total
+
+
+def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, num_atoms: int = 1,
+                 coef_bits: int = 1, rule: Any = "ddcm") -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """One step's selection over the codebook derived from `key` (a step key).
+
+    Scores atoms against `residual` (the `target - x0_hat` of a step) and
+    returns (indices (M,), noise). For research: the codebook of step i of a
+    `compress` call with key `root` is `step_key(fold_in(root, 1), i)`.
+    """
+    if isinstance(rule, str):
+        rule = {"ddcm": DDCM() if num_atoms == 1 else MatchingPursuit(num_atoms, coef_bits),
+                "mp": MatchingPursuit(num_atoms, coef_bits), "turbo": Turbo(num_atoms)}[rule]  # fmt: skip
+    residual = jnp.asarray(residual, jnp.float32)
+    zero = jnp.zeros_like(residual)
+    ctx = StepContext(zero, zero, jnp.float32(0), jnp.float32(1), target=residual)
+    sel = rule.select(ctx, AtomSource(codebook_size, tuple(residual.shape), key=key))
+    return sel.indices, sel.noise

@@ -96,6 +96,29 @@ def test_batched_compress_equals_single_calls(model, images):
         np.testing.assert_allclose(batch.image[b], one.image, atol=1e-4)
 
 
+def test_batched_decompress_and_per_image_keys(model, images):
+    kw = dict(steps=4, codebook_size=16)
+    keys = jax.random.split(jax.random.key(5), len(images))
+    batch = ddcm_jax.compress(model, images, key=keys, **kw)  # one key (codebooks, x_T) per image
+    for b in range(len(images)):
+        one = ddcm_jax.compress(model, images[b], key=keys[b], **kw)
+        np.testing.assert_array_equal(batch.indices[b], one.indices)
+    out = ddcm_jax.decompress(model, batch, key=keys, image_shape=images.shape[1:], **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(batch.image))
+    with pytest.raises(ValueError, match="batch size"):
+        ddcm_jax.compress(model, images, key=keys[:1], **kw)
+
+
+def test_generate_a_batch_from_split_keys(model):
+    keys = jax.random.split(jax.random.key(2), 3)
+    kw = dict(steps=4, codebook_size=64, image_shape=(16, 16, 3))
+    batch = ddcm_jax.generate(model, key=keys, **kw)
+    assert batch.indices.shape == (3, 3, 1) and batch.image.shape == (3, 16, 16, 3)
+    for b in range(3):
+        np.testing.assert_array_equal(batch.indices[b], ddcm_jax.generate(model, key=keys[b], **kw).indices)
+    assert len({tuple(np.asarray(i).ravel()) for i in batch.indices}) == 3
+
+
 def test_key_is_required_and_typed(model, images):
     with pytest.raises(ValueError, match="no default"):
         ddcm_jax.compress(model, images[0], steps=3, codebook_size=4, key=None)
