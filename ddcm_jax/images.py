@@ -1,0 +1,250 @@
+"""Image files in and out: any Pillow-readable input to RGB, size policies, atomic PNG writes.
+
+Size policies (the model sees an image of the "coded" size; the decoder
+restores the geometry recorded in the bitstream header):
+
+  crop    (default, as the original DDCM code) centre crop to a square of side
+          m = min(H0, W0), resized to the model's native size. Decoding returns
+          that square at its original side m (the cropped-away borders were
+          never coded).
+  resize  resize the whole image to the native square (aspect not kept);
+          decoding resizes back to H0 x W0.
+  pad     keep the resolution: pad the bottom and right edges (replicating
+          the last row/column) up to a multiple of the network's size multiple;
+          decoding crops the padding away, so the output is exactly H0 x W0.
+          Needs a fully convolutional model (ADM is).
+
+Resampling is Pillow's BICUBIC (antialiased when reducing). Pixels map to the
+model's range by x = p / 127.5 - 1 and back by round((x + 1) * 127.5), clipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "MAX_PIXELS",
+    "POLICIES",
+    "ImageError",
+    "coded_size",
+    "commit_files",
+    "from_model",
+    "load_image",
+    "png_bytes",
+    "prepare",
+    "reference",
+    "restore_geometry",
+    "save_png",
+    "to_model",
+    "write_atomic",
+]
+
+POLICIES = ("crop", "resize", "pad")
+MAX_PIXELS = 16384 * 16384  # also the bitstream's side limit squared
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".tga"}
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file and the reason."""
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """(H, W, 3) uint8 RGB pixels and notes on any conversion that was needed.
+
+    Grayscale, palette, alpha (composited onto white), CMYK and 16-bit inputs
+    become 8-bit RGB; EXIF orientation is applied. Images over MAX_PIXELS are
+    refused before their pixels are decoded.
+    """
+    path = Path(path)
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{path}: {w}x{h} is larger than {MAX_PIXELS} pixels")
+                img.load()
+                orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation tag
+                if orientation not in (1, None):
+                    img = ImageOps.exif_transpose(img)
+                    notes.append(f"EXIF orientation {orientation} applied")
+                pixels = _to_rgb(img, notes)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from None
+    return pixels, notes
+
+
+def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        notes.append(f"{mode} ({'16' if mode.startswith('I;16') or a.max() > 255 else '32'}-bit) "
+                     "input reduced to 8-bit grayscale")  # fmt: skip
+        if a.max() > 255:
+            a = a / 257.0
+        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=-1)
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        notes.append("float input: values clipped to 0..255 and rounded")
+        g = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=-1)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        notes.append(f"{mode} input: alpha composited onto white")
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode != "RGB":
+        notes.append(f"{mode} input converted to RGB")
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def coded_size(original: tuple[int, int], policy: str, native: int, multiple: int) -> tuple[int, int]:
+    """(H, W) the model sees for an (H0, W0) input under `policy`."""
+    h0, w0 = original
+    if policy in ("crop", "resize"):
+        return native, native
+    if policy == "pad":
+        return -(-h0 // multiple) * multiple, -(-w0 // multiple) * multiple
+    raise ValueError(f"unknown size policy {policy!r} ({', '.join(POLICIES)})")
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if pixels.shape[:2] == tuple(size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.BICUBIC))
+
+
+def _centre_square(pixels: np.ndarray) -> np.ndarray:
+    h, w = pixels.shape[:2]
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    return pixels[top : top + m, left : left + m]
+
+
+def prepare(pixels: np.ndarray, policy: str, native: int, multiple: int) -> np.ndarray:
+    """The coded image (H, W, 3) uint8 for an input (H0, W0, 3) under `policy`."""
+    size = coded_size(pixels.shape[:2], policy, native, multiple)
+    if policy == "crop":
+        return _resize(_centre_square(pixels), size)
+    if policy == "resize":
+        return _resize(pixels, size)
+    h0, w0 = pixels.shape[:2]
+    return np.pad(pixels, ((0, size[0] - h0), (0, size[1] - w0), (0, 0)), mode="edge")
+
+
+def restore_geometry(coded: np.ndarray, policy: str, original: tuple[int, int]) -> np.ndarray:
+    """Decoder side: the coded image back to the geometry the policy promises."""
+    h0, w0 = original
+    if policy == "crop":
+        m = min(h0, w0)
+        return _resize(coded, (m, m))
+    if policy == "resize":
+        return _resize(coded, (h0, w0))
+    if policy == "pad":
+        return coded[:h0, :w0]
+    return coded
+
+
+def reference(pixels: np.ndarray, policy: str) -> np.ndarray:
+    """The part of the input a decoded image should be compared with."""
+    return _centre_square(pixels) if policy == "crop" else pixels
+
+
+def to_model(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1]."""
+    return (np.asarray(pixels, np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+def from_model(x: np.ndarray) -> np.ndarray:
+    """float in [-1, 1] -> uint8, rounded and clipped."""
+    return np.clip(np.round((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A PNG file's bytes for uint8 (H, W, 3) pixels."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
+    """Write a PNG atomically: a temporary file beside it, renamed over the target."""
+    write_atomic(path, png_bytes(pixels))
+
+
+def commit_files(files: dict[Path, bytes]) -> None:
+    """Write several files all or nothing: every one to a temporary name, then rename them all.
+
+    If any write fails, the temporaries and whatever was already renamed in
+    this call are removed, so no partial set of outputs is left behind.
+    """
+    staged: list[tuple[str, Path]] = []
+    done: list[Path] = []
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            staged.append((tmp, path))
+            os.fchmod(fd, _umask_mode())  # mkstemp creates 0600
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        for path in done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+
+
+def _umask_mode() -> int:
+    """0o666 under the process umask: what a plain open() would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: str | os.PathLike, write: bytes | Callable[[BinaryIO], object]) -> None:
+    """Call write(file) on a temporary file in the target's folder, then rename it into place.
+
+    `write` is a callable taking a binary file object, or bytes to write. On any
+    failure the temporary file is removed and the target is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        os.fchmod(fd, _umask_mode())  # mkstemp creates 0600
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(write, bytes | bytearray):
+                f.write(write)
+            else:
+                write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

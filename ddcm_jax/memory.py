@@ -1,0 +1,73 @@
+"""How much memory a run will need, asked of XLA before anything is allocated.
+
+A bitstream or a `--pad` input can name any image size up to the format's
+limits, and ADM's self-attention grows with the square of the pixel count: a
+32px network run on a 768x512 photo asks for hundreds of GB. `check_fits`
+compiles the network's forward pass for the size (shapes only, about a second,
+cached) and compares XLA's own peak estimate with the budget, so that such a
+request ends in one clear line instead of an out-of-memory crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MemoryBudgetError", "budget_bytes", "check_fits", "forward_bytes"]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class MemoryBudgetError(ValueError):
+    """A run that would need more memory than the budget allows."""
+
+
+def budget_bytes() -> int:
+    """DDCM_MEMORY_LIMIT (e.g. '8G') if set; else the device's limit, or 80 % of RAM on CPU."""
+    env = os.environ.get("DDCM_MEMORY_LIMIT", "").strip().lower()
+    if env:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", env)
+        if not m:
+            raise ValueError(f"DDCM_MEMORY_LIMIT={env!r}: expected a size such as 8G or 512M")
+        return int(float(m.group(1)) * _UNITS[m.group(2)])
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+
+
+@functools.lru_cache(maxsize=64)
+def forward_bytes(arch: object, height: int, width: int) -> int:
+    """XLA's estimate of the memory one network call at batch 1 needs (temporaries + buffers)."""
+    from ddcm_jax.models.adm import abstract_params, adm_apply
+
+    params = abstract_params(arch)
+    x = jax.ShapeDtypeStruct((1, height, width, arch.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = None if arch.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
+    compiled = jax.jit(functools.partial(adm_apply, arch)).lower(params, x, t, y).compile()
+    m = compiled.memory_analysis()
+    if m is None:  # a backend without the analysis: count the arguments at least
+        return sum(int(p.size) * 4 for p in jax.tree_util.tree_leaves(params))
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def check_fits(arch: object, height: int, width: int, *, codebook_chunk: int = 64, what: str = "") -> None:
+    """Raise MemoryBudgetError if sampling an (height, width) image would exceed the budget.
+
+    Adds the sampler's own working set to the network's: one chunk of atoms
+    being scored and a handful of images (x_t, x0_hat, the target, the noise).
+    """
+    need = forward_bytes(arch, int(height), int(width)) + (codebook_chunk + 8) * height * width * 3 * 4
+    limit = budget_bytes()
+    if need > limit:
+        prefix = f"{what}: " if what else ""
+        raise MemoryBudgetError(
+            f"{prefix}a {height}x{width} image needs about {need / 2**30:.1f} GiB with this model "
+            f"(budget {limit / 2**30:.1f} GiB; set DDCM_MEMORY_LIMIT to change it)"
+        )
