@@ -44,6 +44,7 @@ Steps outside t_range are not stored (they use atom 0; turbo atoms 0..M-1, +).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 import zlib
@@ -238,15 +239,23 @@ def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | N
 
 
 def _schedule_timesteps(h: Header) -> np.ndarray:
-    from ddcm_jax.schedule import Schedule
+    """Original timesteps in the order the sampler runs them (the last one adds no noise)."""
+    return _timesteps(h.noise_schedule, h.num_timesteps, h.respacing_or_steps, h.steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _timesteps(noise_schedule: str, num_timesteps: int, respacing: str, steps: int) -> np.ndarray:
+    from ddcm_jax.schedule import space_timesteps
 
     try:
-        sched = Schedule.create(h.noise_schedule, h.num_timesteps, h.respacing_or_steps)
+        kept = space_timesteps(num_timesteps, respacing)
     except ValueError as e:
-        raise ValueError(f"schedule {h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps!r}: {e}") from None
-    if sched.steps != h.steps:
-        raise ValueError(f"respacing {h.respacing_or_steps!r} gives {sched.steps} steps, header says {h.steps}")
-    return np.asarray(sched.timesteps)[::-1]
+        raise ValueError(f"schedule {noise_schedule}/{num_timesteps}/{respacing!r}: {e}") from None
+    if len(kept) != steps:
+        raise ValueError(f"respacing {respacing!r} gives {len(kept)} steps, header says {steps}")
+    out = np.asarray(kept[::-1])
+    out.flags.writeable = False  # shared by the cache
+    return out
 
 
 def payload_bits(h: Header) -> int:

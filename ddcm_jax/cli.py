@@ -292,8 +292,8 @@ def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, 
         "outputs": [str(p) for p in outputs],
         "bytes": len(enc.data),
         "payload_bits": enc.payload_bits,
-        "bpp": round(enc.payload_bits / coded_pixels, 6),
-        "bpp_file": round(8 * len(enc.data) / coded_pixels, 6),
+        "bpp": enc.payload_bits / coded_pixels,
+        "bpp_file": 8 * len(enc.data) / coded_pixels,
         "coded_size": list(h.size),
         "seconds": round(seconds, 3),
         **extra,
@@ -459,7 +459,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
             images.commit_files({out: images.png_bytes(pixels)})
             h = stream.header
             run.records.append({"file": str(job.source), "outputs": [str(out)], "bytes": len(data),
-                                "bpp": round(stream.payload_bits / (h.size[0] * h.size[1]), 6),
+                                "bpp": stream.payload_bits / (h.size[0] * h.size[1]),
                                 "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
             run.say(f"{job.source} -> {out}")
         except Exception as e:
@@ -489,7 +489,7 @@ def describe(stream: Any, nbytes: int) -> dict[str, Any]:
         "format_version": bitstream.VERSION,
         "bytes": nbytes, "header_bytes": stream.header_bytes, "payload_bytes": stream.payload_bytes, "crc_bytes": 4,
         "payload_bits": stream.payload_bits, "coded_steps": n_coded,
-        "bpp": round(stream.payload_bits / coded, 6), "bpp_file": round(8 * nbytes / coded, 6),
+        "bpp": stream.payload_bits / coded, "bpp_file": 8 * nbytes / coded,
         "rule": h.rule, "task": h.task, "steps": h.steps, "codebook_size": h.codebook_size,
         "num_atoms": h.num_atoms, "coef_bits": h.coef_bits,
         "t_range": None if h.t_range is None else list(h.t_range), "eta": h.eta, "seed": h.seed,

