@@ -253,3 +253,11 @@ def test_decoding_is_independent_of_threefry_setting(tiny_model_dir, kodak_image
     assert code == 0, err
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d" / "kodim23.png")),
                                   np.asarray(Image.open(tmp_path / "kodim23.png")))  # fmt: skip
+
+
+def test_no_torch_at_run_time(encoded):
+    """The package, the converter and the CLI never import torch (it is only a test/benchmark extra)."""
+    script = ("import sys\nfrom ddcm_jax.cli import main\nimport ddcm_jax.convert, ddcm_jax.codec\n"
+              f"assert main(['info', '-q', {str(encoded)!r}]) == 0\nprint('torch' in sys.modules)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
