@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
     _common(p)
 
+    from ddcm_jax.train import add_arguments as add_train_arguments
+
+    p = sub.add_parser("train", help="train an ADM diffusion model on the bundled photographs",
+                       description="DDPM training of an ADM network; writes a MODEL_DIR (needs the train extra).")  # fmt: skip
+    add_train_arguments(p)
+
     p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a MODEL_DIR",
                        description="Convert a guided-diffusion checkpoint (no torch needed) into a MODEL_DIR.")  # fmt: skip
     add_convert_arguments(p)
@@ -551,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ddcm_jax.convert import run
 
         return run(args)
+    if args.command == "train":
+        from ddcm_jax.train import run as run_train
+
+        return run_train(args)
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
