@@ -26,7 +26,8 @@ unsigned LEB128 varints unless a width is given)::
     original size   varints   H0, W0 of the input before the size policy
     size policy     1 byte    0 none, 1 crop, 2 resize, 3 pad (see `ddcm_jax.images`)
     jax version     varint n + n ASCII bytes
-    prng            1 byte    0 threefry2x32
+    prng            1 byte    0 threefry2x32 (the key x_T and the codebook root come from)
+    generator       1 byte    0 threefry, 1 philox (how atoms are drawn, see `ddcm_jax.codebook`)
     codebook check  4 bytes   CRC-32 of a coarse probe of the atoms (`codebook_check`)
   payload           ceil(bits / 8) bytes, MSB first, zero padding at the end
   crc               4 bytes   CRC-32 (big-endian) of every byte before it
@@ -80,6 +81,7 @@ NOISE_SCHEDULES = ("linear", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SIZE_POLICIES = ("none", "crop", "resize", "pad")
 PRNG_IMPLS = ("threefry2x32",)
+CODEBOOK_GENERATORS = ("threefry", "philox")
 
 # Hard limits: anything beyond them is refused before it can allocate or loop.
 LIMITS = dict(
@@ -132,6 +134,7 @@ class Header:
     size_policy: str = "none"
     jax_version: str = ""
     prng_impl: str = "threefry2x32"
+    generator: str = "philox"
     threefry_partitionable: bool = True
     codebook_check: int = 0
 
@@ -212,6 +215,7 @@ def _validate(h: Header) -> None:
     need(h.size_policy in SIZE_POLICIES, f"unknown size policy {h.size_policy!r}")
     need(len(h.jax_version) <= lim["string"] and h.jax_version.isascii(), "jax version string too long")
     need(h.prng_impl in PRNG_IMPLS, f"unknown PRNG {h.prng_impl!r}")
+    need(h.generator in CODEBOOK_GENERATORS, f"unknown codebook generator {h.generator!r}")
     need(0 <= h.codebook_check < 2**32, "codebook check out of range")
 
 
@@ -390,7 +394,8 @@ def _header_bytes(h: Header) -> bytes:
     out += b"".join(_varint(v) for v in (*h.size, *h.original_size))
     jv = h.jax_version.encode("ascii")
     out += bytes([SIZE_POLICIES.index(h.size_policy)]) + _varint(len(jv)) + jv
-    out += bytes([PRNG_IMPLS.index(h.prng_impl)]) + struct.pack(">I", h.codebook_check)
+    out += bytes([PRNG_IMPLS.index(h.prng_impl), CODEBOOK_GENERATORS.index(h.generator)])
+    out += struct.pack(">I", h.codebook_check)
     return bytes(out)
 
 
@@ -422,6 +427,7 @@ def _read_header(r: _Reader) -> Header:
     size_policy = r.enum(SIZE_POLICIES, "size policy")
     jax_version = r.string("jax version")
     prng_impl = r.enum(PRNG_IMPLS, "prng")
+    generator = r.enum(CODEBOOK_GENERATORS, "codebook generator")
     check = struct.unpack(">I", r.take(4, "codebook check"))[0]
     return Header(
         rule=rule, steps=steps, codebook_size=k, fingerprint=fingerprint, size=size,
@@ -429,7 +435,7 @@ def _read_header(r: _Reader) -> Header:
         blur_sigma=blur_sigma, t_range=t_range, class_label=class_label, eta=eta, seed=seed,
         noise_schedule=noise_schedule, num_timesteps=num_timesteps, respacing=respacing,
         clip=bool(flags & 4), compute_dtype=compute_dtype, original_size=original,
-        size_policy=size_policy, jax_version=jax_version, prng_impl=prng_impl,
+        size_policy=size_policy, jax_version=jax_version, prng_impl=prng_impl, generator=generator,
         threefry_partitionable=bool(flags & 8), codebook_check=check,
     )  # fmt: skip
 

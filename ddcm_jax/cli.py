@@ -32,10 +32,18 @@ class InputError(Exception):
 # --- argument parsing -----------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, distributed: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, notes or tables")
     p.add_argument("--json", type=Path, metavar="PATH", help="write a machine-readable summary to PATH")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    if not distributed:
+        return
+    g = p.add_argument_group("multi-host (each process takes every N-th input; process 0 writes --json)")
+    g.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() from the environment (TPU pods, SLURM, ...)")  # fmt: skip
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address of process 0")
+    g.add_argument("--num-processes", type=int, metavar="N")
+    g.add_argument("--process-id", type=int, metavar="I")
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
@@ -56,6 +64,8 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="codebook and start-noise seed, 0..2^32-1")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (DDCM uses 1)")
+    g.add_argument("--generator", choices=["philox", "threefry"], default="philox",
+                   help="how codebook atoms are drawn (recorded in the file)")  # fmt: skip
     if policy:
         s = p.add_argument_group("size policy (inputs that are not the model's native square)")
         m = s.add_mutually_exclusive_group()
@@ -125,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe .ddcm files", description="Print what a .ddcm file holds.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
-    _common(p)
+    _common(p, distributed=False)
 
     from ddcm_jax.train import add_arguments as add_train_arguments
 
@@ -176,7 +186,7 @@ class Run:
         self.bar = self._bar(total, command, "img")
 
     def _bar(self, total: int, desc: str, unit: str, leave: bool = True) -> Any:
-        if self.args.quiet:
+        if self.args.quiet or _process_index() != 0:
             return None
         from tqdm import tqdm
 
@@ -220,14 +230,15 @@ class Run:
             return
         from ddcm_jax.progress import on_step
 
-        state = {"pending": 0, "last": 0.0}
+        seen: set[int] = set()  # every device reports every step: count distinct steps
+        state = {"last": 0.0}
 
-        def tick(_: int) -> None:
-            state["pending"] += 1
+        def tick(i: int) -> None:
+            seen.add(i)
             now = time.monotonic()
             if now - state["last"] >= 0.1:
-                bar.update(state["pending"])
-                state["pending"], state["last"] = 0, now
+                bar.update(len(seen) - bar.n)
+                state["last"] = now
 
         try:
             with on_step(tick):
@@ -242,12 +253,64 @@ class Run:
     def finish(self) -> int:
         if self.bar is not None:
             self.bar.close()
-        if self.args.json is not None:
+        summary = {"command": self.command, "failed": self.failed, "items": self.records}
+        if _process_count() > 1:
+            summary = _merge_summaries(summary)
+        if self.args.json is not None and _process_index() == 0:
             from ddcm_jax.images import write_atomic
 
-            summary = {"command": self.command, "failed": self.failed, "items": self.records}
             write_atomic(self.args.json, (json.dumps(summary, indent=2, allow_nan=False, default=_jsonable) + "\n").encode())
-        return 1 if self.failed else 0
+        return 1 if summary["failed"] else 0
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _merge_summaries(summary: dict[str, Any]) -> dict[str, Any]:
+    """Every process's summary, gathered over the network (no shared filesystem needed)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(summary, default=_jsonable).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).ravel()
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    parts = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    merged = [json.loads(bytes(parts[i, : sizes[i]]).decode()) for i in range(len(sizes))]
+    return {"command": summary["command"], "processes": len(merged), "failed": sum(m["failed"] for m in merged),
+            "items": [item for m in merged for item in m["items"]]}  # fmt: skip
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-process run if asked to; afterwards jax.process_count() tells."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if not args.distributed and any(v is None for v in explicit):
+        raise UsageError("give --coordinator, --num-processes and --process-id together (or --distributed)")
+    import jax
+
+    # Cross-process collectives on CPU need gloo; it does not affect GPU or TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.distributed:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)  # fmt: skip
+
+
+def _my_share(items: list[Any]) -> list[Any]:
+    """This process's inputs: every process_count-th item, starting at its index."""
+    return items[_process_index() :: _process_count()]
 
 
 def _jsonable(v: Any) -> Any:
@@ -280,7 +343,7 @@ def _settings(args: argparse.Namespace) -> Any:
         steps=args.steps, codebook_size=args.codebook_size, num_atoms=atoms,
         coef_bits=getattr(args, "coef_bits", 1), rule=rule, seed=args.seed,
         t_range=None if t_range is None else (min(t_range), max(t_range)), eta=args.eta,
-        size_policy=getattr(args, "policy", "crop"),
+        size_policy=getattr(args, "policy", "crop"), generator=args.generator,
     )  # fmt: skip
 
 
@@ -309,47 +372,87 @@ def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, 
 # --- commands -----------------------------------------------------------------------------------
 
 
+def _groups(items: list[Any], key: Callable[[Any], Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive runs of up to `size` items sharing key(item), in input order."""
+    buckets: dict[Any, list[Any]] = {}
+    for item in items:
+        b = buckets.setdefault(key(item), [])
+        b.append(item)
+        if len(b) == size:
+            yield buckets.pop(key(item))
+    yield from buckets.values()
+
+
+@dataclasses.dataclass
+class _Loaded:
+    job: Job
+    pixels: Any
+    notes: list[str]
+    coded: tuple[int, int]
+    t0: float
+
+
 def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Callable[..., Any],
                  decode_back: bool) -> None:  # fmt: skip
-    """Shared loop of compress / roundtrip / restore."""
-    from ddcm_jax import codec, images, metrics
+    """Shared loop of compress / roundtrip / restore: one image per local device at a time."""
+    import jax
+
+    from ddcm_jax import bitstream, codec, images, metrics
 
     model = _load_model(args.model)
+    arch = model.config.architecture
+    writes_png = decode_back or getattr(args, "save_reconstruction", False)
+    loaded: list[_Loaded] = []
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            out_ddcm, out_png = job.stem.with_suffix(".ddcm"), job.stem.with_suffix(".png")
-            writes_png = decode_back or getattr(args, "save_reconstruction", False)
-            run.claim(out_ddcm, job.source)
+            run.claim(job.stem.with_suffix(".ddcm"), job.source)
             if writes_png:
-                run.claim(out_png, job.source)
+                run.claim(job.stem.with_suffix(".png"), job.source)
             pixels, notes = images.load_image(job.source)
             for note in notes:
                 run.say(f"note: {job.source}: {note}")
-            with run.steps(args.steps):
-                enc = encode(model, pixels)
-            files = {out_ddcm: enc.data}
-            result = enc.decoded
-            if decode_back:
-                with run.steps(args.steps):
-                    result, _ = codec.decode_bytes(model, enc.data, str(out_ddcm))
-                if not (result.shape == enc.decoded.shape and (result == enc.decoded).all()):
-                    raise InputError(f"{job.source}: the decoder's image differs from the encoder's "
-                                     "reconstruction (nondeterministic backend?)")  # fmt: skip
-            if writes_png:
-                files[out_png] = images.png_bytes(result)
-            images.commit_files(files)
-            quality = {}
-            if enc.reference is not None and enc.reference.shape == result.shape:
-                quality = {"psnr": _finite(metrics.psnr(enc.reference, result)),
-                           "lpips": _finite(metrics.lpips(enc.reference, result))}  # fmt: skip
-            rec = _record(enc, job.source, list(files), time.perf_counter() - t0, **quality, notes=list(notes))
-            run.records.append(rec)
-            if not decode_back:
-                run.say(f"{job.source} -> {out_ddcm} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp)")
+            coded = images.coded_size(pixels.shape[:2], args.policy, arch.image_size, arch.size_multiple)
+            loaded.append(_Loaded(job, pixels, notes, coded, t0))
         except Exception as e:
             run.fail(job.source, e)
-        run.done()
+            run.done()
+    for group in _groups(loaded, lambda item: item.coded, jax.local_device_count()):
+        try:
+            with run.steps(args.steps):
+                encs = encode(model, [item.pixels for item in group])
+            results = [enc.decoded for enc in encs]
+            if decode_back:
+                streams = [bitstream.decode(enc.data, str(item.job.source)) for enc, item in zip(encs, group, strict=True)]
+                with run.steps(args.steps):
+                    results = codec.decode_streams(model, streams)
+        except Exception as e:
+            for item in group:
+                run.fail(item.job.source, e)
+                run.done()
+            continue
+        for item, enc, result in zip(group, encs, results, strict=True):
+            try:
+                if decode_back and not (result.shape == enc.decoded.shape and (result == enc.decoded).all()):
+                    raise InputError(f"{item.job.source}: the decoder's image differs from the encoder's "
+                                     "reconstruction (nondeterministic backend?)")  # fmt: skip
+                out_ddcm = item.job.stem.with_suffix(".ddcm")
+                files = {out_ddcm: enc.data}
+                if writes_png:
+                    files[item.job.stem.with_suffix(".png")] = images.png_bytes(result)
+                images.commit_files(files)
+                quality = {}
+                if enc.reference is not None and enc.reference.shape == result.shape:
+                    quality = {"psnr": _finite(metrics.psnr(enc.reference, result)),
+                               "lpips": _finite(metrics.lpips(enc.reference, result))}  # fmt: skip
+                rec = _record(enc, item.job.source, list(files), time.perf_counter() - item.t0, **quality,
+                              notes=list(item.notes))  # fmt: skip
+                run.records.append(rec)
+                if not decode_back:
+                    run.say(f"{item.job.source} -> {out_ddcm} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp)")
+            except Exception as e:
+                run.fail(item.job.source, e)
+            run.done()
 
 
 def _table(run: Run) -> None:
@@ -372,20 +475,23 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from ddcm_jax import codec
 
     settings = _settings(args)
+    _init_distributed(args)
     jobs, errors = _expand(args.inputs, args.output, IMAGE_SUFFIXES)
+    jobs = _my_share(jobs)
+    errors = errors if _process_index() == 0 else []
     run = Run(args.command, args, len(jobs))
     for e in errors:
         run.error(e)
     if args.command == "restore":
         mask = _load_mask(args.mask) if args.mask is not None else None
 
-        def encode(model: Any, pixels: Any) -> Any:
-            return codec.restore_image(model, pixels, args.task, settings, factor=args.factor,
+        def encode(model: Any, pixel_list: list[Any]) -> Any:
+            return codec.encode_images(model, pixel_list, settings, task=args.task, factor=args.factor,
                                        blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask)  # fmt: skip
     else:
 
-        def encode(model: Any, pixels: Any) -> Any:
-            return codec.encode_image(model, pixels, settings)
+        def encode(model: Any, pixel_list: list[Any]) -> Any:
+            return codec.encode_images(model, pixel_list, settings)
 
     if jobs:
         _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
@@ -408,6 +514,8 @@ def _load_mask(path: Path) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+
     from ddcm_jax import codec, images
 
     if args.num_images < 1:
@@ -415,43 +523,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = _settings(args)
     if base.seed + args.num_images > 2**32:
         raise UsageError("--seed + N must stay below 2^32 (image i uses seed + i)")
-    run = Run("generate", args, args.num_images)
-    model = _load_model(args.model)
+    _init_distributed(args)
     width = max(4, len(str(args.num_images - 1)))
-    for i in range(args.num_images):
+    seeds = _my_share(list(range(base.seed, base.seed + args.num_images)))
+    run = Run("generate", args, len(seeds))
+    model = _load_model(args.model)
+    for group in _groups(seeds, lambda _: 0, jax.local_device_count()):
         t0 = time.perf_counter()
-        stem = args.output / f"gen_{i:0{width}d}"
         try:
-            settings = dataclasses.replace(base, seed=base.seed + i)
             with run.steps(args.steps):
-                enc = codec.generate_image(model, settings, class_label=args.class_label)
-            files = {stem.with_suffix(".ddcm"): enc.data, stem.with_suffix(".png"): images.png_bytes(enc.decoded)}
-            images.commit_files(files)
-            run.records.append(_record(enc, None, list(files), time.perf_counter() - t0, seed=settings.seed))
+                encs = codec.generate_images(model, base, group, class_label=args.class_label)
         except Exception as e:
-            run.fail(stem, e)
-        run.done()
+            for sd in group:
+                run.fail(args.output / f"gen_{sd - base.seed:0{width}d}", e)
+                run.done()
+            continue
+        for sd, enc in zip(group, encs, strict=True):
+            stem = args.output / f"gen_{sd - base.seed:0{width}d}"
+            try:
+                files = {stem.with_suffix(".ddcm"): enc.data, stem.with_suffix(".png"): images.png_bytes(enc.decoded)}
+                images.commit_files(files)
+                run.records.append(_record(enc, None, list(files), (time.perf_counter() - t0) / len(group), seed=sd))
+            except Exception as e:
+                run.fail(stem, e)
+            run.done()
     return run.finish()
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
+    import jax
+
     from ddcm_jax import bitstream, codec, images
     from ddcm_jax.model import find_model
 
+    _init_distributed(args)
     jobs, errors = _expand(args.inputs, args.output, {".ddcm"})
+    jobs = _my_share(jobs)
+    errors = errors if _process_index() == 0 else []
     run = Run("decompress", args, len(jobs))
     for e in errors:
         run.error(e)
     models: dict[Path, Any] = {}
     if args.model is not None:
         models[args.model] = _load_model(args.model)
+    ready: list[tuple[Job, Any, Path, float]] = []
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            out = job.stem.with_suffix(".png")
-            run.claim(out, job.source)
-            data = _read_limited(job.source)
-            stream = bitstream.decode(data, str(job.source))
+            run.claim(job.stem.with_suffix(".png"), job.source)
+            stream = bitstream.decode(_read_limited(job.source), str(job.source))
             where = args.model
             if where is None:
                 where = find_model(stream.header.fingerprint_hex)
@@ -460,17 +580,33 @@ def cmd_decompress(args: argparse.Namespace) -> int:
                                      "among the known models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
             if where not in models:
                 models[where] = _load_model(where)
-            with run.steps(stream.header.steps):
-                pixels, _ = codec.decode_bytes(models[where], data, str(job.source))
-            images.commit_files({out: images.png_bytes(pixels)})
-            h = stream.header
-            run.records.append({"file": str(job.source), "outputs": [str(out)], "bytes": len(data),
-                                "bpp": stream.payload_bits / (h.size[0] * h.size[1]),
-                                "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
-            run.say(f"{job.source} -> {out}")
+            codec.check_model(stream.header, models[where], str(job.source))
+            ready.append((job, stream, where, t0))
         except Exception as e:
             run.fail(job.source, e)
-        run.done()
+            run.done()
+    signature = lambda item: (item[2], codec.decode_signature(item[1].header))  # noqa: E731
+    for group in _groups(ready, signature, jax.local_device_count()):
+        try:
+            with run.steps(group[0][1].header.steps):
+                outputs = codec.decode_streams(models[group[0][2]], [item[1] for item in group])
+        except Exception as e:
+            for item in group:
+                run.fail(item[0].source, e)
+                run.done()
+            continue
+        for (job, stream, _, t0), pixels in zip(group, outputs, strict=True):
+            try:
+                out = job.stem.with_suffix(".png")
+                images.commit_files({out: images.png_bytes(pixels)})
+                h = stream.header
+                run.records.append({"file": str(job.source), "outputs": [str(out)], "bytes": stream.total_bytes,
+                                    "bpp": stream.payload_bits / (h.size[0] * h.size[1]),
+                                    "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+                run.say(f"{job.source} -> {out}")
+            except Exception as e:
+                run.fail(job.source, e)
+            run.done()
     return run.finish()
 
 
@@ -502,7 +638,8 @@ def describe(stream: Any, nbytes: int) -> dict[str, Any]:
         "schedule": f"{h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps}", "clip": h.clip,
         "class_label": h.class_label, "model": h.fingerprint_hex, "compute_dtype": h.compute_dtype,
         "coded_size": list(h.size), "original_size": list(h.original_size), "size_policy": h.size_policy,
-        "jax_version": h.jax_version, "prng": h.prng_impl, "threefry_partitionable": h.threefry_partitionable,
+        "jax_version": h.jax_version, "prng": h.prng_impl, "generator": h.generator,
+        "threefry_partitionable": h.threefry_partitionable,
     }  # fmt: skip
     if h.task == "super-resolution":
         out["factor"] = h.factor
@@ -535,7 +672,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{d['bpp']:.5f} bpp (payload), {d['bpp_file']:.5f} bpp (whole file), "
                   f"over the {d['coded_size'][0]}x{d['coded_size'][1]} coded image\n"
                   f"  image: {d['original_size'][0]}x{d['original_size'][1]} input, policy {d['size_policy']}\n"
-                  f"  model {d['model']}… ({d['compute_dtype']}); jax {d['jax_version']}, {d['prng']}, "
+                  f"  model {d['model']}… ({d['compute_dtype']}); jax {d['jax_version']}, {d['prng']} keys, "
+                  f"{d['generator']} codebooks, "
                   f"threefry_partitionable={d['threefry_partitionable']}")  # fmt: skip
     return run.finish()
 

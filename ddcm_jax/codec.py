@@ -7,9 +7,12 @@
 
 The encoder samples with the header's own values (eta as stored, the seed's
 threefry key, the schedule the header names), so the decoder, which knows only
-the header, replays the same arithmetic. Both always compile the per-step
-progress callback in (`ddcm_jax.progress.on_step` listens to it; unheard, it
-does nothing), so that encoder and decoder programs never differ by it.
+the header, replays the same arithmetic. Encoding and decoding both run
+through `ddcm_jax.parallel` with one image per device (several images side by
+side on several devices), and both compile the per-step progress callback in
+(`ddcm_jax.progress.on_step` listens to it; unheard, it does nothing), so the
+encoder's reconstruction is exactly what the decoder will produce on the same
+kind of machine.
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax import bitstream, images
 from ddcm_jax.bitstream import Bitstream, BitstreamError, Header
-from ddcm_jax.codebook import atom, step_key
+from ddcm_jax.codebook import AtomSource
 from ddcm_jax.memory import MemoryBudgetError, check_fits
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
-from ddcm_jax.sampler import PRNG_IMPL, compress, decompress, generate, restore
+from ddcm_jax.parallel import (
+    compress_sharded,
+    decompress_sharded,
+    generate_sharded,
+    make_mesh,
+    restore_sharded,
+)
+from ddcm_jax.sampler import PRNG_IMPL
 from ddcm_jax.schedule import Schedule
 
 __all__ = [
@@ -36,8 +47,13 @@ __all__ = [
     "check_model",
     "codebook_check",
     "decode_bytes",
+    "decode_signature",
+    "decode_streams",
     "encode_image",
+    "encode_images",
     "generate_image",
+    "generate_images",
+    "mesh_for",
     "restore_image",
 ]
 
@@ -57,6 +73,7 @@ class CodecSettings:
     t_range: tuple[int, int] | None = None
     eta: float = 1.0
     size_policy: str = "crop"
+    generator: str = "philox"
 
     @property
     def header_rule(self) -> str:
@@ -82,8 +99,8 @@ class Encoded:
         return bitstream.payload_bits(self.header)
 
 
-def codebook_check(seed: int, partitionable: bool) -> int:
-    """CRC-32 of a coarse probe of the atoms the key `seed` gives under these PRNG settings.
+def codebook_check(seed: int, partitionable: bool, generator: str = "philox") -> int:
+    """CRC-32 of a coarse probe of the atoms the key `seed` gives under these settings.
 
     32 values of atom 0 of step 0, rounded to quarters: a different generator or
     normal transform changes them entirely, while last-bit float differences
@@ -91,7 +108,8 @@ def codebook_check(seed: int, partitionable: bool) -> int:
     """
     root = jax.random.fold_in(jax.random.key(seed, impl=PRNG_IMPL), 1)
     with jax.threefry_partitionable(partitionable):
-        z = np.asarray(atom(step_key(root, 0), 0, (32,)), np.float64)
+        book = AtomSource(1, (32,), generator, root=root, step=jnp.int32(0))
+        z = np.asarray(book.get(jnp.zeros((1,), jnp.int32))[0], np.float64)
     return zlib.crc32(np.round(z * 4).astype(np.int8).tobytes())
 
 
@@ -113,8 +131,8 @@ def _header(model: Any, s: CodecSettings, *, rule: str, size: tuple[int, int],
         size=size, original_size=original, size_policy=policy, t_range=t_range, eta=s.eta,
         seed=s.seed, noise_schedule=d.noise_schedule, num_timesteps=d.num_timesteps,
         compute_dtype=model.config.compute_dtype, jax_version=jax.__version__,
-        threefry_partitionable=bool(jax.config.jax_threefry_partitionable),
-        codebook_check=codebook_check(s.seed, bool(jax.config.jax_threefry_partitionable)),
+        threefry_partitionable=bool(jax.config.jax_threefry_partitionable), generator=s.generator,
+        codebook_check=codebook_check(s.seed, bool(jax.config.jax_threefry_partitionable), s.generator),
         **extra,
     )  # fmt: skip
 
@@ -127,30 +145,79 @@ def _key(h: Header) -> jax.Array:
     return jax.random.key(h.seed, impl=h.prng_impl)
 
 
-def _finish(h: Header, x: Any, code: Any, reference: np.ndarray | None, notes: list[str]) -> Encoded:
-    data = bitstream.encode(h, np.asarray(code.indices), np.asarray(code.coeffs))
+def _finish(h: Header, x: Any, indices: Any, coeffs: Any, reference: np.ndarray | None,
+            notes: tuple[str, ...]) -> Encoded:  # fmt: skip
+    data = bitstream.encode(h, np.asarray(indices), np.asarray(coeffs))
     decoded = images.restore_geometry(images.from_model(np.asarray(x)), h.size_policy, h.original_size)
     return Encoded(data, h, decoded, reference, tuple(notes))
 
 
-def _coded_input(model: Any, pixels: np.ndarray, policy: str) -> tuple[np.ndarray, tuple[int, int]]:
+def mesh_for(batch: int) -> Any:
+    """The mesh a batch runs on: up to `batch` local devices on the data axis.
+
+    Each device runs one image, so an image's code and reconstruction are the
+    same whatever the number of devices (see `ddcm_jax.parallel`).
+    """
+    return make_mesh(data=max(1, min(batch, jax.local_device_count())))
+
+
+def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
     arch = model.config.architecture
-    size = images.coded_size(pixels.shape[:2], policy, arch.image_size, arch.size_multiple)
-    check_fits(arch, *size)
-    coded = images.prepare(pixels, policy, arch.image_size, arch.size_multiple)
-    return coded, (int(pixels.shape[0]), int(pixels.shape[1]))
+    sizes = {images.coded_size(p.shape[:2], policy, arch.image_size, arch.size_multiple) for p in pixel_list}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch must share one coded size, got {sorted(sizes)}")
+    check_fits(arch, *sizes.pop())
+    coded = np.stack([images.prepare(p, policy, arch.image_size, arch.size_multiple) for p in pixel_list])
+    return coded, [(int(p.shape[0]), int(p.shape[1])) for p in pixel_list]
 
 
-def encode_image(model: Any, pixels: np.ndarray, settings: CodecSettings, *, notes: tuple[str, ...] = ()) -> Encoded:  # fmt: skip
+def _keys(headers: list[Header]) -> jax.Array:
+    return jnp.stack([_key(h) for h in headers])
+
+
+def encode_images(model: Any, pixel_list: list[np.ndarray], settings: CodecSettings, *, task: str = "compression",
+                  notes: list[tuple[str, ...]] | None = None, mesh: Any = None, **op_args: Any) -> list[Encoded]:  # fmt: skip
+    """Compress (or, with a restoration `task`, restore) uint8 RGB images that share a coded size.
+
+    The images run side by side, one per device of `mesh` (default `mesh_for`).
+    Restoration degrades each coded input by the task and samples the
+    posterior; its file holds only the indices, and decoding it reproduces the
+    restored image without the measurement.
+    """
+    coded, originals = _coded_inputs(model, pixel_list, settings.size_policy)
+    mesh = mesh_for(len(pixel_list)) if mesh is None else mesh
+    x = np.stack([images.to_model(c) for c in coded])
+    if task == "compression":
+        heads = [_header(model, settings, rule=settings.header_rule, size=coded.shape[1:3], original=o,
+                         policy=settings.size_policy) for o in originals]  # fmt: skip
+        h = heads[0]
+        res = compress_sharded(model, x, mesh=mesh, steps=h.steps, codebook_size=h.codebook_size,
+                               num_atoms=settings.num_atoms, coef_bits=settings.coef_bits, rule=h.rule,
+                               key=_keys(heads), t_range=h.t_range, schedule=_schedule(h), eta=h.eta,
+                               clip=h.clip, generator=h.generator)  # fmt: skip
+    else:
+        op = make_operator(task, coded.shape[1:3], **op_args)
+        extra: dict[str, Any] = {"task": task}
+        if task == "super-resolution":
+            extra["factor"] = op.factor
+        elif task == "blur":
+            extra.update(blur_kernel=op.kernel_size, blur_sigma=float(op.sigma))
+        heads = [_header(model, settings, rule="mse", size=coded.shape[1:3], original=o,
+                         policy=settings.size_policy, **extra) for o in originals]  # fmt: skip
+        h = heads[0]
+        y = jax.vmap(op)(jnp.asarray(x))
+        res = restore_sharded(model, y, op, mesh=mesh, image_shape=(*h.size, 3), steps=h.steps,
+                              codebook_size=h.codebook_size, key=_keys(heads), schedule=_schedule(h),
+                              eta=h.eta, clip=h.clip, generator=h.generator)  # fmt: skip
+    notes = notes or [()] * len(pixel_list)
+    return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, settings.size_policy), n)
+            for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
+
+
+def encode_image(model: Any, pixels: np.ndarray, settings: CodecSettings, *, notes: tuple[str, ...] = (),
+                 mesh: Any = None) -> Encoded:  # fmt: skip
     """Compress uint8 RGB pixels (H0, W0, 3) under the settings' size policy."""
-    coded, original = _coded_input(model, pixels, settings.size_policy)
-    h = _header(model, settings, rule=settings.header_rule, size=coded.shape[:2], original=original,
-                policy=settings.size_policy)  # fmt: skip
-    res = compress(model, images.to_model(coded), steps=h.steps, codebook_size=h.codebook_size,
-                   num_atoms=settings.num_atoms, coef_bits=settings.coef_bits, rule=h.rule, key=_key(h),
-                   t_range=h.t_range, schedule=_schedule(h), eta=h.eta, clip=h.clip,
-                   progress=True)  # fmt: skip
-    return _finish(h, res.image, res, images.reference(pixels, settings.size_policy), list(notes))
+    return encode_images(model, [pixels], settings, notes=[notes], mesh=mesh)[0]
 
 
 def make_operator(task: str, shape: tuple[int, int], *, factor: int = 4, blur_sigma: float = 3.0,
@@ -176,38 +243,30 @@ def make_operator(task: str, shape: tuple[int, int], *, factor: int = 4, blur_si
 
 
 def restore_image(model: Any, pixels: np.ndarray, task: str, settings: CodecSettings, *,
-                  notes: tuple[str, ...] = (), **op_args: Any) -> Encoded:  # fmt: skip
-    """Compressed restoration: degrade the coded input by `task`, then sample the posterior.
+                  notes: tuple[str, ...] = (), mesh: Any = None, **op_args: Any) -> Encoded:  # fmt: skip
+    """Compressed restoration of one image (see `encode_images`)."""
+    return encode_images(model, [pixels], settings, task=task, notes=[notes], mesh=mesh, **op_args)[0]
 
-    The measurement is formed from the input; the bitstream holds only the
-    indices, so decoding reproduces the restored image without it.
-    """
-    coded, original = _coded_input(model, pixels, settings.size_policy)
-    op = make_operator(task, coded.shape[:2], **op_args)
-    extra: dict[str, Any] = {"task": task}
-    if task == "super-resolution":
-        extra["factor"] = op.factor
-    elif task == "blur":
-        extra.update(blur_kernel=op.kernel_size, blur_sigma=float(op.sigma))
-    h = _header(model, settings, rule="mse", size=coded.shape[:2], original=original,
-                policy=settings.size_policy, **extra)  # fmt: skip
-    y = op(images.to_model(coded))
-    res = restore(model, y, op, steps=h.steps, codebook_size=h.codebook_size, key=_key(h),
-                  image_shape=(*h.size, 3), schedule=_schedule(h), eta=h.eta, clip=h.clip,
-                  progress=True)  # fmt: skip
-    return _finish(h, res.image, res, images.reference(pixels, settings.size_policy), list(notes))
+
+def generate_images(model: Any, settings: CodecSettings, seeds: list[int], *, class_label: int | None = None,
+                    mesh: Any = None) -> list[Encoded]:  # fmt: skip
+    """Compressed generation at the model's native size, one image per seed."""
+    n = model.config.architecture.image_size
+    check_fits(model.config.architecture, n, n)
+    heads = [_header(model, dataclasses.replace(settings, seed=sd), rule="random", size=(n, n), original=(n, n),
+                     policy="none", task="generation", class_label=class_label) for sd in seeds]  # fmt: skip
+    h = heads[0]
+    labels = None if class_label is None else jnp.full((len(seeds),), class_label, jnp.int32)
+    res = generate_sharded(model, mesh=mesh_for(len(seeds)) if mesh is None else mesh, key=_keys(heads),
+                           image_shape=(n, n, 3), steps=h.steps, codebook_size=h.codebook_size,
+                           class_label=labels, schedule=_schedule(h), eta=h.eta, clip=h.clip,
+                           generator=h.generator)  # fmt: skip
+    return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
 
 
 def generate_image(model: Any, settings: CodecSettings, *, class_label: int | None = None) -> Encoded:
-    """Compressed generation at the model's native size: uniformly random atoms."""
-    n = model.config.architecture.image_size
-    check_fits(model.config.architecture, n, n)
-    h = _header(model, settings, rule="random", size=(n, n), original=(n, n), policy="none",
-                task="generation", class_label=class_label)  # fmt: skip
-    res = generate(model, steps=h.steps, codebook_size=h.codebook_size, key=_key(h),
-                   class_label=class_label, image_shape=(n, n, 3), schedule=_schedule(h), eta=h.eta,
-                   clip=h.clip, progress=True)  # fmt: skip
-    return _finish(h, res.image, res, None, [])
+    """Compressed generation of one image (seed: `settings.seed`)."""
+    return generate_images(model, settings, [settings.seed], class_label=class_label)[0]
 
 
 def check_model(h: Header, model: Any, source: str) -> None:
@@ -234,24 +293,46 @@ def check_model(h: Header, model: Any, source: str) -> None:
         check_fits(arch, *h.size)
     except MemoryBudgetError as e:
         raise BitstreamError(f"{source}: decoding {e}") from None
-    if codebook_check(h.seed, h.threefry_partitionable) != h.codebook_check:
+    if codebook_check(h.seed, h.threefry_partitionable, h.generator) != h.codebook_check:
         raise BitstreamError(f"{source}: this JAX ({jax.__version__}) draws other codebook atoms than the "
-                             f"encoder's (jax {h.jax_version or '?'}, {h.prng_impl}); it cannot decode the file")  # fmt: skip
+                             f"encoder's (jax {h.jax_version or '?'}, {h.generator}); it cannot decode the file")  # fmt: skip
 
 
-def decode_bytes(model: Any, data: bytes, source: str = "<bytes>") -> tuple[np.ndarray, Bitstream]:
+def decode_signature(h: Header) -> tuple[Any, ...]:
+    """What files must share to be decoded side by side (everything but seed and original size)."""
+    return (h.rule, h.steps, h.codebook_size, h.num_atoms, h.coef_bits, h.eta, h.noise_schedule, h.num_timesteps,
+            h.respacing_or_steps, h.clip, h.size, h.size_policy, h.class_label, h.generator, h.prng_impl,
+            h.threefry_partitionable, h.fingerprint)  # fmt: skip
+
+
+def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) -> list[np.ndarray]:
+    """Decode parsed files that share a `decode_signature` (checked by `check_model` first).
+
+    Returns uint8 pixels in each file's recorded geometry.
+    """
+    heads = [st.header for st in streams]
+    if len({decode_signature(h) for h in heads}) != 1:
+        raise ValueError("files decoded together must share their decoding settings")
+    h = heads[0]
+    rule = h.rule if h.rule in ("mp", "turbo") else "ddcm"
+    with jax.threefry_partitionable(h.threefry_partitionable):
+        x = decompress_sharded(model, np.stack([st.indices for st in streams]),
+                               np.stack([st.coeffs for st in streams]),
+                               mesh=mesh_for(len(streams)) if mesh is None else mesh, image_shape=(*h.size, 3),
+                               steps=h.steps, codebook_size=h.codebook_size, num_atoms=h.num_atoms,
+                               coef_bits=max(h.coef_bits, 1), rule=rule, key=_keys(heads),
+                               class_label=None if h.class_label is None else
+                               jnp.full((len(heads),), h.class_label, jnp.int32),
+                               schedule=_schedule(h), eta=h.eta, clip=h.clip, generator=h.generator)  # fmt: skip
+    return [images.restore_geometry(images.from_model(np.asarray(x[b])), hb.size_policy, hb.original_size)
+            for b, hb in enumerate(heads)]  # fmt: skip
+
+
+def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None) -> tuple[np.ndarray, Bitstream]:
     """uint8 pixels in the geometry the header records, and the parsed file.
 
     Raises BitstreamError (naming `source`) for a file this model cannot decode.
     """
     stream = bitstream.decode(data, source)
-    h = stream.header
-    check_model(h, model, source)
-    rule = h.rule if h.rule in ("mp", "turbo") else "ddcm"
-    with jax.threefry_partitionable(h.threefry_partitionable):
-        x = decompress(model, stream.indices, stream.coeffs, steps=h.steps, codebook_size=h.codebook_size,
-                       image_shape=(*h.size, 3), num_atoms=h.num_atoms, coef_bits=max(h.coef_bits, 1),
-                       rule=rule, key=_key(h), class_label=h.class_label, schedule=_schedule(h),
-                       eta=h.eta, clip=h.clip, progress=True)  # fmt: skip
-    pixels = images.restore_geometry(images.from_model(np.asarray(x)), h.size_policy, h.original_size)
-    return pixels, stream
+    check_model(stream.header, model, source)
+    return decode_streams(model, [stream], mesh=mesh)[0], stream

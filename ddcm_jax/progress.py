@@ -1,9 +1,11 @@
 """Per-step progress out of the jitted scan, kept out of the math.
 
-With `progress=True` the sampler emits an ordered host callback with the step
+With `progress=True` the sampler emits a host callback with the respaced step
 index after each step; this module forwards it to whatever listeners the
 caller installed (`on_step`), e.g. a progress bar. Without listeners the
 callback does nothing, and without `progress=True` it is not compiled in.
+The callback is unordered (ordered effects cannot span devices) and, under
+sharding, every device reports every step: count distinct indices.
 """
 
 from __future__ import annotations

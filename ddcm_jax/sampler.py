@@ -9,7 +9,8 @@ DDCM replaces z by codebook atoms picked by a selection rule; the last step
 (float64 on the host, float32 in the scan); chosen indices leave it as ys.
 
 Keys: `key` -> fold_in(key, 0) start noise x_T, fold_in(key, 1) codebook root
-(step i's codebook = fold_in(root, i)), fold_in(key, 2) the rule's own keys.
+(step i's codebook: atoms addressed by the integers (i, k) under that root, see
+`ddcm_jax.codebook`), fold_in(key, 2) the rule's own keys.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax.codebook import step_key
+from ddcm_jax.codebook import GENERATORS, AtomSource
 from ddcm_jax.operators import operator_by_name
 from ddcm_jax.progress import report_step
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import (
     DDCM,
     MSE,
-    AtomSource,
     MatchingPursuit,
     Random,
     StepContext,
@@ -37,6 +37,7 @@ from ddcm_jax.selection import (
 )
 
 __all__ = [
+    "CodebookSpec",
     "CompressResult",
     "SchedT",
     "bits_per_image",
@@ -186,10 +187,26 @@ def _split_last(xs: SchedT) -> tuple[SchedT, SchedT]:
     return jax.tree_util.tree_map(lambda a: a[:-1], xs), jax.tree_util.tree_map(lambda a: a[-1], xs)
 
 
-def _book(size: int, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: Any) -> AtomSource:
+@dataclasses.dataclass(frozen=True)
+class CodebookSpec:
+    """How the sampler builds each step's codebook (a static, hashable jit argument)."""
+
+    size: int
+    generator: str = "philox"
+    chunk: int | None = None  # atoms per chunk; None: from the memory budget
+    axis_name: str | None = None  # a mesh axis the codebook is split over (inside shard_map)
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"unknown codebook generator {self.generator!r} ({', '.join(GENERATORS)})")
+        if self.size < 1 or (self.chunk is not None and self.chunk < 1):
+            raise ValueError(f"codebook size and chunk must be positive, got {self.size}, {self.chunk}")
+
+
+def _book(spec: CodebookSpec, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: Any) -> AtomSource:
     if rows is not None:
-        return AtomSource(size, shape, array=rows)
-    return AtomSource(size, shape, key=step_key(root, s.i))
+        return AtomSource.from_array(rows, chunk=spec.chunk, axis_name=spec.axis_name)
+    return AtomSource(spec.size, shape, spec.generator, spec.chunk, spec.axis_name, root=root, step=s.i)
 
 
 def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
@@ -202,13 +219,15 @@ def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
         noise, ys = noise_fn(x_t, eps_hat, s, rows, extra)
         x_prev = step(x_t, eps_hat, s, noise, clip)
         if progress:
-            jax.debug.callback(report_step, s.i, ordered=True)
+            # Unordered: ordered effects cannot span several devices, and the program must
+            # be the same whatever the device count. Every device reports every step.
+            jax.debug.callback(report_step, s.i)
         return x_prev, ys
 
     x_1, ys = jax.lax.scan(body, x_T, (noisy, codebook, chosen))
     x_0 = step(x_1, _denoise(model, x_1, last, y), last, jnp.zeros_like(x_1), clip)
     if progress:
-        jax.debug.callback(report_step, last.i, ordered=True)
+        jax.debug.callback(report_step, last.i)
     return x_0, ys
 
 
@@ -219,9 +238,9 @@ def _default_indices(rule: Any) -> tuple[jax.Array, jax.Array]:
     return idx, jnp.zeros((rule.coeff_width,), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("codebook_size", "clip", "t_range", "progress"))
+@functools.partial(jax.jit, static_argnames=("spec", "clip", "t_range", "progress"))
 def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y, key, *,
-                  codebook_size, clip, t_range, progress=False):  # fmt: skip
+                  spec, clip, t_range, progress=False):  # fmt: skip
     shape = tuple(x_T.shape)
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
@@ -229,7 +248,7 @@ def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y
         x0_hat, _ = predict_x0(x_t, eps_hat, s, clip)
         ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_bar_prev, image, measurement, weights,
                           jax.random.fold_in(rule_root, s.i))  # fmt: skip
-        book = _book(codebook_size, shape, cb_root, s, rows)
+        book = _book(spec, shape, cb_root, s, rows)
         if t_range is None:
             sel = rule.select(ctx, book)
             return sel.noise, (sel.indices, sel.coeffs)
@@ -241,15 +260,15 @@ def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y
     return _run(model, x_T, xs, codebook, y, None, noise_fn, clip, progress)
 
 
-@functools.partial(jax.jit, static_argnames=("codebook_size", "clip", "progress"))
-def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, codebook_size, clip,
+@functools.partial(jax.jit, static_argnames=("spec", "clip", "progress"))
+def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, spec, clip,
                     progress=False):  # fmt: skip
     shape = tuple(x_T.shape)
     cb_root = jax.random.fold_in(key, 1)
 
     def noise_fn(x_t, eps_hat, s, rows, chosen):
         idx, co = chosen
-        return rule.noise(_book(codebook_size, shape, cb_root, s, rows), idx, co), None
+        return rule.noise(_book(spec, shape, cb_root, s, rows), idx, co), None
 
     x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, clip, progress)
     return x_0
@@ -335,7 +354,8 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
              codebook: jax.Array | None = None, weights: jax.Array | None = None,
              t_range: tuple[int, int] | None = None, class_label: Any = None,
              schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
-             progress: bool = False) -> CompressResult:  # fmt: skip
+             generator: str = "philox", codebook_chunk: int | None = None,
+             codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices.
 
     `rule`: "ddcm" (M = 1; with num_atoms > 1, matching pursuit with coef_bits C),
@@ -347,6 +367,12 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
     (original timesteps, inclusive) restricts selection to those steps, the
     others recording atom 0 (turbo: atoms 0..M-1, positive). `schedule`
     overrides the model's respaced schedule (e.g. to differentiate through it).
+
+    Codebooks: `generator` "philox" (default) or "threefry" (see
+    `ddcm_jax.codebook`); `codebook_chunk` atoms are generated and scored at a
+    time (default: from a 64 MB budget); `codebook_axis` names a mesh axis to
+    split each codebook over when called inside `shard_map`. `progress=True`
+    reports each step to `ddcm_jax.progress.on_step` listeners.
 
     `model`: what `load_model` returns, or any object with `.params`,
     `.apply(params, x (B,H,W,C), t (B,), y) -> (B,H,W,C or 2C)` and
@@ -362,17 +388,19 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
     if image.ndim == 4:
         args = dict(x_T=x_T, weights=weights, class_label=class_label, key=key)
         kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, codebook=codebook,
-                  t_range=t_range, schedule=schedule, eta=eta, clip=clip, progress=progress)  # fmt: skip
+                  t_range=t_range, schedule=schedule, eta=eta, clip=clip, generator=generator,
+                  codebook_chunk=codebook_chunk, codebook_axis=codebook_axis, progress=progress)  # fmt: skip
         return _per_image(functools.partial(compress, model, **kw), {"image": image, **args},
                           {"image"} | _rows(args, 3))  # fmt: skip
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W, C) or (B, H, W, C), got shape {image.shape}")
     key, x_T, xs = _prepare(model, image.shape, steps, key, x_T, eta, schedule)
     codebook = _check_codebook(codebook, steps, codebook_size, image.shape)
+    spec = CodebookSpec(codebook_size, generator, codebook_chunk, codebook_axis)
     w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), image.shape)
     out, (indices, coeffs) = _compress_one(
         model, rule_obj, image, x_T, xs, codebook, w, None, _label(model, class_label), key,
-        codebook_size=codebook_size, clip=clip, t_range=_check_t_range(t_range), progress=progress,
+        spec=spec, clip=clip, t_range=_check_t_range(t_range), progress=progress,
     )
     return CompressResult(indices, coeffs, out)
 
@@ -381,7 +409,8 @@ def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, co
             rule: Any = "mse", key: Any, image_shape: tuple[int, ...] | None = None,
             x_T: jax.Array | None = None, codebook: jax.Array | None = None,
             class_label: Any = None, schedule: Schedule | None = None, eta: float = 1.0,
-            clip: bool = True, progress: bool = False) -> CompressResult:  # fmt: skip
+            clip: bool = True, generator: str = "philox", codebook_chunk: int | None = None,
+            codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
     """Compressed posterior sampling for y = operator(x): indices + restored image.
 
     `operator`: an operator from `ddcm_jax.operators` or its name
@@ -400,21 +429,24 @@ def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, co
     if len(image_shape) == 4:
         args = dict(x_T=x_T, class_label=class_label, key=key)
         kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, image_shape=image_shape[1:],
-                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, progress=progress)  # fmt: skip
+                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, generator=generator,
+                  codebook_chunk=codebook_chunk, codebook_axis=codebook_axis, progress=progress)  # fmt: skip
         return _per_image(lambda measurement, **a: restore(model, measurement, None, **kw, **a),
                           {"measurement": y, **args}, {"measurement"} | _rows(args, 3))  # fmt: skip
     key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
     codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
+    spec = CodebookSpec(codebook_size, generator, codebook_chunk, codebook_axis)
     out, (indices, coeffs) = _compress_one(
         model, rule_obj, None, x_T, xs, codebook, None, y, _label(model, class_label), key,
-        codebook_size=codebook_size, clip=clip, t_range=None, progress=progress,
+        spec=spec, clip=clip, t_range=None, progress=progress,
     )
     return CompressResult(indices, coeffs, out)
 
 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_label: Any = None,
              image_shape: tuple[int, ...] | None = None, eta: float = 1.0, clip: bool = True,
-             schedule: Schedule | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+             schedule: Schedule | None = None, generator: str = "philox",
+             progress: bool = False) -> CompressResult:  # fmt: skip
     """Compressed generation: uniformly random atoms; the indices encode the sample.
 
     `image_shape` defaults to the model's native (size, size, 3). For B samples
@@ -426,12 +458,13 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_labe
     args = dict(key=key, class_label=class_label)
     if rows := _rows(args, 3):
         kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, eta=eta, clip=clip,
-                  schedule=schedule, progress=progress)  # fmt: skip
+                  schedule=schedule, generator=generator, progress=progress)  # fmt: skip
         return _per_image(functools.partial(generate, model, **kw), args, rows)
     key, x_T, xs = _prepare(model, image_shape, steps, key, None, eta, schedule)
+    spec = CodebookSpec(codebook_size, generator)
     out, (indices, coeffs) = _compress_one(
         model, Random(), None, x_T, xs, None, None, None, _label(model, class_label), key,
-        codebook_size=codebook_size, clip=clip, t_range=None, progress=progress,
+        spec=spec, clip=clip, t_range=None, progress=progress,
     )
     return CompressResult(indices, coeffs, out)
 
@@ -441,7 +474,7 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
                rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
                codebook: jax.Array | None = None, class_label: Any = None,
                schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
-               progress: bool = False) -> jax.Array:  # fmt: skip
+               generator: str = "philox", progress: bool = False) -> jax.Array:  # fmt: skip
     """Rebuild the image from indices, regenerating only the chosen atoms.
 
     `indices` (steps-1, M) or a `CompressResult`; (B, steps-1, M) decodes a
@@ -463,7 +496,8 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
     if indices.ndim == 3:
         args = dict(indices=indices, coeffs=coeffs, x_T=x_T, class_label=class_label, key=key)
         kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, rule=rule_obj,
-                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, progress=progress)  # fmt: skip
+                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, generator=generator,
+                  progress=progress)  # fmt: skip
         return _per_image(functools.partial(decompress, model, **kw), args, _rows(args, 3))
     image_shape = tuple(int(v) for v in image_shape)[-3:]
     want = (steps - 1, rule_obj.num_atoms)
@@ -472,6 +506,7 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
                          f"rule, got {indices.shape} and {coeffs.shape}")  # fmt: skip
     key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
     codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
+    spec = CodebookSpec(codebook_size, generator)
     return _decompress_one(model, rule_obj, indices, coeffs, x_T, xs, codebook,
-                           _label(model, class_label), key, codebook_size=codebook_size, clip=clip,
+                           _label(model, class_label), key, spec=spec, clip=clip,
                            progress=progress)  # fmt: skip

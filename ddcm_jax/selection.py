@@ -8,10 +8,11 @@ are static fields, arrays such as a soft rule's temperature are leaves, so
   noise(book, indices, coeffs) -> noise                      the decoder's replay
 
 `ctx` is a `StepContext` (x_t, x0_hat, sigma_t, alpha_bar_prev, target,
-measurement, weights, key); `book` gives atoms by index (`AtomSource`), from a
-key or from explicit arrays. Every rule computes the noise it returns with its
-own `noise` method, so encoder and decoder run the same arithmetic on the same
-indices. Scores are computed `chunk` atoms at a time (never K x D at once).
+measurement, weights, key); `book` is the step's codebook (`AtomSource`, from
+`ddcm_jax.codebook`), which generates atoms by index and streams scores over
+them (`best`, `top_abs`, `scores`, `map`, `best_of`) without ever holding
+K x D. Every rule computes the noise it returns with its own `noise` method,
+so encoder and decoder run the same arithmetic on the same indices.
 
 Adding a rule: write a registered dataclass with `select`, `noise` and a
 `num_atoms` / `coeff_width` (see `DDCM`), and pass it as `rule=` to
@@ -27,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax.codebook import atoms as key_atoms
-from ddcm_jax.codebook import chunked_scores
+from ddcm_jax.codebook import AtomSource, _dot
 
 __all__ = [
     "DDCM",
@@ -42,9 +42,6 @@ __all__ = [
     "Turbo",
     "select_atoms",
 ]
-
-DEFAULT_CHUNK = 64
-
 
 def _static(default: Any = dataclasses.MISSING) -> Any:
     return dataclasses.field(default=default, metadata=dict(static=True))
@@ -74,30 +71,6 @@ class Selection(NamedTuple):
     coeffs: jax.Array  # (M-1,) for matching pursuit, (M,) sign bits for turbo, (0,) otherwise
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class AtomSource:
-    """Atoms of one step's codebook: from a step key, or from an explicit (K, *shape) array.
-
-    A pytree (size and shape static), so it can be passed into `jit`.
-    """
-
-    size: int = _static()
-    shape: tuple[int, ...] = _static()
-    key: jax.Array | None = None
-    array: jax.Array | None = None
-
-    def get(self, ks: jax.Array) -> jax.Array:
-        if self.array is not None:
-            return self.array[ks]
-        return key_atoms(self.key, ks, self.shape)
-
-
-def _dot(z: jax.Array, r: jax.Array) -> jax.Array:
-    """<z_k, r> for z (n, *shape): per-atom inner products."""
-    return jnp.einsum("n...,...->n", z, r)
-
-
 def _unit_std(v: jax.Array) -> jax.Array:
     """v / std(v) with the unbiased (ddof = 1) estimator, as the reference."""
     return v / jnp.std(v, ddof=1)
@@ -107,10 +80,15 @@ def _single_atom(book: AtomSource, indices: jax.Array) -> jax.Array:
     return book.get(indices[:1])[0]
 
 
+def _chosen(book: AtomSource, idx: jax.Array) -> Selection:
+    """A single-atom selection: the atom itself is the noise."""
+    idx = jnp.asarray(idx, jnp.int32).reshape(1)
+    return Selection(_single_atom(book, idx), idx, jnp.zeros((0,), jnp.int32))
+
+
 def _best_single(scores: jax.Array, book: AtomSource) -> Selection:
     """argmax (first index on ties, as the reference) and its atom as the noise."""
-    idx = jnp.argmax(scores).astype(jnp.int32)[None]
-    return Selection(_single_atom(book, idx), idx, jnp.zeros((0,), jnp.int32))
+    return _chosen(book, jnp.argmax(scores))
 
 
 def _residual(ctx: StepContext) -> jax.Array:
@@ -122,13 +100,12 @@ def _residual(ctx: StepContext) -> jax.Array:
 class DDCM:
     """Compression: z* = argmax_k <z_k, w * (target - x0_hat)> (DDCM paper, Sec. 4)."""
 
-    chunk: int = _static(DEFAULT_CHUNK)
     num_atoms = 1
     coeff_width = 0
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
-        r = _residual(ctx)
-        return _best_single(chunked_scores(book.get, lambda z: _dot(z, r), book.size, self.chunk), book)
+        idx, _ = book.best(_residual(ctx))  # a running argmax over the streamed codebook
+        return _chosen(book, idx)
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         return _single_atom(book, indices)
@@ -154,7 +131,6 @@ class MatchingPursuit:
 
     num_atoms: int = _static()
     coef_bits: int = _static()
-    chunk: int = _static(DEFAULT_CHUNK)
 
     @property
     def coeff_width(self) -> int:
@@ -166,7 +142,7 @@ class MatchingPursuit:
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         r = _residual(ctx)
-        first = chunked_scores(book.get, lambda z: _dot(z, r), book.size, self.chunk)
+        first = book.scores(r)
         k0 = jnp.argmax(first).astype(jnp.int32)
         cs = jnp.asarray(self._cs[1:], jnp.float32)
         sqrt_c, sqrt_1mc = jnp.sqrt(cs), jnp.sqrt(1 - cs)
@@ -180,7 +156,7 @@ class MatchingPursuit:
                 cand = cand / jnp.std(cand, axis=(2, 3, 4), ddof=1, keepdims=True)
                 return jnp.einsum("ncxyz,xyz->nc", cand, r)
 
-            scores = chunked_scores(book.get, cand_scores, book.size, self.chunk)  # (K, n_c)
+            scores = book.map(cand_scores, width=(cs.shape[0],))  # (K, n_c)
             flat = scores.T.reshape(-1)  # c-major, as the reference flattens (c, k)
             j = jnp.argmax(flat)
             ci, k = j // book.size, j % book.size
@@ -213,18 +189,16 @@ class Turbo:
     """Turbo-DDCM: the M atoms with the largest |<z_k, r>|, signed, summed, unit std."""
 
     num_atoms: int = _static()
-    chunk: int = _static(DEFAULT_CHUNK)
 
     @property
     def coeff_width(self) -> int:
         return self.num_atoms
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
-        r = _residual(ctx)
-        scores = chunked_scores(book.get, lambda z: _dot(z, r), book.size, self.chunk)
-        _, top = jax.lax.top_k(jnp.abs(scores), self.num_atoms)
-        idx = jnp.sort(top).astype(jnp.int32)  # the bitstream codes the set, in order
-        signs = (scores[idx] < 0).astype(jnp.int32)  # sign bit: 1 = negative
+        top, scores = book.top_abs(_residual(ctx), self.num_atoms)  # a running top-M
+        order = jnp.argsort(top)  # the bitstream codes the set, in index order
+        idx = top[order].astype(jnp.int32)
+        signs = (scores[order] < 0).astype(jnp.int32)  # sign bit: 1 = negative
         return Selection(self.noise(book, idx, signs), idx, signs)
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
@@ -242,7 +216,6 @@ class MSE:
 
     operator: Any  # a pytree callable from `ddcm_jax.operators`: (H, W, C) -> observation
     inner_product: bool = _static(False)
-    chunk: int = _static(DEFAULT_CHUNK)
     num_atoms = 1
     coeff_width = 0
 
@@ -256,7 +229,8 @@ class MSE:
             score = lambda z: -jnp.mean(  # noqa: E731
                 jnp.square(coef * a(z) - y_res[None]), axis=tuple(range(1, z.ndim))
             )
-        return _best_single(chunked_scores(book.get, score, book.size, self.chunk), book)
+        idx, _ = book.best_of(score)
+        return _chosen(book, idx)
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         return _single_atom(book, indices)
@@ -292,16 +266,14 @@ class Soft:
 
     temperature: jax.Array
     straight_through: bool = _static(False)
-    chunk: int = _static(DEFAULT_CHUNK)
     num_atoms = 1
     coeff_width = 0
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         r = _residual(ctx)
-        score = jax.checkpoint(lambda z: _dot(z, r))
-        scores = chunked_scores(book.get, score, book.size, self.chunk)
+        scores = book.map(jax.checkpoint(lambda z: _dot(z, r)))
         p = jax.nn.softmax(scores / self.temperature)
-        soft = _weighted_sum(book, p, self.chunk) / jnp.sqrt(jnp.sum(jnp.square(p)))
+        soft = _weighted_sum(book, p) / jnp.sqrt(jnp.sum(jnp.square(p)))
         hard = _best_single(scores, book)
         # (soft - stop_gradient(soft)) is exactly 0 forward, so the value is the hard atom bit for bit.
         noise = hard.noise + (soft - jax.lax.stop_gradient(soft)) if self.straight_through else soft
@@ -311,9 +283,11 @@ class Soft:
         return _single_atom(book, indices)
 
 
-def _weighted_sum(book: AtomSource, p: jax.Array, chunk: int) -> jax.Array:
-    """sum_k p_k z_k over the codebook, chunk by chunk."""
-    chunk = max(1, min(chunk, book.size))
+def _weighted_sum(book: AtomSource, p: jax.Array) -> jax.Array:
+    """sum_k p_k z_k over the codebook, chunk by chunk (atoms regenerated in the backward pass)."""
+    from ddcm_jax.codebook import chunk_for
+
+    chunk = max(1, min(book.chunk or chunk_for(book.shape, book.size), book.size))
     n_chunks = -(-book.size // chunk)
     pad = jnp.concatenate([p, jnp.zeros((n_chunks * chunk - book.size,), p.dtype)])
 
@@ -327,13 +301,15 @@ def _weighted_sum(book: AtomSource, p: jax.Array, chunk: int) -> jax.Array:
     return total
 
 
-def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, num_atoms: int = 1,
-                 coef_bits: int = 1, rule: Any = "ddcm") -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """One step's selection over the codebook derived from `key` (a step key).
+def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, step: int = 0,
+                 num_atoms: int = 1, coef_bits: int = 1, rule: Any = "ddcm",
+                 generator: str = "philox") -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """One step's selection over a key-derived codebook, for research on rules.
 
-    Scores atoms against `residual` (the `target - x0_hat` of a step) and
-    returns (indices (M,), noise). For research: the codebook of step i of a
-    `compress` call with key `root` is `step_key(fold_in(root, 1), i)`.
+    Scores the atoms of step `step` of the codebook with root `key` against
+    `residual` (a step's `target - x0_hat`) and returns (indices (M,), noise).
+    The codebooks of a `compress(..., key=k)` call have the root
+    `fold_in(k, 1)` and steps numbered by the respaced index.
     """
     if isinstance(rule, str):
         rule = {"ddcm": DDCM() if num_atoms == 1 else MatchingPursuit(num_atoms, coef_bits),
@@ -341,5 +317,6 @@ def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, num
     residual = jnp.asarray(residual, jnp.float32)
     zero = jnp.zeros_like(residual)
     ctx = StepContext(zero, zero, jnp.float32(0), jnp.float32(1), target=residual)
-    sel = rule.select(ctx, AtomSource(codebook_size, tuple(residual.shape), key=key))
+    book = AtomSource(codebook_size, tuple(residual.shape), generator, root=key, step=jnp.int32(step))
+    sel = rule.select(ctx, book)
     return sel.indices, sel.noise

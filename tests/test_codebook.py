@@ -12,44 +12,132 @@ import numpy as np
 import pytest
 
 import ddcm_jax
-from ddcm_jax.codebook import atom, atoms, chunked_scores, step_key
+from ddcm_jax.codebook import (
+    GENERATORS,
+    AtomSource,
+    atom,
+    chunked_scores,
+    normal_from_bits,
+    philox4x32,
+    step_key,
+)
 
 SHAPE = (8, 8, 3)
 
 
-def test_atoms_are_standard_normal():
-    """Fixed key; 256 atoms x 192 dims: moments and a Kolmogorov-Smirnov statistic."""
-    z = np.asarray(atoms(step_key(jax.random.key(7), 3), jnp.arange(256), SHAPE), np.float64).ravel()
-    n = z.size
-    assert abs(z.mean()) < 4 / math.sqrt(n)
-    assert abs(z.var() - 1) < 4 * math.sqrt(2 / n)
-    s = np.sort(z)
+def _philox_numpy(ctr: np.ndarray, key: tuple[int, int], rounds: int = 10) -> np.ndarray:
+    """Philox4x32 in NumPy uint64 arithmetic, written from the Random123 paper (an independent check)."""
+    c = ctr.astype(np.uint64).copy()
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    mask = np.uint64(0xFFFFFFFF)
+    for _ in range(rounds):
+        p0, p1 = c[..., 0] * np.uint64(0xD2511F53), c[..., 2] * np.uint64(0xCD9E8D57)
+        c = np.stack([((p1 >> np.uint64(32)) ^ c[..., 1] ^ k0) & mask, p1 & mask,
+                      ((p0 >> np.uint64(32)) ^ c[..., 3] ^ k1) & mask, p0 & mask], -1)  # fmt: skip
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c.astype(np.uint32)
+
+
+def test_philox_known_answers_and_an_independent_implementation():
+    # Random123's kat_vectors for philox4x32_10.
+    for ctr, key, want in [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+                           ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+                           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+                            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]:  # fmt: skip
+        got = philox4x32(tuple(jnp.asarray([v], jnp.uint32) for v in ctr), tuple(np.uint32(k) for k in key))
+        assert tuple(int(g[0]) for g in got) == want
+    rng = np.random.default_rng(0)
+    ctr = rng.integers(0, 2**32, (1000, 4), dtype=np.uint64).astype(np.uint32)
+    key = (int(rng.integers(2**32)), int(rng.integers(2**32)))
+    got = jax.jit(lambda c: jnp.stack(philox4x32(tuple(c[:, i] for i in range(4)), tuple(map(np.uint32, key))), -1))(ctr)
+    np.testing.assert_array_equal(np.asarray(got), _philox_numpy(ctr, key))
+
+
+def test_bits_to_normal_is_the_inverse_normal_cdf():
+    from scipy.special import erfinv
+
+    w = np.concatenate([np.array([0, 1, 255, 256, 2**31, 2**32 - 257, 2**32 - 1], np.uint64),
+                        np.random.default_rng(1).integers(0, 2**32, 100_000, dtype=np.uint64)]).astype(np.uint32)
+    z = np.asarray(normal_from_bits(jnp.asarray(w)), np.float64)
+    x = (2.0 * (w >> 8).astype(np.float64) + 1) / 2**24 - 1  # odd multiples of 2^-24, never +-1
+    want = np.sqrt(2) * erfinv(x)
+    assert np.all(np.isfinite(z)) and np.abs(z).max() < 5.8
+    np.testing.assert_allclose(z, want, rtol=2e-6, atol=2e-6)
+    # Symmetric: the words w and 2^32 - 1 - w (high 24 bits mirrored) give opposite normals.
+    np.testing.assert_array_equal(np.asarray(normal_from_bits(jnp.asarray(~w))), -z.astype(np.float32))
+
+
+def _book(generator: str, key: int = 7, step: int = 3, size: int = 256, shape=SHAPE, **kw) -> AtomSource:
+    return AtomSource(size, shape, generator, root=jax.random.key(key), step=jnp.int32(step), **kw)
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_atoms_are_standard_normal(generator):
+    """Fixed key; 256 atoms x 192 dims: moments, Kolmogorov-Smirnov, and no correlation between atoms."""
+    z = np.asarray(_book(generator).get(jnp.arange(256)), np.float64).reshape(256, -1)
+    v = z.ravel()
+    n = v.size
+    assert abs(v.mean()) < 4 / math.sqrt(n)
+    assert abs(v.var() - 1) < 4 * math.sqrt(2 / n)
+    s = np.sort(v)
     cdf = 0.5 * (1 + np.vectorize(math.erf)(s / math.sqrt(2)))
     ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
-    assert ks < 1.63 / math.sqrt(n)  # 1% critical value
-    # Atoms are uncorrelated with each other.
-    m = z.reshape(256, -1)
-    corr = np.corrcoef(m)[np.triu_indices(256, 1)]
-    assert np.abs(corr).max() < 5 / math.sqrt(m.shape[1])
+    assert ks < 1.63 / math.sqrt(n)  # 1 % critical value
+    kurt = np.mean(v**4) / np.mean(v**2) ** 2
+    assert abs(kurt - 3) < 6 * math.sqrt(24 / n)
+    corr = np.corrcoef(z)[np.triu_indices(256, 1)]
+    assert np.abs(corr).max() < 5 / math.sqrt(z.shape[1])
 
 
-def test_each_atom_regenerates_alone_and_steps_differ():
-    key = step_key(jax.random.key(1), 5)
-    book = atoms(key, jnp.arange(16), SHAPE)
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_each_atom_regenerates_alone_and_steps_differ(generator):
+    book = _book(generator, key=1, step=5, size=16)
+    full = book.get(jnp.arange(16))
     for k in (0, 7, 15):
-        np.testing.assert_array_equal(atom(key, k, SHAPE), book[k])
-    other = atoms(step_key(jax.random.key(1), 6), jnp.arange(16), SHAPE)
-    assert not np.allclose(book, other)
+        np.testing.assert_array_equal(book.get(jnp.asarray([k]))[0], full[k])
+    assert not np.allclose(full, _book(generator, key=1, step=6, size=16).get(jnp.arange(16)))
+    assert not np.allclose(full, _book(generator, key=2, step=5, size=16).get(jnp.arange(16)))
 
 
+def test_threefry_generator_is_jax_random_normal_over_integer_folds():
+    root = jax.random.key(4)
+    z = _book("threefry", key=4, step=9, size=3).get(jnp.arange(3))
+    for k in range(3):
+        np.testing.assert_array_equal(z[k], atom(step_key(root, 9), k, SHAPE))
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
-def test_chunked_scores_equal_unchunked(chunk):
-    key = step_key(jax.random.key(2), 0)
+def test_streaming_equals_the_whole_codebook_at_once(generator, chunk):
+    book = _book(generator, size=37, chunk=chunk)
     r = jax.random.normal(jax.random.key(3), SHAPE)
-    full = jnp.einsum("k...,...->k", atoms(key, jnp.arange(37), SHAPE), r)
-    got = chunked_scores(lambda ks: atoms(key, ks, SHAPE), lambda z: jnp.einsum("n...,...->n", z, r), 37, chunk)
-    np.testing.assert_allclose(got, full, rtol=1e-6, atol=1e-5)
-    assert int(jnp.argmax(got)) == int(jnp.argmax(full))
+    full = np.asarray(jnp.einsum("k...,...->k", book.get(jnp.arange(37)), r))
+    np.testing.assert_allclose(book.scores(r), full, rtol=1e-5, atol=1e-4)
+    idx, score = book.best(r)
+    assert int(idx) == int(np.argmax(full)) and float(score) == pytest.approx(full.max(), rel=1e-5)
+    top, s = book.top_abs(r, 5)
+    np.testing.assert_array_equal(top, np.argsort(-np.abs(full), kind="stable")[:5])
+    np.testing.assert_allclose(s, full[np.asarray(top)], rtol=1e-5, atol=1e-4)
+    assert book.map(lambda z: jnp.stack([_sum(z), _sum(z**2)], -1), width=(2,)).shape == (37, 2)
+    got = chunked_scores(book.get, lambda z: jnp.einsum("n...,...->n", z, r), 37, chunk)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-4)
+
+
+def _sum(z):
+    return jnp.sum(z.reshape(z.shape[0], -1), axis=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_ties_go_to_the_lower_index_in_every_chunking(chunk):
+    base = jax.random.normal(jax.random.key(0), (4, *SHAPE))
+    # atoms: 0.5 b0, b0, b1, b1, b0, b1, b2, b3 -> against r = b0, atoms 1 and 4 tie for the maximum
+    rows = jnp.concatenate([base[:1] * 0.5, base[:2], base[1:2], base[:2], base[2:]])
+    book = AtomSource.from_array(rows, chunk=chunk)
+    r = base[0]
+    scores = np.asarray(jnp.einsum("k...,...->k", rows, r))
+    assert int(book.best(r)[0]) == int(np.argmax(scores))  # the first of the equal maxima
+    top, _ = book.top_abs(r, 3)
+    np.testing.assert_array_equal(top, np.argsort(-np.abs(scores), kind="stable")[:3])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 import ddcm_jax
-from ddcm_jax.codebook import atoms, step_key
 from ddcm_jax.operators import (
     Colorization,
     GaussianBlur,
@@ -100,7 +99,7 @@ def test_gaussian_blur_of_an_impulse_is_the_kernel():
 
 def test_mse_inner_product_variant_scores():
     op = SuperResolution(2)
-    book = AtomSource(8, (8, 8, 3), key=step_key(jax.random.key(0), 0))
+    book = AtomSource(8, (8, 8, 3), root=jax.random.key(0), step=jnp.int32(0))
     x0, y = rng(3).standard_normal((2, 8, 8, 3)).astype(np.float32)
     y = op(jnp.asarray(y))
     ctx = StepContext(jnp.zeros((8, 8, 3)), jnp.asarray(x0), jnp.float32(0.5), jnp.float32(0.9), measurement=y)
@@ -116,7 +115,7 @@ def test_mse_inner_product_variant_scores():
 def test_priority_weights_score_the_weighted_residual(rule):
     """Priority-aware coding: the rule sees w * (target - x0_hat), nothing else."""
     shape = (8, 8, 3)
-    book = AtomSource(64, shape, key=step_key(jax.random.key(9), 4))
+    book = AtomSource(64, shape, root=jax.random.key(9), step=jnp.int32(4))
     g = rng(6)
     target, x0 = (jnp.asarray(g.uniform(-1, 1, shape), jnp.float32) for _ in range(2))
     w = jnp.zeros((8, 8, 1)).at[2:5, 3:6].set(1.0)  # only a 3x3 patch matters
@@ -218,15 +217,15 @@ def test_class_conditional_generation_uses_the_label():
 
 
 def test_select_atoms_is_the_argmax_over_key_atoms():
-    key = step_key(jax.random.key(3), 2)
+    root = jax.random.key(3)
     r = jax.random.normal(jax.random.key(4), (8, 8, 3))
-    idx, noise = ddcm_jax.select_atoms(key, r, 100)
-    z = atoms(key, jnp.arange(100), (8, 8, 3))
-    assert int(idx[0]) == int(jnp.argmax(jnp.einsum("k...,...->k", z, r)))
+    idx, noise = ddcm_jax.select_atoms(root, r, 100, step=2)
+    z = AtomSource(100, (8, 8, 3), root=root, step=jnp.int32(2)).get(jnp.arange(100))
+    scores = np.asarray(jnp.einsum("k...,...->k", z, r))
+    assert int(idx[0]) == int(np.argmax(scores))
     np.testing.assert_array_equal(noise, z[int(idx[0])])
-    idx, _ = ddcm_jax.select_atoms(key, r, 100, num_atoms=5, rule="turbo")
-    top = np.argsort(-np.abs(np.asarray(jnp.einsum("k...,...->k", z, r))))[:5]
-    assert sorted(top.tolist()) == np.asarray(idx).tolist()
+    idx, _ = ddcm_jax.select_atoms(root, r, 100, step=2, num_atoms=5, rule="turbo")
+    assert sorted(np.argsort(-np.abs(scores))[:5].tolist()) == np.asarray(idx).tolist()
 
 
 def test_bits_accounting():
@@ -248,6 +247,7 @@ def test_scan_matches_a_plain_python_loop(model, image):
     x = jax.random.normal(jax.random.fold_in(key, 0), image.shape)
     root = jax.random.fold_in(key, 1)
     picked = []
+    book = lambda i: AtomSource(K, image.shape, root=root, step=jnp.int32(i))  # noqa: E731
     for n in range(steps):
         s = jax.tree_util.tree_map(lambda a, n=n: a[n], xs)
         eps = model(x[None], jnp.asarray([s.t]))[0, ..., :3]
@@ -255,7 +255,7 @@ def test_scan_matches_a_plain_python_loop(model, image):
             x = step(x, eps, s, jnp.zeros_like(x))
             break
         x0_hat, _ = predict_x0(x, eps, s)
-        z = atoms(step_key(root, int(s.i)), jnp.arange(K), image.shape)
+        z = book(int(s.i)).get(jnp.arange(K))
         k = int(jnp.argmax(jnp.einsum("k...,...->k", z, image - x0_hat)))
         picked.append(k)
         x = step(x, eps, s, z[k])
@@ -315,7 +315,7 @@ def test_soft_rule_gradients_match_finite_differences():
 
 
 def test_straight_through_forward_equals_hard_choice(model, image):
-    book = AtomSource(16, image.shape, key=step_key(jax.random.key(8), 3))
+    book = AtomSource(16, image.shape, root=jax.random.key(8), step=jnp.int32(3))
     x0 = jnp.asarray(rng(5).standard_normal(image.shape), jnp.float32) * 0.3
     ctx = StepContext(jnp.zeros(image.shape), x0, jnp.float32(0.5), jnp.float32(0.9), target=jnp.asarray(image))
     st = jax.jit(Soft(jnp.float32(1.0), straight_through=True).select)(ctx, book)

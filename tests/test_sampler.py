@@ -65,7 +65,7 @@ def test_teacher_forced_steps(reference, tiny_model_dir, name):
         eps = model(x_t[None], s.t[None])[0, ..., :3]
         x0_hat, _ = predict_x0(x_t, eps, s)
         ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_bar_prev, target, y)
-        book = AtomSource(rows.shape[0], tuple(x_t.shape), array=rows)
+        book = AtomSource.from_array(rows)
         sel = rule.select(ctx, book)
         return x0_hat, sel, step(x_t, eps, s, sel.noise)
 
@@ -85,7 +85,7 @@ def test_teacher_forced_steps(reference, tiny_model_dir, name):
         # Then the reference's code must decode to our noise.
         assert isinstance(rule, MatchingPursuit), (n, sel.indices, tr["indices"][n])
         assert sel.indices[0] == tr["indices"][n][0]
-        book = AtomSource(meta["K"], tuple(x_t.shape), array=rows)
+        book = AtomSource.from_array(rows)
         ref_noise = rule.noise(book, jnp.asarray(tr["indices"][n]), jnp.asarray(tr["coeffs"][n]))
         np.testing.assert_allclose(sel.noise, ref_noise, atol=1e-5)
 
