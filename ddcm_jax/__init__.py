@@ -18,6 +18,7 @@ from ddcm_jax.sampler import (
     decompress,
     generate,
     restore,
+    sample,
 )
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import (
@@ -64,6 +65,7 @@ __all__ = [
     "generate",
     "load_model",
     "restore",
+    "sample",
     "save_model",
     "select_atoms",
 ]

@@ -27,7 +27,7 @@ unsigned LEB128 varints unless a width is given)::
     size policy     1 byte    0 none, 1 crop, 2 resize, 3 pad (see `ddcm_jax.images`)
     jax version     varint n + n ASCII bytes
     prng            1 byte    0 threefry2x32 (the key x_T and the codebook root come from)
-    generator       1 byte    0 threefry, 1 philox (how atoms are drawn, see `ddcm_jax.codebook`)
+    generator       1 byte    0 threefry, 1 philox, 2 shift (how atoms are drawn, `ddcm_jax.codebook`)
     codebook check  4 bytes   CRC-32 of a coarse probe of the atoms (`codebook_check`)
   payload           ceil(bits / 8) bytes, MSB first, zero padding at the end
   crc               4 bytes   CRC-32 (big-endian) of every byte before it
@@ -81,7 +81,7 @@ NOISE_SCHEDULES = ("linear", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SIZE_POLICIES = ("none", "crop", "resize", "pad")
 PRNG_IMPLS = ("threefry2x32",)
-CODEBOOK_GENERATORS = ("threefry", "philox")
+CODEBOOK_GENERATORS = ("threefry", "philox", "shift")
 
 # Hard limits: anything beyond them is refused before it can allocate or loop.
 LIMITS = dict(
@@ -188,6 +188,8 @@ def _validate(h: Header) -> None:
         need(1 <= h.coef_bits <= lim["coef_bits"], f"coef_bits {h.coef_bits} outside 1..{lim['coef_bits']}")
     else:
         need(h.coef_bits == 0, f"coef_bits must be 0 for rule {h.rule}")
+    if h.generator == "shift":
+        need(h.codebook_size <= 3 * h.size[0] * h.size[1], "the shift codebook has at most H x W x 3 atoms")
     if h.rule == "turbo":
         need(h.num_atoms <= h.codebook_size, "turbo needs num_atoms <= codebook size")
     elif h.rule != "mp":

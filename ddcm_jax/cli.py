@@ -64,8 +64,9 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="codebook and start-noise seed, 0..2^32-1")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (DDCM uses 1)")
-    g.add_argument("--generator", choices=["philox", "threefry"], default="philox",
-                   help="how codebook atoms are drawn (recorded in the file)")  # fmt: skip
+    g.add_argument("--generator", choices=["philox", "threefry", "shift"], default="philox",
+                   help="how codebook atoms are drawn (recorded in the file); shift: the structured, "
+                   "FFT-scored family (research)")  # fmt: skip
     if policy:
         s = p.add_argument_group("size policy (inputs that are not the model's native square)")
         m = s.add_mutually_exclusive_group()

@@ -46,6 +46,7 @@ __all__ = [
     "generate",
     "predict_x0",
     "restore",
+    "sample",
     "schedule_xs",
     "step",
 ]
@@ -206,7 +207,7 @@ class CodebookSpec:
 def _book(spec: CodebookSpec, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: Any) -> AtomSource:
     if rows is not None:
         return AtomSource.from_array(rows, chunk=spec.chunk, axis_name=spec.axis_name)
-    return AtomSource(spec.size, shape, spec.generator, spec.chunk, spec.axis_name, root=root, step=s.i)
+    return AtomSource(spec.size, shape, spec.generator, spec.chunk, spec.axis_name, root=root, step=s.i).with_base()
 
 
 def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
@@ -229,6 +230,17 @@ def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
     if progress:
         jax.debug.callback(report_step, last.i)
     return x_0, ys
+
+
+@functools.partial(jax.jit, static_argnames=("clip", "progress"))
+def _sample_one(model, x_T, xs, y, key, *, clip, progress=False):
+    noise_key = jax.random.fold_in(key, 3)
+
+    def noise_fn(x_t, eps_hat, s, rows, extra):
+        return jax.random.normal(jax.random.fold_in(noise_key, s.i), x_t.shape, jnp.float32), None
+
+    x_0, _ = _run(model, x_T, xs, None, y, None, noise_fn, clip, progress)
+    return x_0
 
 
 def _default_indices(rule: Any) -> tuple[jax.Array, jax.Array]:
@@ -467,6 +479,21 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_labe
         spec=spec, clip=clip, t_range=None, progress=progress,
     )
     return CompressResult(indices, coeffs, out)
+
+
+def sample(model: Any, *, steps: int, key: Any, image_shape: tuple[int, ...] | None = None,
+           class_label: Any = None, x_T: jax.Array | None = None, schedule: Schedule | None = None,
+           eta: float = 1.0, clip: bool = True, progress: bool = False) -> jax.Array:  # fmt: skip
+    """Plain (non-DDCM) DDIM sampling: fresh Gaussian noise each step, the same scan and step.
+
+    The noise of step i is normal(fold_in(fold_in(key, 3), i)); x_T as in
+    `compress`. The baseline that DDCM decoding is measured against.
+    """
+    if image_shape is None:
+        arch = model.config.architecture
+        image_shape = (arch.image_size, arch.image_size, arch.in_channels)
+    key, x_T, xs = _prepare(model, tuple(image_shape), steps, key, x_T, eta, schedule)
+    return _sample_one(model, x_T, xs, _label(model, class_label), key, clip=clip, progress=progress)
 
 
 def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, codebook_size: int,

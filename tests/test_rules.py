@@ -275,11 +275,21 @@ def test_compress_under_jit_equals_eager_call(model, image):
 # --- the soft rule and gradients ---------------------------------------------------------------
 
 
-def _directional_check(f, x, direction, eps, rtol):
-    ad = float(jnp.vdot(jax.grad(f)(x), direction))
-    fd = (float(f(x + eps * direction)) - float(f(x - eps * direction))) / (2 * eps)
-    assert abs(fd) > 1e-3  # the direction must actually move the loss
-    assert abs(ad - fd) <= rtol * abs(fd), (ad, fd)
+def _gradient_check(f, x, eps, rtol, seed=0):
+    """Autodiff vs central differences along the gradient and along a random direction.
+
+    Errors are measured against |grad|: a direction nearly orthogonal to the
+    gradient has a tiny derivative that float32 differences cannot resolve
+    relatively, while a wrong gradient errs by a fraction of |grad| anywhere.
+    """
+    g = jax.grad(f)(x)
+    norm = float(jnp.linalg.norm(g))
+    assert norm > 1e-3
+    rand = jnp.asarray(np.random.default_rng(seed).standard_normal(np.shape(x)), jnp.float32)
+    for d in (g / norm, rand / jnp.linalg.norm(rand)):
+        ad = float(jnp.vdot(g, d))
+        fd = (float(f(x + eps * d)) - float(f(x - eps * d))) / (2 * eps)
+        assert abs(ad - fd) <= rtol * norm, (ad, fd, norm)
 
 
 def test_soft_rule_gradients_match_finite_differences():
@@ -306,12 +316,10 @@ def test_soft_rule_gradients_match_finite_differences():
                                 steps=4, codebook_size=16, key=0, clip=False)  # fmt: skip
         return jnp.sum(res.image * v)
 
-    d = jnp.asarray(gen.standard_normal(im.shape), jnp.float32)
-    _directional_check(jax.jit(lambda x: loss(image=x)), im, d / jnp.linalg.norm(d), 1e-2, 1e-2)
-    one = jnp.float32(1.0)
-    _directional_check(jax.jit(lambda t: loss(temperature=t)), jnp.float32(4.0), one, 1e-2, 1e-2)
-    _directional_check(jax.jit(lambda p: loss(log_s=p)), jnp.float32(LOG_S), one, 1e-2, 2e-2)
-    _directional_check(jax.jit(lambda p: loss(power=p)), one, one, 1e-2, 2e-2)
+    _gradient_check(jax.jit(lambda x: loss(image=x)), im, 2e-2, 1e-2)
+    _gradient_check(jax.jit(lambda t: loss(temperature=t)), jnp.float32(4.0), 1e-2, 1e-2)
+    _gradient_check(jax.jit(lambda p: loss(log_s=p)), jnp.float32(LOG_S), 1e-2, 2e-2)
+    _gradient_check(jax.jit(lambda p: loss(power=p)), jnp.float32(1.0), 1e-2, 2e-2)
 
 
 def test_straight_through_forward_equals_hard_choice(model, image):
