@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+DEFAULT_STEPS, DEFAULT_K = 50, 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
 
 
@@ -47,14 +48,17 @@ def _common(p: argparse.ArgumentParser, distributed: bool = True) -> None:
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", type=Path, required=required, metavar="MODEL_DIR",
-                   help="a MODEL_DIR from `ddcm convert` or `ddcm train`")  # fmt: skip
+    default = "default" if required else None
+    p.add_argument("--model", type=Path, default=default, metavar="MODEL_DIR",
+                   help="a MODEL_DIR from `ddcm convert` or `ddcm train`; default: the packaged model"
+                   if required else "default: the model the file names, looked up by fingerprint")  # fmt: skip
 
 
 def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True) -> None:
     g = p.add_argument_group("coding")
-    g.add_argument("--steps", "-T", type=int, required=True, help="diffusion steps T")
-    g.add_argument("--codebook-size", "-K", type=int, required=True, help="atoms per codebook K")
+    g.add_argument("--steps", "-T", type=int, default=DEFAULT_STEPS, help=f"diffusion steps T (default {DEFAULT_STEPS})")
+    g.add_argument("--codebook-size", "-K", type=int, default=DEFAULT_K,
+                   help=f"atoms per codebook K (default {DEFAULT_K})")  # fmt: skip
     if rules:
         g.add_argument("--atoms", "-M", type=int, default=1, help="atoms per step M (matching pursuit or turbo)")
         g.add_argument("--coef-bits", "-C", type=int, default=1, help="matching-pursuit coefficient bits C")
@@ -351,7 +355,7 @@ def _settings(args: argparse.Namespace) -> Any:
 def _load_model(path: Path) -> Any:
     from ddcm_jax.model import load_model
 
-    return load_model(path)
+    return load_model(path)  # "default" resolves to the packaged model
 
 
 def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, **extra: Any) -> dict[str, Any]:

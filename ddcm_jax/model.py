@@ -39,6 +39,7 @@ __all__ = [
     "fingerprint",
     "known_model_dirs",
     "load_model",
+    "resolve_model_dir",
     "save_model",
 ]
 
@@ -240,8 +241,26 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
     return fp
 
 
-def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> DiffusionModel:
-    """Load a MODEL_DIR written by `ddcm convert` or `ddcm train`.
+DEFAULT_MODEL = "default"
+
+
+def default_model_dir() -> Path:
+    """The MODEL_DIR shipped inside the package (trained by `ddcm train`, see the README)."""
+    d = Path(__file__).resolve().parent / "weights" / DEFAULT_MODEL
+    if not (d / "model.json").is_file():
+        raise ModelDirError(f"{d}: the default model is not installed with this copy of ddcm_jax")
+    return d
+
+
+def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
+    """None or "default" -> the packaged default model; anything else is a MODEL_DIR path."""
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        return default_model_dir()
+    return Path(spec)
+
+
+def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = True) -> DiffusionModel:
+    """Load a MODEL_DIR written by `ddcm convert` or `ddcm train` ("default": the packaged model).
 
     The parameter tree is restored against the shapes the architecture
     implies; with `verify` the fingerprint is recomputed and must match.
@@ -249,7 +268,7 @@ def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> Diffusio
     """
     import orbax.checkpoint as ocp
 
-    root = Path(model_dir).absolute()
+    root = resolve_model_dir(model_dir).absolute()
     meta = root / "model.json"
     try:
         if meta.stat().st_size > _MAX_MODEL_JSON:

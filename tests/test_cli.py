@@ -159,7 +159,7 @@ def test_bad_images_are_named_and_the_rest_still_done(tiny_model_dir, kodak_imag
 
 
 def test_usage_errors_exit_2(tiny_model_dir, kodak_image, tmp_path, capsys):
-    for argv in (["compress", kodak_image, "-o", tmp_path],  # no model / steps
+    for argv in (["compress", kodak_image],  # no -o
                  ["compress", kodak_image, "-o", tmp_path, "--model", tiny_model_dir, "-T", "6", "-K", "32",
                   "--seed", "-1"],
                  ["compress", kodak_image, "-o", tmp_path, "--model", tiny_model_dir, "-T", "1", "-K", "32"],
