@@ -21,7 +21,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +35,8 @@ from ddcm_jax.models import ADMConfig, adm_init
 from ddcm_jax.sampler import schedule_xs
 from ddcm_jax.schedule import Schedule
 
-CONFIGS = {
-    "adm_tiny_32px": dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                          attention_resolutions="16", num_heads=4, num_head_channels=16,
-                          learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True),
-    "adm_mid_64px": dict(image_size=64, num_channels=128, num_res_blocks=2, channel_mult="",
-                         attention_resolutions="32,16,8", num_head_channels=64,
-                         learn_sigma=True, use_scale_shift_norm=True, resblock_updown=True),
-}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from configs import CONFIGS
 
 
 def random_model(kwargs: dict) -> DiffusionModel:

@@ -47,6 +47,11 @@ def _common(p: argparse.ArgumentParser, distributed: bool = True) -> None:
     g.add_argument("--process-id", type=int, metavar="I")
 
 
+def _io(p: argparse.ArgumentParser, what: str = "INPUT") -> None:
+    p.add_argument("inputs", nargs="+", type=Path, metavar=what)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+
+
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
     default = "default" if required else None
     p.add_argument("--model", type=Path, default=default, metavar="MODEL_DIR",
@@ -93,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="images -> .ddcm files",
                        description="Compress images (files or folders, recursively) into .ddcm files.")  # fmt: skip
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _io(p)
     _model_arg(p, True)
     _coding(p)
     p.add_argument("--save-reconstruction", action="store_true", help="also write <stem>.png, the decoded image")
@@ -102,15 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decompress", help=".ddcm files -> PNG images",
                        description="Decode .ddcm files (or folders of them) into PNG images.")  # fmt: skip
-    p.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _io(p, "FILE")
     _model_arg(p, False)
     _common(p)
 
     p = sub.add_parser("roundtrip", help="compress, decode, and report bpp / PSNR / LPIPS",
                        description="Compress images, decode the files, write both, and print a table.")  # fmt: skip
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _io(p)
     _model_arg(p, True)
     _coding(p)
     _common(p)
@@ -127,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restore", help="compressed restoration of degraded versions of the inputs",
                        description="Degrade each input by TASK, restore it by compressed posterior "
                        "sampling, and write the restored image and its .ddcm file.")  # fmt: skip
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _io(p)
     p.add_argument("--task", required=True, choices=["colorization", "super-resolution", "inpainting", "blur"])
     p.add_argument("--factor", type=int, default=4, help="super-resolution factor")
     p.add_argument("--blur-sigma", type=float, default=3.0, help="Gaussian blur std (pixels)")
