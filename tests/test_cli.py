@@ -261,3 +261,24 @@ def test_no_torch_at_run_time(encoded):
               f"assert main(['info', '-q', {str(encoded)!r}]) == 0\nprint('torch' in sys.modules)\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_default_model_is_packaged_small_and_used_without_model(kodak_image, tmp_path, capsys):
+    """The packaged MODEL_DIR: at most 20 MB, fully convolutional, trained without Kodak, the CLI default."""
+    from ddcm_jax.model import default_model_dir, load_model
+
+    d = default_model_dir()
+    assert sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) <= 20 * 2**20
+    model = load_model("default")  # restores and re-checks the fingerprint
+    assert model.config.architecture.attention_ds == ()  # no attention: any size, linear cost
+    training = model.config.source["training"]
+    assert training["data"] and all("kodim" not in item["file"].lower() for item in training["data"])
+    code, out, err = run(capsys, "roundtrip", kodak_image, "-o", tmp_path / "rt", "-T", "4", "-K", "16")
+    assert code == 0, err
+    assert "PSNR" in out
+    data = (tmp_path / "rt" / "kodim23.ddcm").read_bytes()
+    assert bs.decode(data).header.matches_fingerprint(model.fingerprint)
+    # Without --model, the decoder finds the packaged model by the header's fingerprint.
+    code, _, err = run(capsys, "decompress", tmp_path / "rt" / "kodim23.ddcm", "-o", tmp_path / "dec", "-q")
+    assert code == 0, err
+    assert (tmp_path / "dec" / "kodim23.png").is_file()
