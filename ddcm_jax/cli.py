@@ -52,11 +52,11 @@ def _io(p: argparse.ArgumentParser, what: str = "INPUT") -> None:
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
 
 
-def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
-    default = "default" if required else None
-    p.add_argument("--model", type=Path, default=default, metavar="MODEL_DIR",
+def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
+    """Encoders default to the packaged model; decoders to the model the file names."""
+    p.add_argument("--model", type=Path, default="default" if encodes else None, metavar="MODEL_DIR",
                    help="a MODEL_DIR from `ddcm convert` or `ddcm train`; default: the packaged model"
-                   if required else "default: the model the file names, looked up by fingerprint")  # fmt: skip
+                   if encodes else "default: the model the file names, looked up by fingerprint")  # fmt: skip
 
 
 def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True) -> None:

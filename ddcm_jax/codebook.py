@@ -61,7 +61,6 @@ __all__ = [
     "atoms",
     "box_muller",
     "chunk_for",
-    "chunked_scores",
     "normals_from_words",
     "philox4x32",
     "step_key",
@@ -219,8 +218,7 @@ def _shift_scores(base: tuple[jax.Array, ...], r: jax.Array, size: int) -> jax.A
 
 
 def _threefry_atoms(root: jax.Array, step: jax.Array, ks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    key = step_key(root, step)
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))(ks)
+    return atoms(step_key(root, step), ks, shape)
 
 
 def atom(key: jax.Array, k: jax.Array | int, shape: tuple[int, ...]) -> jax.Array:
@@ -245,27 +243,6 @@ def chunk_for(shape: tuple[int, ...], codebook_size: int, budget: int = DEFAULT_
 def _chunks(size: int, chunk: int) -> tuple[int, jax.Array]:
     n = -(-size // chunk)
     return n, jnp.arange(n, dtype=jnp.int32) * chunk
-
-
-def chunked_scores(get_atoms: Callable[[jax.Array], jax.Array], score: Callable[[jax.Array], jax.Array],
-                   codebook_size: int, chunk: int) -> jax.Array:  # fmt: skip
-    """Scores (K, ...) of every atom, `chunk` atoms at a time (peak chunk x D, not K x D).
-
-    `get_atoms(ks)` returns atoms (n, *shape) for indices ks (n,); `score(z)`
-    maps (n, *shape) -> (n,) or (n, w). Indices past K in the last chunk are
-    scored on clamped atoms and masked to -inf.
-    """
-    chunk = max(1, min(chunk, codebook_size))
-    _, starts = _chunks(codebook_size, chunk)
-
-    def one(start: jax.Array) -> jax.Array:
-        ks = start + jnp.arange(chunk)
-        s = score(get_atoms(jnp.minimum(ks, codebook_size - 1)))
-        valid = (ks < codebook_size).reshape((chunk,) + (1,) * (s.ndim - 1))
-        return jnp.where(valid, s, -jnp.inf)
-
-    out = jax.lax.map(one, starts)
-    return out.reshape(-1, *out.shape[2:])[:codebook_size]
 
 
 # --- the engine ---------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def init_state(arch: ADMConfig, cfg: TrainConfig, opt: optax.GradientTransformat
 # --- the run ------------------------------------------------------------------------------------
 
 
-def _manager(directory: Path, cfg: TrainConfig) -> Any:
+def _manager(directory: Path) -> Any:
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1)
@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False, checkpo
     opt = make_optimizer(cfg)
     step_fn = make_step(arch, cfg, opt)
     state = init_state(arch, cfg, opt)
-    manager = _manager(ckpt_dir, cfg)
+    manager = _manager(ckpt_dir)
     start = 0
     if resume and manager.latest_step() is not None:
         saved = json.loads((ckpt_dir / "train_config.json").read_text())
@@ -314,7 +314,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{args.config}: cannot read ({e})") from None
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        if not isinstance(fields, dict) or set(fields) - known:
+        if not isinstance(fields, dict):
+            raise ValueError(f"{args.config}: expected a JSON object of TrainConfig fields")
+        if set(fields) - known:
             raise ValueError(f"{args.config}: unknown fields {sorted(set(fields) - known)}")
         if "images" in fields:
             fields["images"] = tuple(fields["images"])
@@ -329,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         info = train(cfg, args.output, resume=args.resume, checkpoint_dir=args.checkpoint_dir,
                      quiet=args.quiet, overwrite=args.overwrite, stop_after=args.stop_after)  # fmt: skip
-    except ValueError as e:
+    except (ValueError, TypeError, OSError) as e:  # bad config values, unreadable or unwritable paths
         print(f"ddcm train: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} ({info['fingerprint']}), {info['steps']} steps, loss {info['final_loss']}")

@@ -80,3 +80,13 @@ def test_train_command_line(tmp_path, capsys):
     assert "3 steps" in capsys.readouterr().out
     assert main(["train", "-o", str(tmp_path / "m"), "--config", str(tmp_path / "cfg.json"), "-q"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, reason", [("[1, 2]", "JSON object"), ('{"stpes": 3}', "unknown fields"),
+                                             ("{not json", "cannot read")])  # fmt: skip
+def test_bad_training_config_is_one_line(tmp_path, capsys, content, reason):
+    (tmp_path / "cfg.json").write_text(content)
+    assert main(["train", "-o", str(tmp_path / "m"), "--config", str(tmp_path / "cfg.json"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert reason in err and str(tmp_path / "cfg.json") in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
