@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from ddcm_jax.models.adm import ADMConfig, abstract_params, torch_key
+from ddcm_jax.printable import printable
 
 __all__ = ["PRESETS", "ConversionError", "ConversionPlan", "convert_state_dict", "plan_conversion"]
 
@@ -65,7 +66,9 @@ class ConversionError(ValueError):
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
-                shown = ", ".join(keys[:8]) + (f", … ({len(keys)} in all)" if len(keys) > 8 else "")
+                # Keys come from the file: escape them so the message stays one plain line.
+                shown = ", ".join(printable(k)[:200] for k in keys[:8])
+                shown += f", … ({len(keys)} in all)" if len(keys) > 8 else ""
                 parts.append(f"{len(keys)} {label}: {shown}")
         super().__init__("checkpoint does not match the architecture: " + "; ".join(parts))
 

@@ -123,6 +123,10 @@ def test_tampered_model_dir_is_refused(tiny_model_dir, tmp_path):
     meta = json.loads((copy / "model.json").read_text())
     meta["fingerprint"] = "sha256:" + "0" * 64
     (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ddcm_jax.ModelDirError, match=r"settings changed.*config_fingerprint"):
+        ddcm_jax.load_model(copy)  # the fingerprint is one of the settings config_fingerprint covers
+    del meta["config_fingerprint"]  # as written before config_fingerprint existed: arrays checked
+    (copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ddcm_jax.ModelDirError, match="do not match the fingerprint"):
         ddcm_jax.load_model(copy)
     with pytest.raises(ddcm_jax.ModelDirError, match=r"no model\.json"):

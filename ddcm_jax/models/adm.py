@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,10 +26,13 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "LIMITS",
     "ADMConfig",
     "ADMUNet",
+    "ConfigError",
     "adm_apply",
     "adm_init",
+    "param_count",
     "timestep_embedding",
     "torch_key",
 ]
@@ -49,12 +53,76 @@ _DEFAULT_CHANNEL_MULT = {
 _IGNORED_KWARGS = ("use_checkpoint",)
 
 
+class ConfigError(ValueError):
+    """A malformed or out-of-range architecture config; str() is one line naming the setting."""
+
+
+# Hard limits on a config, checked before anything is built or traced: far above every
+# released guided-diffusion model (ImageNet 512: 7 levels, 256 channels x 4, 554 M
+# parameters) and far below what would exhaust a machine while tracing.
+LIMITS = {
+    "image_size": 4096,
+    "channels": 4096,  # model_channels and every level's channel count
+    "levels": 8,
+    "num_res_blocks": 16,
+    "heads": 4096,
+    "in_channels": 64,
+    "out_channels": 128,
+    "num_classes": 100_000,
+    "attention_ds": 1 << 16,
+    "attention_entries": 64,
+    "params": 4_000_000_000,
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _need_int(name: str, v: Any, lo: int, hi: int, *, also: tuple[int, ...] = ()) -> int:
+    if not _is_int(v):
+        raise ConfigError(f"{name} must be an integer, got {_show(v)}")
+    v = int(v)
+    if v not in also and not lo <= v <= hi:
+        extra = "".join(f" or {a}" for a in also)
+        raise ConfigError(f"{name} {_show(v)} outside {lo}..{hi}{extra}")
+    return v
+
+
+def _need_bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name} must be true or false, got {_show(v)}")
+    return v
+
+
+def _show(v: Any) -> str:
+    """A short, one-line description of a config value for error messages."""
+    if v is None or isinstance(v, bool | int | float):
+        text = repr(v) if not isinstance(v, int) or abs(v) < 10**30 else f"an integer of {v.bit_length()} bits"
+    elif isinstance(v, str):
+        text = repr(v[:40]) + ("…" if len(v) > 40 else "")
+    else:
+        text = f"a {type(v).__name__}"
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def _need_tuple(name: str, v: Any, max_len: int, *, min_len: int = 1) -> tuple[Any, ...]:
+    if isinstance(v, str | bytes) or not isinstance(v, Sequence):
+        raise ConfigError(f"{name} must be a list, got {_show(v)}")
+    if not min_len <= len(v) <= max_len:
+        raise ConfigError(f"{name} has {len(v)} entries, allowed {min_len}..{max_len}")
+    return tuple(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class ADMConfig:
     """Architecture of a guided-diffusion `UNetModel` (all values resolved).
 
     `attention_ds` holds downsampling rates (1, 2, 4, ...), as `UNetModel`
     takes them; `from_create_model` converts `create_model`'s resolutions.
+    Construction validates every field's type and range against `LIMITS`, and
+    the parameter count the config implies (`param_count`, arithmetic, nothing
+    traced), raising `ConfigError`.
     """
 
     image_size: int
@@ -76,23 +144,74 @@ class ADMConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        fix = object.__setattr__
+        lim = LIMITS
+        # Types and ranges first, so that nothing below computes with a hostile value.
+        fix(self, "image_size", _need_int("image_size", self.image_size, 1, lim["image_size"]))
+        fix(self, "model_channels", _need_int("model_channels", self.model_channels, 1, lim["channels"]))
+        mult = _need_tuple("channel_mult", self.channel_mult, lim["levels"])
+        for m in mult:
+            if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m) or not 0 < m <= lim["channels"]:
+                raise ConfigError(f"channel_mult entries must be numbers in (0, {lim['channels']}], got {_show(m)}")
+        fix(self, "channel_mult", tuple(int(m) if _is_int(m) else float(m) for m in mult))
+        nrb = _need_tuple("num_res_blocks", self.num_res_blocks, lim["levels"])
+        fix(self, "num_res_blocks", tuple(_need_int("num_res_blocks", n, 1, lim["num_res_blocks"]) for n in nrb))
         if len(self.num_res_blocks) != len(self.channel_mult):
-            raise ValueError(
+            raise ConfigError(
                 f"num_res_blocks has {len(self.num_res_blocks)} entries but "
                 f"channel_mult has {len(self.channel_mult)} levels"
             )
-        if self.compute_dtype not in _DTYPES:
-            raise ValueError(
-                f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}"
+        ds = _need_tuple("attention_ds", self.attention_ds, lim["attention_entries"], min_len=0)
+        fix(self, "attention_ds", tuple(_need_int("attention_ds", d, 1, lim["attention_ds"]) for d in ds))
+        fix(self, "in_channels", _need_int("in_channels", self.in_channels, 1, lim["in_channels"]))
+        fix(self, "out_channels", _need_int("out_channels", self.out_channels, 1, lim["out_channels"]))
+        if self.num_classes is not None:
+            fix(self, "num_classes", _need_int("num_classes", self.num_classes, 1, lim["num_classes"]))
+        fix(self, "num_heads", _need_int("num_heads", self.num_heads, 1, lim["heads"]))
+        fix(self, "num_head_channels",
+            _need_int("num_head_channels", self.num_head_channels, 1, lim["channels"], also=(-1,)))  # fmt: skip
+        fix(self, "num_heads_upsample",
+            _need_int("num_heads_upsample", self.num_heads_upsample, 1, lim["heads"], also=(-1,)))  # fmt: skip
+        for name in ("use_scale_shift_norm", "resblock_updown", "conv_resample", "use_new_attention_order"):
+            _need_bool(name, getattr(self, name))
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (math.isfinite(d) and 0 <= d <= 1):
+            raise ConfigError(f"dropout must be a number in [0, 1], got {_show(d)}")
+        fix(self, "dropout", float(d))
+        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in _DTYPES:
+            raise ConfigError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {_show(self.compute_dtype)}")
+        # Consistency: what the network needs to be built at all.
+        if self.image_size % self.size_multiple:
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of {self.size_multiple} "
+                f"(2^(levels-1) for {len(self.channel_mult)} levels)"
             )
-        if any(n < 1 for n in self.num_res_blocks):
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        for mult in self.channel_mult:
-            if int(mult * self.model_channels) % 32:
-                raise ValueError(
-                    f"channel count {int(mult * self.model_channels)} is not a multiple "
-                    "of the 32 GroupNorm groups"
+        for m in self.channel_mult:
+            ch = int(m * self.model_channels)
+            if not 32 <= ch <= lim["channels"] or ch % 32:
+                raise ConfigError(
+                    f"channel count {ch} (channel_mult {m} x model_channels {self.model_channels}) is not "
+                    f"a multiple of the 32 GroupNorm groups in 32..{lim['channels']}"
                 )
+        for ch, heads in self._attention_widths():
+            if self.num_head_channels != -1:
+                if ch % self.num_head_channels:
+                    raise ConfigError(f"{ch} attention channels not divisible by num_head_channels {self.num_head_channels}")
+            elif ch % heads:
+                raise ConfigError(f"{ch} attention channels not divisible into {heads} heads")
+        n = param_count(self)
+        if n > lim["params"]:
+            raise ConfigError(f"the config implies {n:,} parameters, more than the limit {lim['params']:,}")
+
+    def _attention_widths(self) -> list[tuple[int, int]]:
+        """(channels, heads) of every attention block: input, middle, output."""
+        out = []
+        for level, mult in enumerate(self.channel_mult):
+            if 2**level in self.attention_ds:
+                ch = int(mult * self.model_channels)
+                out += [(ch, self.num_heads), (ch, self.heads_upsample)]
+        out.append((int(self.channel_mult[-1] * self.model_channels), self.num_heads))
+        return out
 
     @property
     def learn_sigma(self) -> bool:
@@ -119,11 +238,16 @@ class ADMConfig:
     def from_create_model(cls, kwargs: Mapping[str, Any]) -> ADMConfig:
         """Resolve guided-diffusion `create_model(**kwargs)` into a config.
 
-        Accepts exactly `create_model`'s keywords (strings as its argparse
-        front end gives them, or lists), plus `conv_resample` and
+        Accepts exactly `create_model`'s keywords, plus `conv_resample` and
         `compute_dtype` (float32 | bfloat16 | float16; overrides `use_fp16`).
-        `num_res_blocks` may be an int or one count per level.
+        Integers must be integers and booleans booleans (no strings, floats or
+        NaN); `channel_mult` and `attention_resolutions` may be the
+        comma-separated strings of its argparse front end or lists;
+        `num_res_blocks` may be an int or one count per level. Raises
+        `ConfigError` (one line) for anything else.
         """
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(f"a config must be a JSON object, got {_show(kwargs)}")
         known = {
             "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
             "class_cond", "use_checkpoint", "attention_resolutions", "num_heads",
@@ -131,46 +255,58 @@ class ADMConfig:
             "resblock_updown", "use_fp16", "use_new_attention_order", "conv_resample",
             "compute_dtype",
         }  # fmt: skip
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(_show(k) if not isinstance(k, str) else k for k in set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown create_model arguments: {', '.join(unknown)}")
+            shown = ", ".join(_show(k)[1:-1] if _show(k).startswith("'") else _show(k) for k in unknown[:8])
+            raise ConfigError(f"unknown create_model arguments: {shown}")
         for required in ("image_size", "num_channels", "num_res_blocks"):
             if required not in kwargs:
-                raise ValueError(f"missing create_model argument: {required}")
-        image_size = int(kwargs["image_size"])
+                raise ConfigError(f"missing create_model argument: {required}")
+        image_size = _need_int("image_size", kwargs["image_size"], 1, LIMITS["image_size"])
         channel_mult = kwargs.get("channel_mult", "")
         if channel_mult in ("", None):
             if image_size not in _DEFAULT_CHANNEL_MULT:
-                raise ValueError(f"unsupported image size: {image_size} (give channel_mult)")
-            mult = _DEFAULT_CHANNEL_MULT[image_size]
+                raise ConfigError(f"unsupported image size: {image_size} (give channel_mult)")
+            mult: tuple[Any, ...] = _DEFAULT_CHANNEL_MULT[image_size]
         elif isinstance(channel_mult, str):
-            mult = tuple(int(m) for m in channel_mult.split(","))
+            mult = tuple(_parse_int_list("channel_mult", channel_mult, skip_blank=False))
         else:
-            mult = tuple(channel_mult)
+            mult = _need_tuple("channel_mult", channel_mult, LIMITS["levels"])
         resolutions = kwargs.get("attention_resolutions", "16")
         if isinstance(resolutions, str):
-            resolutions = [int(r) for r in resolutions.split(",") if r.strip()]
+            resolutions = _parse_int_list("attention_resolutions", resolutions, skip_blank=True)
+        else:
+            resolutions = _need_tuple("attention_resolutions", resolutions, LIMITS["attention_entries"], min_len=0)
+        resolutions = [_need_int("attention_resolutions", r, 1, image_size) for r in resolutions]
         nrb = kwargs["num_res_blocks"]
-        nrb = (int(nrb),) * len(mult) if isinstance(nrb, int | str) else tuple(map(int, nrb))
-        dtype = kwargs.get("compute_dtype") or (
-            "float16" if kwargs.get("use_fp16", False) else "float32"
-        )
+        if _is_int(nrb):
+            nrb = (_need_int("num_res_blocks", nrb, 1, LIMITS["num_res_blocks"]),) * len(mult)
+        else:
+            nrb = _need_tuple("num_res_blocks", nrb, LIMITS["levels"])
+        flags = {
+            name: _need_bool(name, kwargs.get(name, default))
+            for name, default in (("learn_sigma", False), ("class_cond", False), ("use_checkpoint", False),
+                                  ("use_scale_shift_norm", False), ("resblock_updown", False),
+                                  ("use_fp16", False), ("use_new_attention_order", False),
+                                  ("conv_resample", True))
+        }  # fmt: skip
+        dtype = kwargs.get("compute_dtype") or ("float16" if flags["use_fp16"] else "float32")
         return cls(
             image_size=image_size,
-            model_channels=int(kwargs["num_channels"]),
+            model_channels=_need_int("num_channels", kwargs["num_channels"], 1, LIMITS["channels"]),
             num_res_blocks=nrb,
-            attention_ds=tuple(image_size // int(r) for r in resolutions),
+            attention_ds=tuple(image_size // r for r in resolutions),
             channel_mult=mult,
-            out_channels=6 if kwargs.get("learn_sigma", False) else 3,
-            num_classes=NUM_CLASSES if kwargs.get("class_cond", False) else None,
-            num_heads=int(kwargs.get("num_heads", 1)),
-            num_head_channels=int(kwargs.get("num_head_channels", -1)),
-            num_heads_upsample=int(kwargs.get("num_heads_upsample", -1)),
-            use_scale_shift_norm=bool(kwargs.get("use_scale_shift_norm", False)),
-            resblock_updown=bool(kwargs.get("resblock_updown", False)),
-            conv_resample=bool(kwargs.get("conv_resample", True)),
-            use_new_attention_order=bool(kwargs.get("use_new_attention_order", False)),
-            dropout=float(kwargs.get("dropout", 0.0)),
+            out_channels=6 if flags["learn_sigma"] else 3,
+            num_classes=NUM_CLASSES if flags["class_cond"] else None,
+            num_heads=kwargs.get("num_heads", 1),
+            num_head_channels=kwargs.get("num_head_channels", -1),
+            num_heads_upsample=kwargs.get("num_heads_upsample", -1),
+            use_scale_shift_norm=flags["use_scale_shift_norm"],
+            resblock_updown=flags["resblock_updown"],
+            conv_resample=flags["conv_resample"],
+            use_new_attention_order=flags["use_new_attention_order"],
+            dropout=kwargs.get("dropout", 0.0),
             compute_dtype=dtype,
         )
 
@@ -179,15 +315,86 @@ class ADMConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ADMConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"architecture must be a JSON object, got {_show(data)}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
+        unknown = sorted(_show(k) for k in set(data) - fields)
         if unknown:
-            raise ValueError(f"unknown ADM config fields: {', '.join(unknown)}")
-        data = dict(data)
-        for name in ("num_res_blocks", "attention_ds", "channel_mult"):
-            if name in data:
-                data[name] = tuple(data[name])
+            raise ConfigError(f"unknown ADM config fields: {', '.join(unknown[:8])}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in data)  # fmt: skip
+        if missing:
+            raise ConfigError(f"missing ADM config fields: {', '.join(missing)}")
         return cls(**data)
+
+
+_INT_ITEM = re.compile(r"[0-9]{1,9}")
+
+
+def _parse_int_list(name: str, text: str, *, skip_blank: bool) -> list[int]:
+    """'32,16,8' -> [32, 16, 8] (ASCII digits only, as create_model's argparse front end writes them)."""
+    if len(text) > 1000:
+        raise ConfigError(f"{name} string is too long")
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item and skip_blank:
+            continue
+        if not _INT_ITEM.fullmatch(item):
+            raise ConfigError(f"{name} must be comma-separated integers, got {_show(text)}")
+        out.append(int(item))
+    return out
+
+
+def param_count(config: ADMConfig) -> int:
+    """Number of parameters `config` implies, by arithmetic on the network's structure.
+
+    Equal to the leaf sizes of `abstract_params(config)` summed (tests check it),
+    but computed without building or tracing anything, so that a config can be
+    refused before its network exists.
+    """
+    cfg, mc = config, config.model_channels
+    ted = 4 * mc
+
+    def conv(i: int, o: int, k: int = 3) -> int:
+        return k * k * i * o + o
+
+    def res(i: int, o: int) -> int:
+        width = 2 * o if cfg.use_scale_shift_norm else o
+        return 2 * i + conv(i, o) + ted * width + width + 2 * o + conv(o, o) + (0 if i == o else conv(i, o, 1))
+
+    def attn(c: int) -> int:
+        return 2 * c + 3 * c * c + 3 * c + c * c + c
+
+    def resample(c: int) -> int:
+        if cfg.resblock_updown:
+            return res(c, c)
+        return conv(c, c) if cfg.conv_resample else 0
+
+    total = mc * ted + ted + ted * ted + ted + (cfg.num_classes or 0) * ted
+    ch = int(cfg.channel_mult[0] * mc)
+    total += conv(cfg.in_channels, ch)
+    chans, ds = [ch], 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks[level]):
+            total += res(ch, int(mult * mc))
+            ch = int(mult * mc)
+            total += attn(ch) if ds in cfg.attention_ds else 0
+            chans.append(ch)
+        if level < len(cfg.channel_mult) - 1:
+            total += resample(ch)
+            chans.append(ch)
+            ds *= 2
+    total += 2 * res(ch, ch) + attn(ch)
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks[level] + 1):
+            total += res(ch + chans.pop(), int(mc * mult))
+            ch = int(mc * mult)
+            total += attn(ch) if ds in cfg.attention_ds else 0
+            if level and i == cfg.num_res_blocks[level]:
+                total += resample(ch)
+                ds //= 2
+    return total + 2 * ch + conv(ch, cfg.out_channels)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
