@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ddcm_jax.convert.checkpoint import CheckpointError, read_state_dict
+from ddcm_jax.convert.diffusers import PipelineError, check_manifest, convert_pipeline
 from ddcm_jax.convert.guided_diffusion import (
     PRESETS,
     ConversionError,
@@ -26,13 +27,20 @@ from ddcm_jax.convert.guided_diffusion import (
     plan_conversion,
 )
 
+from ddcm_jax.models.adm import ConfigError
+from ddcm_jax.printable import printable
+
 __all__ = [
     "CONVERTER_VERSION",
     "PRESETS",
     "CheckpointError",
+    "ConfigError",
     "ConversionError",
     "ConversionPlan",
+    "PipelineError",
+    "check_manifest",
     "convert_checkpoint",
+    "convert_pipeline",
     "convert_state_dict",
     "main",
     "plan_conversion",
@@ -56,24 +64,31 @@ def convert_checkpoint(
     """Convert a guided-diffusion checkpoint into MODEL_DIR; returns the fingerprint.
 
     Exactly one of `config` (guided-diffusion `create_model` keyword arguments)
-    or `preset` (a key of `PRESETS`). Nothing is written unless every key maps.
+    or `preset` (a key of `PRESETS`). The config is validated (`ConfigError`)
+    and the target checked (`ModelDirError`) before the checkpoint is read
+    (`CheckpointError`); nothing is written unless every key maps
+    (`ConversionError`), and a failed write leaves nothing behind.
     """
-    from ddcm_jax.model import DiffusionConfig, ModelConfig, save_model
+    from ddcm_jax.model import DiffusionConfig, ModelConfig, check_save_target, save_model
     from ddcm_jax.models.adm import ADMConfig
 
     if (config is None) == (preset is None):
         raise ValueError("give exactly one of config or preset")
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+            raise ValueError(f"unknown preset {printable(repr(preset))[:60]}; known: {', '.join(sorted(PRESETS))}")
         config = PRESETS[preset]
-    kwargs = dict(config)  # type: ignore[arg-type]
+    if not isinstance(config, Mapping):
+        raise ConfigError("a config must be a JSON object of create_model arguments")
+    kwargs = dict(config)
     if compute_dtype is not None:
         kwargs["compute_dtype"] = compute_dtype
     arch = ADMConfig.from_create_model(kwargs)
     diffusion = DiffusionConfig(noise_schedule=noise_schedule, num_timesteps=diffusion_steps)
+    check_save_target(model_dir, overwrite)  # before reading a multi-GB checkpoint
     state = read_state_dict(checkpoint)
     params = convert_state_dict(arch, state)
+    del state
     model_config = ModelConfig(
         architecture=arch,
         diffusion=diffusion,
@@ -84,29 +99,67 @@ def convert_checkpoint(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help=".pt/.pth (zip), .safetensors or .npz")
+    parser.add_argument("checkpoint", type=Path,
+                        help=".pt/.pth (zip), .safetensors or .npz; with --format diffusers a pipeline folder")  # fmt: skip
     parser.add_argument("-o", "--output", required=True, type=Path, help="MODEL_DIR to create")
-    parser.add_argument("--format", default="guided-diffusion", choices=["guided-diffusion"])
-    which = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--format", default="guided-diffusion", choices=["guided-diffusion", "diffusers"],
+                        help="diffusers: a Stable Diffusion pipeline folder (model_index.json, unet/, vae/, ...)")  # fmt: skip
+    which = parser.add_mutually_exclusive_group()  # one is required for guided-diffusion (checked in run)
     which.add_argument("--config", type=Path, help="JSON of create_model keyword arguments")
     which.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--noise-schedule", default="linear", choices=["linear", "cosine"])
     parser.add_argument("--diffusion-steps", type=int, default=1000)
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing MODEL_DIR")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing MODEL_DIR (never any other folder)"
+    )
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The --config JSON object; ConfigError (one line, naming the file) for anything unreadable."""
+    where = printable(path)
+    try:
+        with path.open("rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read config ({printable(e.strerror or e)})") from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: config larger than {_MAX_CONFIG_BYTES} bytes")
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        config = json.loads(raw.decode("utf-8"), parse_constant=constant)
+    except RecursionError:
+        raise ConfigError(f"{where}: cannot read config (nested too deeply)") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: cannot read config ({printable(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config must be a JSON object")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute a parsed `ddcm convert`; errors are one line on stderr, exit 1."""
-    config = None
+    """Execute a parsed `ddcm convert`; every error is one line on stderr, exit 1, nothing written."""
+    from ddcm_jax.model import ModelDirError
+
+    if getattr(args, "format", "guided-diffusion") == "diffusers":
+        from ddcm_jax.convert import diffusers
+
+        return diffusers.run(args)
+    if args.config is None and args.preset is None:
+        print("ddcm convert: error: one of the arguments --config --preset is required", file=sys.stderr)
+        return 2
+    ckpt = printable(args.checkpoint)
+    config_name = printable(args.config) if args.config is not None else f"preset {args.preset}"
     try:
+        config = None
         if args.config is not None:
-            try:
-                config = json.loads(args.config.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{args.config}: cannot read config ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{args.config}: config must be a JSON object")
+            config = _read_config(args.config)
         fp = convert_checkpoint(
             args.checkpoint,
             args.output,
@@ -117,17 +170,30 @@ def run(args: argparse.Namespace) -> int:
             compute_dtype=args.compute_dtype,
             overwrite=args.overwrite,
         )
+    except KeyboardInterrupt:
+        print("ddcm convert: interrupted", file=sys.stderr)
+        return 130
     except ConversionError as e:
-        print(f"ddcm convert: {args.checkpoint}: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, ValueError) as e:
-        msg = str(e)
-        if str(args.checkpoint) not in msg and (args.config is None or str(args.config) not in msg):
-            msg = f"{args.checkpoint}: {msg}"
-        print(f"ddcm convert: {msg}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.output} ({fp})")
-    return 0
+        msg = f"{ckpt}: {e}"
+    except ConfigError as e:
+        text = printable(e)
+        msg = text if args.config is not None and text.startswith(config_name + ":") else f"{config_name}: {text}"
+    except (CheckpointError, ModelDirError) as e:  # these name their file already
+        msg = printable(e)
+    except ValueError as e:  # e.g. --diffusion-steps out of range
+        msg = f"{ckpt}: {printable(e)}"
+    except OSError as e:
+        msg = f"{printable(args.output)}: {printable(e.strerror or e)}"
+    except MemoryError:
+        msg = f"{ckpt}: out of memory"
+    except Exception as e:  # a bug must still not end in a traceback
+        msg = f"{ckpt}: internal error ({type(e).__name__}: {printable(e)[:200]})"
+    else:
+        print(f"wrote {printable(args.output)} ({fp})")
+        return 0
+    lines = msg.splitlines() or [msg]
+    print(f"ddcm convert: {printable(lines[0])}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,25 +2,41 @@
 
 MODEL_DIR layout (written by the converter and the trainer alike)::
 
-    MODEL_DIR/model.json   what the network is, how it was trained, its fingerprint
+    MODEL_DIR/model.json   what the network is, how it was trained, its fingerprints
     MODEL_DIR/params/      orbax checkpoint of the parameter tree (float32)
 
 The fingerprint is SHA-256 over the parameter arrays in canonical order (see
 `fingerprint`); bitstreams carry it so that decoding with another model is
 caught. `load_model` recomputes it and refuses a directory whose arrays do not
 match what its `model.json` claims.
+
+The settings that change what the network computes (architecture, diffusion
+process, family) are not covered by the array fingerprint, so `model.json`
+also holds `config_fingerprint`: SHA-256 over a canonical JSON of those settings
+and the array fingerprint (see `config_fingerprint`). `save_model` writes it and
+`load_model` refuses a `model.json` whose settings were edited since. A
+`model.json` without it (written before it existed) still loads; such folders
+are checked by their arrays only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import errno
 import functools
+import gc
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.models.adm import ADMConfig, abstract_params, adm_apply
+from ddcm_jax.printable import printable
 
 __all__ = [
     "DiffusionConfig",
     "DiffusionModel",
     "ModelConfig",
     "ModelDirError",
+    "config_fingerprint",
     "find_model",
     "fingerprint",
     "known_model_dirs",
@@ -61,12 +79,24 @@ class DiffusionConfig:
     prediction: str = "epsilon"
 
     def __post_init__(self) -> None:
-        if self.noise_schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown noise schedule {self.noise_schedule!r}")
-        if not 1 <= self.num_timesteps <= 100_000:
-            raise ValueError(f"num_timesteps out of range: {self.num_timesteps}")
-        if self.prediction != "epsilon":
-            raise ValueError(f"unsupported prediction type {self.prediction!r}")
+        if not isinstance(self.noise_schedule, str) or self.noise_schedule not in ("linear", "cosine"):
+            raise ValueError(f"unknown noise schedule {printable(repr(self.noise_schedule))[:40]}")
+        steps = self.num_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"num_timesteps must be an integer, got a {type(steps).__name__}")
+        if not 1 <= steps <= 100_000:
+            raise ValueError(f"num_timesteps out of range: {steps}")
+        if not isinstance(self.prediction, str) or self.prediction != "epsilon":
+            raise ValueError(f"unsupported prediction type {printable(repr(self.prediction))[:40]}")
+
+    @classmethod
+    def from_json(cls, data: Any) -> DiffusionConfig:
+        if not isinstance(data, Mapping):
+            raise ValueError("diffusion must be a JSON object")
+        unknown = sorted(printable(k)[:40] for k in set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown diffusion fields: {', '.join(unknown[:8])}")
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +121,14 @@ class ModelConfig:
     def compute_dtype(self) -> str:
         return self.architecture.compute_dtype
 
+    def settings(self) -> dict[str, Any]:
+        """The settings that change what the model computes (what `config_fingerprint` covers)."""
+        return {
+            "family": self.family,
+            "architecture": self.architecture.to_json(),
+            "diffusion": dataclasses.asdict(self.diffusion),
+        }
+
     def to_json(self, fingerprint: str) -> dict[str, Any]:
         return {
             "format": MODEL_FORMAT,
@@ -104,26 +142,77 @@ class ModelConfig:
             "converter_version": self.converter_version,
             "source": dict(self.source),
             "fingerprint": fingerprint,
+            "config_fingerprint": config_fingerprint(self, fingerprint),
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> tuple[ModelConfig, str]:
+    def from_json(cls, data: Any) -> tuple[ModelConfig, str]:
+        """Parse and check a `model.json` object; raises ValueError (one line) for anything off.
+
+        Checks the types and ranges of every setting (`ADMConfig` refuses an
+        architecture before anything is built) and, when present,
+        `config_fingerprint` against the settings.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError("model.json must hold a JSON object")
         if data.get("format") != MODEL_FORMAT:
-            raise ValueError(f"not a {MODEL_FORMAT} file (format={data.get('format')!r})")
-        if data.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ValueError(f"unsupported format_version {data.get('format_version')!r}")
+            raise ValueError(f"not a {MODEL_FORMAT} file (format={_short(data.get('format'))})")
+        if data.get("format_version") != MODEL_FORMAT_VERSION or isinstance(data.get("format_version"), bool):
+            raise ValueError(f"unsupported format_version {_short(data.get('format_version'))}")
         if data.get("family") != "adm":
-            raise ValueError(f"unknown model family {data.get('family')!r}")
+            raise ValueError(f"unknown model family {_short(data.get('family'))}")
+        for name in ("architecture", "diffusion"):
+            if name not in data:
+                raise ValueError(f"missing field {name}")
+        converter_version, source = data.get("converter_version", ""), data.get("source", {})
+        if not isinstance(converter_version, str):
+            raise ValueError("converter_version must be a string")
+        if not isinstance(source, Mapping):
+            raise ValueError("source must be a JSON object")
         config = cls(
             architecture=ADMConfig.from_json(data["architecture"]),
-            diffusion=DiffusionConfig(**data["diffusion"]),
-            converter_version=str(data.get("converter_version", "")),
-            source=dict(data.get("source", {})),
+            diffusion=DiffusionConfig.from_json(data["diffusion"]),
+            converter_version=converter_version,
+            source=dict(source),
         )
         fp = data.get("fingerprint")
-        if not isinstance(fp, str) or not fp.startswith("sha256:"):
+        if not isinstance(fp, str) or not _FINGERPRINT.fullmatch(fp):
             raise ValueError("missing or malformed fingerprint")
+        # Copies kept for readers of the JSON; they must say what the architecture says.
+        for name in ("learn_sigma", "image_size", "compute_dtype"):
+            if name in data and (data[name] != getattr(config, name) or type(data[name]) is not type(getattr(config, name))):
+                raise ValueError(
+                    f"{name} {_short(data[name])} disagrees with the architecture ({getattr(config, name)!r})"
+                )
+        if "config_fingerprint" in data:
+            stored = data["config_fingerprint"]
+            if not isinstance(stored, str) or not _FINGERPRINT.fullmatch(stored):
+                raise ValueError("malformed config_fingerprint")
+            if stored != config_fingerprint(config, fp):
+                raise ValueError("settings changed since the model was saved (config_fingerprint mismatch)")
         return config, fp
+
+
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str | int | float | bool | type(None)) else f"a {type(value).__name__}"
+    return printable(text[:60])
+
+
+def config_fingerprint(config: ModelConfig, array_fingerprint: str) -> str:
+    """'sha256:<hex>' over the canonical JSON (sorted keys, no whitespace, ASCII) of
+    `config.settings()` plus `{"fingerprint": array_fingerprint}`.
+
+    Covers every setting that changes the function a MODEL_DIR computes: the
+    architecture, the diffusion process, the family, and (through the array
+    fingerprint) the weights. Not part of the `.ddcm` format, which names the
+    array fingerprint only.
+    """
+    payload = {**config.settings(), "fingerprint": array_fingerprint}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _leaves_in_canonical_order(params: Any) -> list[tuple[str, np.ndarray]]:
@@ -209,35 +298,246 @@ def _check_tree_matches(params: Any, expected: Any, where: str) -> None:
             parts.append(f"unexpected {', '.join(unexpected[:5])}")
         if bad:
             parts.append(f"mis-shaped {', '.join(bad[:5])}")
-        raise ModelDirError(f"{where}: parameters do not match the architecture: {'; '.join(parts)}")
+        detail = printable("; ".join(parts))[:600]
+        raise ModelDirError(f"{where}: parameters do not match the architecture: {detail}")
+
+
+# --- orbax, quietly ------------------------------------------------------------------------------
+#
+# orbax runs tensorstore I/O on short-lived asyncio loops (and, for saves, in
+# background threads). When one operation fails, orbax closes its loop while
+# sibling operations are still in flight; as those finish, tensorstore calls back
+# into the closed loop and each callback reports `RuntimeError: Event loop is
+# closed` through `sys.unraisablehook`, possibly at interpreter exit; the
+# background threads also log the failure with full tracebacks through absl.
+# The failure itself reaches us as an exception, which we turn into one line, so
+# we drop exactly that unraisable message and silence orbax's logger while it works.
+
+_UNRAISABLE_FILTER_INSTALLED = False
+
+
+def _install_unraisable_filter() -> None:
+    global _UNRAISABLE_FILTER_INSTALLED
+    if _UNRAISABLE_FILTER_INSTALLED:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any, _previous: Any = previous) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None:
+            return
+        _previous(unraisable)
+
+    sys.unraisablehook = hook
+    _UNRAISABLE_FILTER_INSTALLED = True
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Run orbax without its failure noise; on failure, settle what it left in flight.
+
+    After a failed operation orbax drops tasks, futures and tensorstore handles
+    that still have I/O pending; collected later (at exit at the latest) they
+    log "Task exception was never retrieved" and finish writes, which can
+    recreate a staging folder already removed. Collecting them here, while
+    quiet, makes that happen now, before the caller cleans up.
+    """
+    _install_unraisable_filter()
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_QuietLoops(policy))
+    try:
+        yield
+    except BaseException:
+        gc.collect()
+        raise
+    finally:
+        asyncio.set_event_loop_policy(policy)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _ignore_unretrieved(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if context.get("message") in ("Task exception was never retrieved", "Future exception was never retrieved"):
+        return  # orbax already raised the failure to us; its dropped siblings say it again
+    loop.default_exception_handler(context)
+
+
+class _QuietLoops(asyncio.AbstractEventLoopPolicy):
+    """The current event loop policy, except that the loops orbax creates while it works do not
+    log the exceptions of the tasks it abandons when one fails (they are logged when collected,
+    at exit at the latest)."""
+
+    def __init__(self, inner: asyncio.AbstractEventLoopPolicy) -> None:
+        self._inner = inner
+
+    def get_event_loop(self) -> asyncio.AbstractEventLoop:
+        return self._inner.get_event_loop()
+
+    def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._inner.set_event_loop(loop)
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._inner.new_event_loop()
+        loop.set_exception_handler(_ignore_unretrieved)
+        return loop
+
+    def __getattr__(self, name: str) -> Any:  # child watchers and the like
+        return getattr(self._inner, name)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree until the folder stays gone (late writes of a failed orbax save can recreate it)."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        with _quiet_orbax():
+            gc.collect()
+        time.sleep(0.02)
+        if not os.path.lexists(path):
+            return
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for an OS / orbax / tensorstore error (their messages embed long specs)."""
+    if isinstance(e, OSError) and e.strerror:
+        return printable(e.strerror)
+    text = str(e)
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+        return printable(os.strerror(int(code.group(1))))
+    text = text.split(" [tensorstore_spec=")[0].splitlines()[0] if text.strip() else type(e).__name__
+    return printable(text)[:300]
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def check_save_target(model_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The absolute MODEL_DIR path, or ModelDirError if `save_model` would refuse to write it.
+
+    A missing path or an empty directory may be written; an existing MODEL_DIR
+    only with `overwrite`; anything else (a file, a directory that is not a
+    MODEL_DIR) never, so that `overwrite` cannot delete unrelated files.
+    """
+    target = Path(model_dir).absolute()
+    where = printable(target)
+    try:
+        if not os.path.lexists(target):
+            for parent in target.parents:  # refuse now, not after reading a checkpoint
+                if os.path.lexists(parent):
+                    if not parent.is_dir():
+                        raise ModelDirError(f"{where}: cannot create the folder ({printable(parent)} is not a directory)")
+                    break
+            return target
+        if target.is_symlink() or not target.is_dir():
+            raise ModelDirError(f"{where}: already exists and is not a directory")
+        if not any(target.iterdir()):
+            return target
+        if not overwrite:
+            raise ModelDirError(f"{where}: already exists (pass overwrite to replace it)")
+        if not (target / "model.json").is_file():
+            raise ModelDirError(f"{where}: is not a model directory (no model.json); refusing to replace it")
+    except OSError as e:
+        raise ModelDirError(f"{where}: cannot inspect ({_reason(e)})") from None
+    return target
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created, deepest last."""
+    missing = []
+    for p in [folder, *folder.parents]:
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    created = []
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+            created.append(p)
+    except OSError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+def _fresh_name(parent: Path, base: str, tag: str) -> Path:
+    return parent / f".{base[:100]}.{tag}-{secrets.token_hex(6)}"
 
 
 def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
                *, overwrite: bool = False) -> str:  # fmt: skip
-    """Write MODEL_DIR atomically (staged beside it, renamed at the end); returns the fingerprint."""
+    """Write MODEL_DIR atomically (staged beside it, renamed at the end); returns the fingerprint.
+
+    Raises ModelDirError (one line) when the target may not be written (see
+    `check_save_target`) or writing fails (read-only, permission, full disk: the
+    free space is checked first); nothing is left behind then, neither the
+    staging folder nor parent folders it created. The folder gets the usual
+    permissions of the umask.
+    """
     import orbax.checkpoint as ocp
 
-    target = Path(model_dir).absolute()
-    if target.exists() and not overwrite:
-        if not target.is_dir() or any(target.iterdir()):
-            raise ModelDirError(f"{target}: already exists (pass overwrite to replace it)")
-    _check_tree_matches(params, abstract_params(config.architecture), str(target))
+    target = check_save_target(model_dir, overwrite)
+    where = printable(target)
+    _check_tree_matches(params, abstract_params(config.architecture), where)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
     fp = fingerprint(params)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    meta = json.dumps(config.to_json(fp), indent=2) + "\n"
+    need = sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) + len(meta) + (1 << 20)
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(stage / "params", params)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        (stage / "model.json").write_text(json.dumps(config.to_json(fp), indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        created = _make_parents(target.parent)
+    except OSError as e:
+        raise ModelDirError(f"{where}: cannot create the folder ({_reason(e)})") from None
+    stage = backup = None
+    try:
+        free = shutil.disk_usage(target.parent).free
+        if free < need:
+            raise ModelDirError(
+                f"{where}: not enough free space ({os.strerror(errno.ENOSPC)}: "
+                f"about {need:,} bytes needed, {free:,} free)"
+            )
+        # os.mkdir, not mkdtemp: the folder gets the umask's permissions like any other.
+        stage = _fresh_name(target.parent, target.name, "staging")
+        stage.mkdir()
+        with _quiet_orbax():
+            checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+            try:
+                checkpointer.save(stage / "params", args=ocp.args.StandardSave(params))
+            finally:
+                checkpointer.close()
+        (stage / "model.json").write_text(meta)
+        check_save_target(target, overwrite)  # again: something may have appeared meanwhile
+        if os.path.lexists(target):
+            backup = _fresh_name(target.parent, target.name, "replaced")
+            os.rename(target, backup)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            if backup is not None:
+                os.rename(backup, target)
+                backup = None
+            raise
+        stage = None
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException as e:
+        if stage is not None:
+            _remove_tree(stage)
+        _remove_empty(created)
+        if isinstance(e, ModelDirError) or not isinstance(e, Exception):
+            raise
+        raise ModelDirError(f"{where}: cannot write ({_reason(e)})") from None
     return fp
 
 
@@ -259,41 +559,85 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
     return Path(spec)
 
 
+# --- reading ------------------------------------------------------------------------------------
+
+
+def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """Parse and check MODEL_DIR/model.json (nothing built); ModelDirError names the file and reason."""
+    root = Path(model_dir).absolute()
+    meta = root / "model.json"
+    where = printable(meta)
+    try:
+        if meta.exists() and not meta.is_file():  # a folder or a FIFO (which would block)
+            raise ModelDirError(f"{where}: not a regular file")
+        with meta.open("rb") as f:
+            raw = f.read(_MAX_MODEL_JSON + 1)
+    except FileNotFoundError:
+        raise ModelDirError(f"{printable(root)}: not a model directory (no model.json)") from None
+    except OSError as e:
+        raise ModelDirError(f"{where}: cannot read ({_reason(e)})") from None
+    if len(raw) > _MAX_MODEL_JSON:
+        raise ModelDirError(f"{where}: larger than {_MAX_MODEL_JSON} bytes")
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=constant)
+    except RecursionError:
+        raise ModelDirError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integer digit limit
+        raise ModelDirError(f"{where}: not valid JSON ({printable(e)[:200]})") from None
+    try:
+        return ModelConfig.from_json(data)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ModelDirError(f"{where}: {printable(e)[:300]}") from None
+
+
+def _restore_params(params_dir: Path, target: Any) -> Any:
+    import orbax.checkpoint as ocp
+
+    with _quiet_orbax():
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        try:
+            return checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+        finally:
+            checkpointer.close()
+
+
 def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = True) -> DiffusionModel:
     """Load a MODEL_DIR written by `ddcm convert` or `ddcm train` ("default": the packaged model).
 
-    The parameter tree is restored against the shapes the architecture
-    implies; with `verify` the fingerprint is recomputed and must match.
-    Raises `ModelDirError` with the path and the reason.
+    model.json is checked first (types, ranges, the size of the network it
+    implies, `config_fingerprint`), then the parameter tree is restored against
+    the shapes the architecture implies; with `verify` the fingerprint is
+    recomputed and must match. Raises `ModelDirError` (one line: path and reason).
+    A folder whose model.json says family "sd" (from `ddcm convert --format
+    diffusers`) loads as a `ddcm_jax.latent_model.LatentDiffusionModel`.
     """
-    import orbax.checkpoint as ocp
-
     root = resolve_model_dir(model_dir).absolute()
-    meta = root / "model.json"
-    try:
-        if meta.stat().st_size > _MAX_MODEL_JSON:
-            raise ModelDirError(f"{meta}: larger than {_MAX_MODEL_JSON} bytes")
-        config, fp = ModelConfig.from_json(json.loads(meta.read_text()))
-    except FileNotFoundError:
-        raise ModelDirError(f"{root}: not a model directory (no model.json)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, ModelDirError):
-            raise
-        raise ModelDirError(f"{meta}: {e}") from None
+    handed = _take_handoff(root)
+    if handed is not None:
+        return handed
+    from ddcm_jax.latent_model import is_latent_model_dir, load_latent_model
+
+    if is_latent_model_dir(root):  # family "sd": a LatentDiffusionModel (see latent_model.py)
+        return load_latent_model(root, verify=verify)  # type: ignore[return-value]
+    config, fp = read_model_json(root)
     expected = abstract_params(config.architecture)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), expected)
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        params = checkpointer.restore(root / "params", target)
-        checkpointer.close()
+        params = _restore_params(root / "params", target)
+    except MemoryError:
+        raise ModelDirError(f"{printable(root / 'params')}: cannot restore parameters (out of memory)") from None
     except Exception as e:  # orbax raises many types; all mean "unreadable"
-        raise ModelDirError(f"{root / 'params'}: cannot restore parameters: {e}") from None
-    _check_tree_matches(params, expected, str(root))
+        raise ModelDirError(f"{printable(root / 'params')}: cannot restore parameters ({_reason(e)})") from None
+    _check_tree_matches(params, expected, printable(root))
     if verify:
         actual = fingerprint(params)
         if actual != fp:
             raise ModelDirError(
-                f"{root}: parameters do not match the fingerprint in model.json "
+                f"{printable(root)}: parameters do not match the fingerprint in model.json "
                 f"({actual[:23]}… != {fp[:23]}…)"
             )
     params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -305,29 +649,75 @@ def known_model_dirs() -> list[Path]:
 
     Each entry of the DDCM_MODELS environment variable (os.pathsep-separated)
     is a MODEL_DIR or a folder of MODEL_DIRs; then the models installed inside
-    the package (`ddcm_jax/weights/`).
+    the package (`ddcm_jax/weights/`). Unreadable entries are skipped.
     """
     roots = [Path(p) for p in os.environ.get("DDCM_MODELS", "").split(os.pathsep) if p]
     roots.append(Path(__file__).resolve().parent / "weights")
     found: list[Path] = []
     for root in roots:
-        if (root / "model.json").is_file():
-            found.append(root)
-        elif root.is_dir():
-            found.extend(sorted(p for p in root.iterdir() if (p / "model.json").is_file()))
+        try:
+            if (root / "model.json").is_file():
+                found.append(root)
+            elif root.is_dir():
+                found.extend(sorted(p for p in root.iterdir() if (p / "model.json").is_file()))
+        except OSError:
+            continue
     return found
 
 
+# find_model loads each candidate to verify it; it remembers folders that passed
+# (by the stat of their files, so an edited folder is verified again) and hands the
+# model it loaded to the next load_model of the same unchanged folder.
+_VERIFIED: dict[Path, tuple[Any, ...]] = {}
+_HANDOFF: list[tuple[Path, tuple[Any, ...], DiffusionModel]] = []
+
+
+def _signature(root: Path) -> tuple[Any, ...]:
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(entries)
+
+
+def _take_handoff(root: Path) -> DiffusionModel | None:
+    if not _HANDOFF or _HANDOFF[0][0] != root:
+        return None
+    _, sig, model = _HANDOFF.pop()
+    try:
+        return model if _signature(root) == sig else None
+    except OSError:
+        return None
+
+
 def find_model(fingerprint_prefix: str) -> Path | None:
-    """The first known MODEL_DIR whose fingerprint starts with `fingerprint_prefix` ('sha256:…')."""
+    """The first known MODEL_DIR whose fingerprint starts with `fingerprint_prefix` ('sha256:…')
+    and that loads and verifies; a folder that does not is skipped, so a damaged copy
+    found through DDCM_MODELS cannot shadow an intact one later in the search order
+    (such as the packaged default)."""
+    from ddcm_jax.latent_model import is_latent_model_dir, read_latent_model_json
+
     for d in known_model_dirs():
         try:
-            meta = d / "model.json"
-            if meta.stat().st_size > _MAX_MODEL_JSON:
-                continue
-            fp = json.loads(meta.read_text()).get("fingerprint", "")
-        except (OSError, ValueError):
+            _, fp = read_latent_model_json(d) if is_latent_model_dir(d) else read_model_json(d)
+        except ModelDirError:
             continue
-        if isinstance(fp, str) and fp.startswith(fingerprint_prefix):
+        if not fp.startswith(fingerprint_prefix):
+            continue
+        root = d.absolute()
+        try:
+            sig = _signature(root)
+        except OSError:
+            continue
+        if _VERIFIED.get(root) == sig:
             return d
+        try:
+            model = load_model(root)
+        except ModelDirError:
+            continue
+        _VERIFIED[root] = sig
+        _HANDOFF[:] = [(root, sig, model)]
+        return d
     return None
