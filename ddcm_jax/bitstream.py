@@ -3,9 +3,12 @@
 A file says everything a decoder needs (rule, steps, K, M, C, t-range, eta,
 seed, schedule, which model, sizes, the JAX PRNG settings behind the
 codebooks) and `decode` refuses anything it could not decode faithfully: a
-wrong magic or version, a CRC mismatch, values outside hard limits, a payload
-whose length disagrees with the header. Layout, version 1 (integers are
-unsigned LEB128 varints unless a width is given)::
+wrong magic or version, a CRC mismatch, values outside hard limits (`LIMITS`,
+which also bound the size of the code and the work of unranking it), sizes the
+size policy cannot produce, a payload whose length disagrees with the header.
+`decode_header` makes every check but decoding the payload, so a caller can
+hold the header against a model before paying for the code. Layout, version 1
+(integers are unsigned LEB128 varints unless a width is given)::
 
     magic           4 bytes   b"DDCM"
     version         1 byte    1
@@ -44,12 +47,13 @@ Steps outside t_range are not stored (they use atom 0; turbo atoms 0..M-1, +).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,10 +66,12 @@ __all__ = [
     "VERSION",
     "Bitstream",
     "BitstreamError",
+    "FileHeader",
     "Header",
     "bits_per_step",
     "coded_steps",
     "decode",
+    "decode_header",
     "encode",
     "payload_bits",
     "rank_subset",
@@ -82,6 +88,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SIZE_POLICIES = ("none", "crop", "resize", "pad")
 PRNG_IMPLS = ("threefry2x32",)
 CODEBOOK_GENERATORS = ("threefry", "philox", "shift")
+_LN2 = math.log(2)
 
 # Hard limits: anything beyond them is refused before it can allocate or loop.
 LIMITS = dict(
@@ -96,6 +103,13 @@ LIMITS = dict(
     kernel=255,
     class_label=2**20,
     file_bytes=64 << 20,
+    # The code's size and the work of reading it, bounded before any payload is read:
+    # (steps - 1) x M atom indices (the decoded arrays), and for turbo
+    # (steps - 1) x M x ceil(log2 binom(K, M)), as unranking costs one big-integer
+    # binomial of up to the rank's size per atom: at K = 2^24, M = 1024 (0.15 s a
+    # step on one CPU core) at most 24 steps, about 4 s.
+    code_symbols=2**20,
+    rank_work=3 << 27,
 )
 
 
@@ -215,10 +229,31 @@ def _validate(h: Header) -> None:
     for name, size in (("coded size", h.size), ("original size", h.original_size)):
         need(len(size) == 2 and all(1 <= s <= lim["side"] for s in size), f"{name} {size} outside 1..16384")
     need(h.size_policy in SIZE_POLICIES, f"unknown size policy {h.size_policy!r}")
+    _validate_geometry(h)
     need(len(h.jax_version) <= lim["string"] and h.jax_version.isascii(), "jax version string too long")
+    for name, text in (("respacing", h.respacing), ("jax version", h.jax_version)):
+        need(text.isprintable(), f"{name} string has control characters")
     need(h.prng_impl in PRNG_IMPLS, f"unknown PRNG {h.prng_impl!r}")
     need(h.generator in CODEBOOK_GENERATORS, f"unknown codebook generator {h.generator!r}")
     need(0 <= h.codebook_check < 2**32, "codebook check out of range")
+    rows = h.steps - 1
+    need(rows * h.num_atoms <= lim["code_symbols"],
+         f"(steps - 1) x M = {rows * h.num_atoms} atoms is more than {lim['code_symbols']}")  # fmt: skip
+    if h.rule == "turbo":
+        work = rows * h.num_atoms * _rank_bits(h.codebook_size, h.num_atoms)
+        need(work <= lim["rank_work"], f"turbo code too costly to decode: (steps - 1) x M x rank bits = "
+                                       f"{work} > {lim['rank_work']}")  # fmt: skip
+
+
+def _validate_geometry(h: Header) -> None:
+    """The coded and original sizes must be ones the size policy can produce (`ddcm_jax.images`)."""
+    (hc, wc), (h0, w0) = h.size, h.original_size
+    if h.size_policy == "none" and (h0, w0) != (hc, wc):
+        raise ValueError(f"policy none but original size {h0}x{w0} differs from the coded {hc}x{wc}")
+    if h.size_policy in ("crop", "resize") and hc != wc:
+        raise ValueError(f"policy {h.size_policy} codes a square, not {hc}x{wc}")
+    if h.size_policy == "pad" and (h0 > hc or w0 > wc):
+        raise ValueError(f"policy pad but original size {h0}x{w0} is larger than the coded {hc}x{wc}")
 
 
 # --- bit accounting -----------------------------------------------------------------------------
@@ -228,10 +263,16 @@ def _ceil_log2(n: int) -> int:
     return (n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=64)
+def _rank_bits(codebook_size: int, num_atoms: int) -> int:
+    """ceil(log2 binom(K, M)): the width of a turbo step's subset rank."""
+    return _ceil_log2(math.comb(codebook_size, num_atoms))
+
+
 def bits_per_step(rule: str, codebook_size: int, num_atoms: int = 1, coef_bits: int = 0) -> int:
     """Payload bits of one coded step (exact, big integers)."""
     if rule == "turbo":
-        return _ceil_log2(math.comb(codebook_size, num_atoms)) + num_atoms
+        return _rank_bits(codebook_size, num_atoms) + num_atoms
     c = coef_bits if rule == "mp" else 0
     return num_atoms * _ceil_log2(codebook_size) + (num_atoms - 1) * c
 
@@ -287,22 +328,79 @@ def rank_subset(atoms: Sequence[int], codebook_size: int) -> int:
 
 
 def unrank_subset(rank: int, codebook_size: int, num_atoms: int) -> list[int]:
-    """The sorted subset with lexicographic rank `rank` (inverse of `rank_subset`)."""
-    rem = math.comb(codebook_size, num_atoms) - 1 - rank
-    out, hi = [], codebook_size
-    for i in range(num_atoms):
-        j = num_atoms - i
-        lo_d, hi_d = j - 1, hi - 1  # the largest d < hi with binom(d, j) <= rem
-        while lo_d < hi_d:
-            mid = (lo_d + hi_d + 1) // 2
-            if math.comb(mid, j) <= rem:
-                lo_d = mid
-            else:
-                hi_d = mid - 1
-        rem -= math.comb(lo_d, j)
-        out.append(codebook_size - 1 - lo_d)
-        hi = lo_d
+    """The sorted subset with lexicographic rank `rank` (inverse of `rank_subset`).
+
+    Greedy in the combinatorial number system: for j = M .. 1, d_j is the largest
+    d < d_{j+1} with binom(d, j) <= rem, then rem -= binom(d_j, j). A float estimate
+    of d_j (from log-gamma) is made exact with one big-integer binomial and a few
+    one-word multiply/divide steps along d (binom(d +- 1, j) from binom(d, j)), so
+    each element costs one `math.comb` instead of a bisection of ~log2 K of them;
+    a set dense below the previous element walks down from it without any.
+    """
+    k, m = codebook_size, num_atoms
+    total = math.comb(k, m)
+    if not 0 <= rank < total:
+        raise ValueError(f"rank {rank} outside 0..binom({k}, {m}) - 1")
+    rem = total - 1 - rank
+    out: list[int] = []
+    hi, c_hi = k, total  # d_j < hi, and c_hi = binom(hi, j)
+    for j in range(m, 0, -1):
+        if rem == 0:  # every remaining d_i is its smallest value, i - 1
+            out.extend(k - j + i for i in range(j))
+            break
+        d, c = _largest_binomial_below(rem, j, hi, c_hi)
+        rem -= c
+        out.append(k - 1 - d)
+        hi, c_hi = d, c * j // (d - j + 1)  # binom(d, j - 1); d >= j since rem > 0
     return out
+
+
+def _largest_binomial_below(rem: int, j: int, hi: int, c_hi: int) -> tuple[int, int]:
+    """(d, binom(d, j)) for the largest d < hi with binom(d, j) <= rem.
+
+    Needs 1 <= rem < binom(hi, j) = c_hi, so j <= d < hi.
+    """
+    if j == 1:
+        return rem, rem
+    n = rem.bit_length()
+    s = max(0, n - 60)
+    ln_rem = math.log(rem >> s) + s * _LN2
+    # binom(x, j) ~ (x - (j - 1) / 2)^j / j!, then Newton on ln binom(x, j) = ln rem.
+    x = math.exp((ln_rem + math.lgamma(j + 1)) / j) + (j - 1) / 2
+    for _ in range(4):
+        x = min(max(x, float(j)), hi - 1.0)
+        f = math.lgamma(x + 1) - math.lgamma(x - j + 1) - math.lgamma(j + 1) - ln_rem
+        step = f / math.log((x + 0.5) / (x - j + 0.5))
+        x -= step
+        if abs(step) < 0.25:
+            break
+    d = min(max(int(x), j), hi - 1)
+    if hi - 1 - d <= 2 + j // 8:  # close to the top: start from binom(hi - 1, j), one word op away
+        d, c = hi - 1, c_hi * (hi - j) // hi
+        walk = 4 + j // 4
+    else:
+        c = math.comb(d, j)
+        walk = 16
+    for _ in range(walk):
+        if c > rem:  # binom(d - 1, j) = binom(d, j) (d - j) / d
+            c = c * (d - j) // d
+            d -= 1
+            continue
+        if d + 1 == hi:
+            return d, c
+        up = c * (d + 1) // (d + 1 - j)  # binom(d + 1, j)
+        if up > rem:
+            return d, c
+        d, c = d + 1, up
+    # The estimate was far off (it never is by more than a step or two): exact bisection.
+    lo_d, hi_d = j - 1, hi - 1
+    while lo_d < hi_d:
+        mid = (lo_d + hi_d + 1) // 2
+        if math.comb(mid, j) <= rem:
+            lo_d = mid
+        else:
+            hi_d = mid - 1
+    return lo_d, math.comb(lo_d, j)
 
 
 # --- byte-level helpers -------------------------------------------------------------------------
@@ -471,41 +569,47 @@ def _pack(h: Header, indices: np.ndarray, coeffs: np.ndarray, coded: np.ndarray)
     return int(bits, 2).to_bytes(len(bits) // 8, "big")
 
 
+def _fields(buf: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """The `width`-bit (<= 25) MSB-first fields at bit `offsets` of `buf` (bytes, 4 zero bytes after)."""
+    if width == 0:
+        return np.zeros(offsets.shape, np.int64)
+    at = offsets >> 3
+    word = sum(buf[at + i].astype(np.int64) << (24 - 8 * i) for i in range(4))
+    return (word >> (32 - (offsets & 7) - width)) & ((1 << width) - 1)
+
+
 def _unpack(h: Header, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n_bits = int(coded.sum()) * bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
-    bits = bin(int.from_bytes(payload, "big"))[2:].zfill(8 * len(payload)) if payload else ""
-    if bits[n_bits:].strip("0"):
+    """The code of every step from an exact-length payload (`decode` checked the length)."""
+    step_bits = bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
+    rows = np.flatnonzero(coded)
+    pad = 8 * len(payload) - len(rows) * step_bits
+    if pad and payload[-1] & ((1 << pad) - 1):
         raise ValueError("nonzero padding bits after the payload")
-    pos = 0
-
-    def take(n: int) -> int:
-        nonlocal pos
-        v = int(bits[pos : pos + n], 2) if n else 0
-        pos += n
-        return v
-
-    b = _ceil_log2(h.codebook_size)
-    n_rank = _ceil_log2(math.comb(h.codebook_size, h.num_atoms)) if h.rule == "turbo" else 0
-    indices = np.zeros((len(coded), h.num_atoms), np.int32)
+    m, k = h.num_atoms, h.codebook_size
+    buf = np.frombuffer(payload + bytes(4), np.uint8)
+    base = np.arange(len(rows), dtype=np.int64)[:, None] * step_bits
+    indices = np.zeros((len(coded), m), np.int32)
     coeffs = np.zeros((len(coded), h.coeff_width), np.int32)
-    for i, is_coded in enumerate(coded):
-        if not is_coded:
-            indices[i], coeffs[i] = _default_step(h)
-            continue
-        if h.rule == "turbo":
-            rank = take(n_rank)
-            if rank >= math.comb(h.codebook_size, h.num_atoms):
+    if h.rule == "turbo":
+        n_rank, total = _rank_bits(k, m), math.comb(k, m)
+        indices[~coded] = np.arange(m)
+        coeffs[rows] = _fields(buf, base + n_rank + np.arange(m), 1)
+        for i, start in zip(rows, base[:, 0].tolist(), strict=True):
+            end = start + n_rank
+            chunk = int.from_bytes(payload[start >> 3 : (end + 7) >> 3], "big") if n_rank else 0
+            rank = (chunk >> (-end % 8)) & ((1 << n_rank) - 1)
+            if rank >= total:
                 raise ValueError(f"atom-set rank out of range at coded step {i}")
-            indices[i] = unrank_subset(rank, h.codebook_size, h.num_atoms)
-            coeffs[i] = [take(1) for _ in range(h.num_atoms)]
-            continue
-        row, co = [take(b)], []
-        for _ in range(1, h.num_atoms):
-            co.append(take(h.coef_bits))
-            row.append(take(b))
-        if max(row) >= h.codebook_size:
-            raise ValueError(f"atom index {max(row)} >= K = {h.codebook_size} at step {i}")
-        indices[i], coeffs[i] = row, co
+            indices[i] = unrank_subset(rank, k, m)
+        return indices, coeffs
+    b = _ceil_log2(k)
+    at = np.arange(m, dtype=np.int64) * (b + h.coef_bits)  # index m: m (b + C); coefficient m: m (b + C) - C
+    idx = _fields(buf, base + at, b)
+    if idx.size and idx.max() >= k:
+        bad = int(np.flatnonzero(idx.max(axis=1) >= k)[0])
+        raise ValueError(f"atom index {int(idx[bad].max())} >= K = {k} at step {int(rows[bad])}")
+    indices[rows] = idx
+    coeffs[rows] = _fields(buf, base + at[1:] - h.coef_bits, h.coef_bits)
     return indices, coeffs
 
 
@@ -513,16 +617,14 @@ def _unpack(h: Header, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, n
 
 
 @dataclasses.dataclass(frozen=True)
-class Bitstream:
-    """A decoded file: the header and the code for every noise-adding step.
+class FileHeader:
+    """A checked file whose payload is not decoded yet: the header and the byte counts.
 
-    `indices` (steps-1, M) and `coeffs` (steps-1, coeff_width), in the order
-    the sampler runs; steps outside t_range hold their implied defaults.
+    `decode_header` returns it after every check but the payload's own content
+    (magic, version, header limits, exact length, CRC), without decoding the code.
     """
 
     header: Header
-    indices: np.ndarray
-    coeffs: np.ndarray
     header_bytes: int
     payload_bytes: int
 
@@ -533,6 +635,18 @@ class Bitstream:
     @property
     def payload_bits(self) -> int:
         return payload_bits(self.header)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bitstream(FileHeader):
+    """A decoded file: the header and the code for every noise-adding step.
+
+    `indices` (steps-1, M) and `coeffs` (steps-1, coeff_width), in the order
+    the sampler runs; steps outside t_range hold their implied defaults.
+    """
+
+    indices: np.ndarray = dataclasses.field(kw_only=True)
+    coeffs: np.ndarray = dataclasses.field(kw_only=True)
 
 
 def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
@@ -562,9 +676,26 @@ def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
     return body + struct.pack(">I", zlib.crc32(body))
 
 
-def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
-    """Parse and check a `.ddcm` file; raises BitstreamError naming `source` and the reason."""
+@contextlib.contextmanager
+def _naming(source: str) -> Iterator[None]:
+    """Turn the parser's ValueErrors into one-line BitstreamErrors that name `source`."""
+    from ddcm_jax.printable import printable
+
     try:
+        yield
+    except BitstreamError:
+        raise
+    except (ValueError, OverflowError, struct.error) as e:
+        raise BitstreamError(f"{printable(source)}: {printable(e)}") from None
+
+
+def decode_header(data: bytes, source: str = "<bytes>") -> FileHeader:
+    """Check a `.ddcm` file up to its payload: magic, version, header, length, CRC-32.
+
+    Cheap whatever the file claims (the header's limits bound what decoding the
+    payload costs); raises BitstreamError naming `source` and the reason.
+    """
+    with _naming(source):
         if len(data) > LIMITS["file_bytes"]:
             raise ValueError(f"{len(data)} bytes is larger than any valid .ddcm file")
         if not MAGIC.startswith(data[: len(MAGIC)]) or not data:
@@ -579,10 +710,14 @@ def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
             raise ValueError(f"{what}: {len(data)} bytes, the header implies {want}")
         if zlib.crc32(data[:-4]) != struct.unpack(">I", data[-4:])[0]:
             raise ValueError("CRC-32 mismatch (the file is corrupt)")
-        coded = coded_steps(_schedule_timesteps(header), header.t_range)
-        indices, coeffs = _unpack(header, data[n_head : n_head + n_payload], coded)
-    except BitstreamError:
-        raise
-    except (ValueError, OverflowError, struct.error) as e:
-        raise BitstreamError(f"{source}: {e}") from None
-    return Bitstream(header, indices, coeffs, n_head, n_payload)
+    return FileHeader(header, n_head, n_payload)
+
+
+def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
+    """Parse and check a `.ddcm` file and decode its code; raises BitstreamError naming `source`."""
+    head = decode_header(data, source)
+    h, start = head.header, head.header_bytes
+    with _naming(source):
+        coded = coded_steps(_schedule_timesteps(h), h.t_range)
+        indices, coeffs = _unpack(h, data[start : start + head.payload_bytes], coded)
+    return Bitstream(h, head.header_bytes, head.payload_bytes, indices=indices, coeffs=coeffs)

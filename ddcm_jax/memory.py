@@ -17,7 +17,17 @@ import re
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MemoryBudgetError", "budget_bytes", "check_fits", "forward_bytes"]
+__all__ = [
+    "HOST_BYTES_PER_PIXEL",
+    "LPIPS_MAX_PIXELS",
+    "MemoryBudgetError",
+    "budget_bytes",
+    "check_fits",
+    "check_host",
+    "format_bytes",
+    "forward_bytes",
+    "host_bytes",
+]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -68,6 +78,44 @@ def check_fits(arch: object, height: int, width: int, *, codebook_chunk: int = 6
     if need > limit:
         prefix = f"{what}: " if what else ""
         raise MemoryBudgetError(
-            f"{prefix}a {height}x{width} image needs about {need / 2**30:.1f} GiB with this model "
-            f"(budget {limit / 2**30:.1f} GiB; set DDCM_MEMORY_LIMIT to change it)"
+            f"{prefix}a {height}x{width} image needs about {format_bytes(need)} with this model "
+            f"(budget {format_bytes(limit)}; set DDCM_MEMORY_LIMIT to change it)"
+        )
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': the unit that keeps the number readable, never '0.0 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# Host memory of the steps around the network, in bytes per pixel of the full-size image they
+# handle: peak RSS growth measured on this project's code paths (x86-64, 2 cores; 3000 x 3000
+# for load/resample/PNG, 1024 x 1024 for LPIPS), rounded up: load 10.0, resample 9.9 (per
+# output pixel), PNG 4.0 (plus the 3-byte array it encodes), LPIPS 307 (AlexNet features of two
+# images plus XLA's temporaries).
+HOST_BYTES_PER_PIXEL = {"load": 12, "resample": 12, "png": 8, "lpips": 320}
+# LPIPS above this many pixels (about 2048 x 2048) is skipped with a note: it would take minutes
+# and gigabytes for a number that says little more than PSNR at that size.
+LPIPS_MAX_PIXELS = 1 << 22
+
+
+def host_bytes(stage: str, height: int, width: int) -> int:
+    """Estimated peak host bytes of `stage` ("load", "resample", "png", "lpips") at (height, width)."""
+    return HOST_BYTES_PER_PIXEL[stage] * int(height) * int(width)
+
+
+def check_host(stage: str, height: int, width: int, *, what: str = "", budget: int | None = None) -> None:
+    """Raise MemoryBudgetError if the host-side `stage` at (height, width) would exceed the budget."""
+    need = host_bytes(stage, height, width)
+    limit = budget_bytes() if budget is None else budget
+    if need > limit:
+        prefix = f"{what}: " if what else ""
+        verb = {"load": "loading", "resample": "resampling", "png": "writing", "lpips": "LPIPS of"}[stage]
+        raise MemoryBudgetError(
+            f"{prefix}{verb} a {width}x{height} image needs about {format_bytes(need)} "
+            f"(budget {format_bytes(limit)}; set DDCM_MEMORY_LIMIT to change it)"
         )
