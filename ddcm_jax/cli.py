@@ -760,7 +760,7 @@ def describe(stream: Any, nbytes: int) -> dict[str, Any]:
 
     h = stream.header
     coded = h.size[0] * h.size[1]
-    timesteps = bitstream._schedule_timesteps(h)
+    timesteps = bitstream.schedule_timesteps(h)
     n_coded = int(bitstream.coded_steps(timesteps, h.t_range).sum())
     out = {
         "format_version": bitstream.VERSION,

@@ -57,12 +57,15 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "GENERATORS",
     "AtomSource",
+    "Generator",
     "atom",
     "atoms",
     "box_muller",
     "chunk_for",
+    "dot",
     "normals_from_words",
     "philox4x32",
+    "static_field",
     "step_key",
 ]
 
@@ -312,7 +315,8 @@ GENERATORS = tuple(name for name in _GENERATORS if name != "array")  # those a k
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def _static(default: Any = dataclasses.MISSING) -> Any:
+def static_field(default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that `jax.tree_util.register_dataclass` keeps out of the leaves (static)."""
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
@@ -329,11 +333,11 @@ class AtomSource:
     have ranked them (ties to the lower index).
     """
 
-    size: int = _static()
-    shape: tuple[int, ...] = _static()
-    generator: str = _static("philox")
-    chunk: int | None = _static(None)
-    axis_name: str | None = _static(None)
+    size: int = static_field()
+    shape: tuple[int, ...] = static_field()
+    generator: str = static_field("philox")
+    chunk: int | None = static_field(None)
+    axis_name: str | None = static_field(None)
     root: jax.Array | None = None
     step: jax.Array | None = None
     array: jax.Array | None = None

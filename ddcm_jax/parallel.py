@@ -16,7 +16,7 @@ work. The command line uses one image per device.
     res = encode_sharded(model, spec, images, mesh=mesh, key=0)
     res = compress_sharded(model, images, mesh=mesh, steps=20, codebook_size=256, key=0)  # keywords
 
-A thin layer: each device runs the sampler's own batch function (`sampler._encode`
+A thin layer: each device runs the sampler's own batch function (`sampler.encode_split`
 / `decode`) on its rows; a one-device mesh runs it directly, without `shard_map`.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ddcm_jax.sampler import CompressResult, _encode, as_key, decode
+from ddcm_jax.sampler import CompressResult, as_key, decode, encode_split
 from ddcm_jax.selection import replay_rule
 from ddcm_jax.spec import CodeSpec
 
@@ -68,7 +68,7 @@ def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis:
             return decode(model, spec, x[0], x[1], key=keys, image_shape=image_shape, x_T=x_T, class_label=labels,
                           progress=True)  # fmt: skip
         batch_shape = (keys.shape[0], *image_shape)
-        return _encode(model, spec, x if mode == "compress" else None, key=keys,
+        return encode_split(model, spec, x if mode == "compress" else None, key=keys,
                        measurement=x if mode == "restore" else None, image_shape=batch_shape, x_T=x_T,
                        weights=weights, class_label=labels, codebook_chunk=chunk, codebook_axis=axis,
                        progress=True)  # fmt: skip

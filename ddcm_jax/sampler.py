@@ -49,6 +49,7 @@ __all__ = [
     "decode",
     "decompress",
     "encode",
+    "encode_split",
     "generate",
     "predict_x0",
     "restore",
@@ -324,16 +325,19 @@ def encode(model: Any, spec: CodeSpec, image: Image | None = None, *, key: Key,
     (rule `MSE(A)`); with neither: generation (rule `Random`). See `compress`
     for the other arguments; batching as in the module docstring.
     """
-    return _encode(model, spec, image, key=key, measurement=measurement, image_shape=image_shape, x_T=x_T,
+    return encode_split(model, spec, image, key=key, measurement=measurement, image_shape=image_shape, x_T=x_T,
                    codebook=codebook, weights=weights, class_label=class_label, schedule=schedule,
                    codebook_chunk=codebook_chunk, progress=progress)  # fmt: skip
 
 
-def _encode(model: Any, spec: CodeSpec, image: Any, *, key: Any, measurement: Any = None,
+def encode_split(model: Any, spec: CodeSpec, image: Any, *, key: Any, measurement: Any = None,
             image_shape: Any = None, x_T: Any = None, codebook: Any = None, weights: Any = None,
             class_label: Any = None, schedule: Schedule | None = None, codebook_chunk: int | None = None,
             codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
-    """`encode`, and the codebook mesh axis the sharding layer splits each codebook over."""
+    """`encode` with each codebook split over the mesh axis `codebook_axis` (inside `shard_map`).
+
+    For `ddcm_jax.parallel` only: the public calls never name a device axis.
+    """
     if image is not None:
         image = jnp.asarray(image, jnp.float32)
         if image.ndim not in (3, 4):

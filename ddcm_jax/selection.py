@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax import bitstream
-from ddcm_jax.codebook import AtomSource, dot
+from ddcm_jax.codebook import AtomSource, dot, static_field
 
 __all__ = [
     "DDCM",
@@ -53,12 +53,8 @@ __all__ = [
 
 RULE_NAMES = ("ddcm", "mp", "matching_pursuit", "turbo", "random", "mse", "mse_inner")
 
-def _static(default: Any = dataclasses.MISSING) -> Any:
-    return dataclasses.field(default=default, metadata=dict(static=True))
-
-
 def _rule(cls: type) -> type:
-    """Frozen dataclass + pytree registration (static fields marked with `_static`)."""
+    """Frozen dataclass + pytree registration (static fields marked with `static_field`)."""
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
@@ -166,8 +162,8 @@ class MatchingPursuit(Code):
     resulting noise is the same either way.
     """
 
-    num_atoms: int = _static()
-    coef_bits: int = _static()
+    num_atoms: int = static_field()
+    coef_bits: int = static_field()
     code_name = "mp"
 
     @property
@@ -229,7 +225,7 @@ class MatchingPursuit(Code):
 class Turbo(Code):
     """Turbo-DDCM: the M atoms with the largest |<z_k, r>|, signed, summed, unit std."""
 
-    num_atoms: int = _static()
+    num_atoms: int = static_field()
     code_name = "turbo"
 
     @property
@@ -257,7 +253,7 @@ class MSE(Code):
     """
 
     operator: Any  # a pytree callable from `ddcm_jax.operators`: (H, W, C) -> observation
-    inner_product: bool = _static(False)
+    inner_product: bool = static_field(False)
 
     @property
     def code_name(self) -> str:
@@ -314,7 +310,7 @@ class Soft(Code):
     """
 
     temperature: jax.Array
-    straight_through: bool = _static(False)
+    straight_through: bool = static_field(False)
 
     def replay(self) -> Code:
         return DDCM()

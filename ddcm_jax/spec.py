@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from ddcm_jax import bitstream
-from ddcm_jax.codebook import GENERATORS
+from ddcm_jax.codebook import GENERATORS, static_field
 from ddcm_jax.selection import DDCM, Turbo, make_rule, replay_rule
 
 __all__ = ["MAX_CODEBOOK_SIZE", "CodeSpec", "SpecError"]
@@ -49,14 +49,14 @@ class CodeSpec:
     restricts selection; other steps carry no bits (`rule.idle_code()`).
     """
 
-    steps: int = dataclasses.field(metadata=dict(static=True))
-    codebook_size: int = dataclasses.field(metadata=dict(static=True))
-    rule: Any = dataclasses.field(default_factory=DDCM)
-    generator: str = dataclasses.field(default="philox", metadata=dict(static=True))
-    eta: float = dataclasses.field(default=1.0, metadata=dict(static=True))
-    respacing: str = dataclasses.field(default="", metadata=dict(static=True))
-    t_range: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
-    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    steps: int = static_field()
+    codebook_size: int = static_field()
+    rule: Any = dataclasses.field(default_factory=DDCM)  # the one leaf: a rule's arrays are traced
+    generator: str = static_field("philox")
+    eta: float = static_field(1.0)
+    respacing: str = static_field("")
+    t_range: tuple[int, int] | None = static_field(None)
+    clip: bool = static_field(True)
 
     def __post_init__(self) -> None:
         if not hasattr(self.rule, "select") and not isinstance(self.rule, jax.core.Tracer):
