@@ -35,8 +35,9 @@ from PIL import Image
 from ddcm_jax import codec, images, metrics
 from ddcm_jax.model import DiffusionModel, load_model
 from ddcm_jax.models import adm_init
+from ddcm_jax.spec import CodeSpec
 
-POINTS = {  # name -> CodecSettings fields; bpp over a 128 x 128 crop in the comment
+POINTS = {  # name -> CodeSpec.create keywords; bpp over a 128 x 128 crop in the comment
     "ddcm K=1024 T=83": dict(steps=83, codebook_size=1024),  # 82 x 10 bits = 0.050 bpp
     "turbo K=1024 M=4 T=62": dict(steps=62, codebook_size=1024, num_atoms=4, rule="turbo"),  # 61 x 40 = 0.149
     "turbo K=1024 M=16 T=51": dict(steps=51, codebook_size=1024, num_atoms=16, rule="turbo"),  # 50 x 132 = 0.403
@@ -90,7 +91,7 @@ def random_weights(model: DiffusionModel) -> DiffusionModel:
     return DiffusionModel(model.config, jax.tree_util.tree_unflatten(tree, fixed), "sha256:" + "0" * 64)
 
 
-def run_point(model: DiffusionModel, crops: list[np.ndarray], settings: codec.CodecSettings, label: str) -> list[dict]:
+def run_point(model: DiffusionModel, crops: list[np.ndarray], settings: CodeSpec, label: str) -> list[dict]:
     rows = []
     for i, px in enumerate(crops):
         t0 = time.perf_counter()
@@ -128,7 +129,7 @@ def summarise(rows: list[dict]) -> dict:
     }  # fmt: skip
 
 
-def figure(model: DiffusionModel, crops: list[np.ndarray], which: list[int], settings: codec.CodecSettings,
+def figure(model: DiffusionModel, crops: list[np.ndarray], which: list[int], settings: CodeSpec,
            path: Path) -> None:  # fmt: skip
     """Rows of original / DDCM / JPEG / WebP (same bytes) for a few images."""
     tiles = []
@@ -158,19 +159,19 @@ def main() -> None:
     crops = [centre_crop(args.kodak / f"kodim{i:02d}.png", args.crop) for i in range(1, args.limit + 1)]
     results: dict = {"points": {}, "rows": []}
     for label in args.points:
-        settings = codec.CodecSettings(**POINTS[label], size_policy="crop")
+        settings = CodeSpec.create(**POINTS[label])
         rows = run_point(model, crops, settings, label)
         results["rows"] += rows
         results["points"][label] = summarise(rows)
         print(label, json.dumps(results["points"][label]), flush=True)
     if args.random_baseline:
         label = args.points[0]
-        rows = run_point(random_weights(model), crops, codec.CodecSettings(**POINTS[label]), "random weights, " + label)
+        rows = run_point(random_weights(model), crops, CodeSpec.create(**POINTS[label]), "random weights, " + label)
         results["random_weights"] = {"point": label, **summarise(rows)}
         print("random weights", json.dumps(results["random_weights"]), flush=True)
     if args.figure:
         figure(model, crops, [22, 3, 18][: len(crops)] if len(crops) > 22 else [0],
-               codec.CodecSettings(**POINTS[args.points[len(args.points) // 2]]), args.figure)  # fmt: skip
+               CodeSpec.create(**POINTS[args.points[len(args.points) // 2]]), args.figure)  # fmt: skip
     if args.json:
         results["meta"] = {"model": str(args.model or "default"), "crop": args.crop, "machine": platform.machine(),
                            "cpus": os.cpu_count(), "jax": jax.__version__,

@@ -32,6 +32,7 @@ from ddcm_jax.codebook import AtomSource
 from ddcm_jax.model import default_model_dir, load_model
 from ddcm_jax.sampler import predict_x0, schedule_xs, step
 from ddcm_jax.schedule import Schedule
+from ddcm_jax.spec import CodeSpec
 
 HERE = Path(__file__).resolve()
 
@@ -85,7 +86,7 @@ def rd(model, crops, runs: list[tuple[str, dict]]) -> dict:
         rows = []
         for px in crops:
             t0 = time.perf_counter()
-            enc = codec.encode_image(model, px, codec.CodecSettings(**kw))
+            enc = codec.encode_image(model, px, CodeSpec.create(**kw))
             rows.append({"bpp": enc.payload_bits / (px.shape[0] * px.shape[1]), "psnr": metrics.psnr(px, enc.decoded),
                          "lpips": metrics.lpips(px, enc.decoded), "seconds": time.perf_counter() - t0})  # fmt: skip
         res[label] = {key: statistics.mean(r[key] for r in rows if r[key] is not None) if rows[0][key] is not None

@@ -1,5 +1,15 @@
-"""ddcm_jax: Denoising Diffusion Codebook Models as pure JAX functions."""
+"""ddcm_jax: Denoising Diffusion Codebook Models as pure JAX functions.
 
+The public API, re-exported here from the modules that define it:
+  spec      `CodeSpec` (every setting of a code, validated once), `SpecError`
+  sampler   `encode` / `decode` (take a spec), and their keyword forms
+            `compress` / `decompress` / `restore` / `generate`; `sample`
+  codec     `encode_image` / `decode_bytes` (pixels <-> `.ddcm` bytes)
+  selection the rules (`DDCM`, `MatchingPursuit`, `Turbo`, `MSE`, `Random`,
+            `Soft`), `make_rule`, `select_atoms`
+"""
+
+from ddcm_jax.codec import Encoded, decode_bytes, encode_image
 from ddcm_jax.model import (
     DiffusionConfig,
     DiffusionModel,
@@ -15,7 +25,9 @@ from ddcm_jax.sampler import (
     CompressResult,
     bits_per_image,
     compress,
+    decode,
     decompress,
+    encode,
     generate,
     restore,
     sample,
@@ -31,8 +43,10 @@ from ddcm_jax.selection import (
     Soft,
     StepContext,
     Turbo,
+    make_rule,
     select_atoms,
 )
+from ddcm_jax.spec import CodeSpec, SpecError
 
 __version__ = "0.1.0"
 
@@ -41,10 +55,12 @@ __all__ = [
     "MSE",
     "ADMConfig",
     "AtomSource",
+    "CodeSpec",
     "Colorization",
     "CompressResult",
     "DiffusionConfig",
     "DiffusionModel",
+    "Encoded",
     "GaussianBlur",
     "Inpainting",
     "MatchingPursuit",
@@ -54,16 +70,22 @@ __all__ = [
     "Schedule",
     "Selection",
     "Soft",
+    "SpecError",
     "StepContext",
     "SuperResolution",
     "Turbo",
     "__version__",
     "bits_per_image",
     "compress",
+    "decode",
+    "decode_bytes",
     "decompress",
+    "encode",
+    "encode_image",
     "fingerprint",
     "generate",
     "load_model",
+    "make_rule",
     "restore",
     "sample",
     "save_model",

@@ -73,8 +73,10 @@ __all__ = [
     "decode",
     "decode_header",
     "encode",
+    "idle_step",
     "payload_bits",
     "rank_subset",
+    "schedule_timesteps",
     "unrank_subset",
 ]
 
@@ -285,14 +287,14 @@ def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | N
     return (t >= t_range[0]) & (t <= t_range[1])
 
 
-def _schedule_timesteps(h: Header) -> np.ndarray:
+def schedule_timesteps(h: Header) -> np.ndarray:
     """Original timesteps in the order the sampler runs them (the last one adds no noise)."""
     return _timesteps(h.noise_schedule, h.num_timesteps, h.respacing_or_steps, h.steps)
 
 
 @functools.lru_cache(maxsize=256)
 def _timesteps(noise_schedule: str, num_timesteps: int, respacing: str, steps: int) -> np.ndarray:
-    from ddcm_jax.schedule import space_timesteps
+    from ddcm_jax.respacing import space_timesteps
 
     try:
         kept = space_timesteps(num_timesteps, respacing)
@@ -307,7 +309,7 @@ def _timesteps(noise_schedule: str, num_timesteps: int, respacing: str, steps: i
 
 def payload_bits(h: Header) -> int:
     """Exact payload length in bits: coded steps x `bits_per_step`."""
-    n = int(coded_steps(_schedule_timesteps(h), h.t_range).sum())
+    n = int(coded_steps(schedule_timesteps(h), h.t_range).sum())
     return n * bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
 
 
@@ -543,10 +545,9 @@ def _read_header(r: _Reader) -> Header:
 # --- payload ------------------------------------------------------------------------------------
 
 
-def _default_step(h: Header) -> tuple[list[int], list[int]]:
-    """What a step outside t_range replays: atom 0 (turbo: atoms 0..M-1, positive)."""
-    idx = list(range(h.num_atoms)) if h.rule == "turbo" else [0] * h.num_atoms
-    return idx, [0] * h.coeff_width
+def idle_step(rule: str, num_atoms: int, coeff_width: int) -> tuple[list[int], list[int]]:
+    """The code of a step outside t_range, which carries no bits: atom 0 (turbo: atoms 0..M-1, positive)."""
+    return (list(range(num_atoms)) if rule == "turbo" else [0] * num_atoms), [0] * coeff_width
 
 
 def _pack(h: Header, indices: np.ndarray, coeffs: np.ndarray, coded: np.ndarray) -> bytes:
@@ -661,13 +662,13 @@ def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
         raise ValueError(f"indices must be {(header.steps - 1, header.num_atoms)}, got {indices.shape}")
     if indices.size and (indices.min() < 0 or indices.max() >= header.codebook_size):
         raise ValueError("atom index outside 0..K-1")
-    coded = coded_steps(_schedule_timesteps(header), header.t_range)
+    coded = coded_steps(schedule_timesteps(header), header.t_range)
     top = 2 if header.rule == "turbo" else 2**header.coef_bits
     if coeffs.size and (coeffs.min() < 0 or coeffs.max() >= top):
         raise ValueError("coefficient outside its bit width")
     if header.rule == "turbo" and (np.diff(indices, axis=1) <= 0).any():
         raise ValueError("turbo atom sets must be sorted and distinct")
-    default_idx, default_co = _default_step(header)
+    default_idx, default_co = idle_step(header.rule, header.num_atoms, header.coeff_width)
     for i in np.flatnonzero(~coded):
         if list(indices[i]) != default_idx or list(coeffs[i]) != default_co:
             raise ValueError(f"step {i} is outside t_range but does not hold the default code")
@@ -718,6 +719,6 @@ def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
     head = decode_header(data, source)
     h, start = head.header, head.header_bytes
     with _naming(source):
-        coded = coded_steps(_schedule_timesteps(h), h.t_range)
+        coded = coded_steps(schedule_timesteps(h), h.t_range)
         indices, coeffs = _unpack(h, data[start : start + head.payload_bytes], coded)
     return Bitstream(h, head.header_bytes, head.payload_bytes, indices=indices, coeffs=coeffs)

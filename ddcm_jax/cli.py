@@ -19,12 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ddcm_jax.printable import printable
 
 DEFAULT_STEPS, DEFAULT_K = 50, 1024
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
 
 
 class UsageError(Exception):
@@ -367,46 +366,50 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else round(v, 4)
 
 
-def _settings(args: argparse.Namespace) -> Any:
-    from ddcm_jax.codec import CodecSettings
+class Coding(NamedTuple):
+    """What the coding flags say: the code's spec, the seed and the size policy."""
 
-    rule = getattr(args, "rule", "ddcm")
-    atoms = getattr(args, "atoms", 1)
-    if args.steps < 2:
-        raise UsageError("--steps must be at least 2")
-    if not 1 <= args.codebook_size <= 2**24:
-        raise UsageError("--codebook-size must be in 1..2^24")
-    if atoms > 1 and rule == "ddcm" and not 1 <= getattr(args, "coef_bits", 1) <= 16:
-        raise UsageError("--coef-bits must be in 1..16")
-    if atoms < 1 or (rule == "turbo" and atoms > args.codebook_size):
-        raise UsageError("--atoms must be in 1..K")
+    spec: Any  # ddcm_jax.spec.CodeSpec
+    seed: int
+    policy: str
+
+
+# The flag that sets each CodeSpec field, for its usage errors.
+_SPEC_FLAGS = {"steps": "--steps", "codebook_size": "--codebook-size", "num_atoms": "--atoms",
+               "coef_bits": "--coef-bits", "eta": "--eta", "t_range": "--t-range", "generator": "--generator",
+               "rule": "--rule"}  # fmt: skip
+
+
+def _settings(args: argparse.Namespace) -> Coding:
+    """The coding flags as a `CodeSpec` (validated there, once) plus seed and policy; usage errors at once."""
+    from ddcm_jax.spec import CodeSpec, SpecError
+
+    t_range = getattr(args, "t_range", None)
+    try:
+        spec = CodeSpec.create(
+            steps=args.steps, codebook_size=args.codebook_size, rule=getattr(args, "rule", "ddcm"),
+            num_atoms=getattr(args, "atoms", 1), coef_bits=getattr(args, "coef_bits", 1), generator=args.generator,
+            eta=args.eta, t_range=None if t_range is None else (min(t_range), max(t_range)),
+        )  # fmt: skip
+    except SpecError as e:
+        raise UsageError(f"{_SPEC_FLAGS.get(e.field, e.field)}: {e}") from None
     if not 0 <= args.seed < 2**32:
         raise UsageError("--seed must be in 0..2^32-1")
-    from ddcm_jax.bitstream import LIMITS
-
-    if atoms > LIMITS["num_atoms"]:
-        raise UsageError(f"--atoms must be at most {LIMITS['num_atoms']}")
-    if not (math.isfinite(args.eta) and 0.0 <= args.eta <= 1.0):
-        raise UsageError("--eta must be a number in 0..1")
     num_timesteps = _model_timesteps(getattr(args, "model", None))
     if num_timesteps is not None and args.steps > num_timesteps:
         raise UsageError(f"--steps must be at most the model's {num_timesteps} diffusion timesteps")
-    t_range = getattr(args, "t_range", None)
     if t_range is not None and num_timesteps is not None and not all(0 <= t < num_timesteps for t in t_range):
         raise UsageError(f"--t-range must lie in 0..{num_timesteps - 1}, the model's timesteps")
     if getattr(args, "task", None) is not None:
+        from ddcm_jax.bitstream import LIMITS
+
         if not 1 <= args.factor <= LIMITS["factor"]:
             raise UsageError(f"--factor must be in 1..{LIMITS['factor']}")
         if not (1 <= args.blur_kernel <= LIMITS["kernel"] and args.blur_kernel % 2 == 1):
             raise UsageError(f"--blur-kernel must be odd, in 1..{LIMITS['kernel']}")
         if not (math.isfinite(args.blur_sigma) and args.blur_sigma > 0):
             raise UsageError("--blur-sigma must be a positive number")
-    return CodecSettings(
-        steps=args.steps, codebook_size=args.codebook_size, num_atoms=atoms,
-        coef_bits=getattr(args, "coef_bits", 1), rule=rule, seed=args.seed,
-        t_range=None if t_range is None else (min(t_range), max(t_range)), eta=args.eta,
-        size_policy=getattr(args, "policy", "crop"), generator=args.generator,
-    )  # fmt: skip
+    return Coding(spec, args.seed, getattr(args, "policy", "crop"))
 
 
 def _model_timesteps(model: Path | str | None) -> int | None:
@@ -508,7 +511,7 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
     for group in _groups(loaded, lambda item: item.coded, jax.local_device_count()):
         try:
             with run.steps(args.steps):
-                encs = encode(model, [item.pixels for item in group])
+                encs = encode(model, [item.pixels for item in group], budget)
             results = [enc.decoded for enc in encs]
             if decode_back:
                 streams = [bitstream.decode(enc.data, str(item.job.source)) for enc, item in zip(encs, group, strict=True)]
@@ -564,8 +567,9 @@ def _table(run: Run) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from ddcm_jax import codec
+    from ddcm_jax.images import IMAGE_SUFFIXES
 
-    settings = _settings(args)
+    coding = _settings(args)
     _init_distributed(args)
     jobs, errors = _expand(args.inputs, args.output, IMAGE_SUFFIXES)
     every_input = [job.source for job in jobs] + ([args.mask] if getattr(args, "mask", None) else [])
@@ -578,13 +582,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.command == "restore":
         mask = _load_mask(args.mask) if args.mask is not None else None
 
-        def encode(model: Any, pixel_list: list[Any]) -> Any:
-            return codec.encode_images(model, pixel_list, settings, task=args.task, factor=args.factor,
+        def encode(model: Any, pixel_list: list[Any], budget: int) -> Any:
+            return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
+                                       budget=budget, task=args.task, factor=args.factor,
                                        blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask)  # fmt: skip
     else:
 
-        def encode(model: Any, pixel_list: list[Any]) -> Any:
-            return codec.encode_images(model, pixel_list, settings)
+        def encode(model: Any, pixel_list: list[Any], budget: int) -> Any:
+            return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
+                                       budget=budget)  # fmt: skip
 
     if jobs:
         _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
@@ -609,7 +615,7 @@ def _load_mask(path: Path) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     import jax
 
-    from ddcm_jax import codec, images
+    from ddcm_jax import codec, images, memory
 
     if args.num_images < 1:
         raise UsageError("-n must be at least 1")
@@ -621,11 +627,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seeds = _my_share(list(range(base.seed, base.seed + args.num_images)))
     run = Run("generate", args, len(seeds))
     model = _load_model(args.model)
+    budget = memory.budget_bytes()
     for group in _groups(seeds, lambda _: 0, jax.local_device_count()):
         t0 = time.perf_counter()
         try:
             with run.steps(args.steps):
-                encs = codec.generate_images(model, base, group, class_label=args.class_label)
+                encs = codec.generate_images(model, base.spec, group, class_label=args.class_label, budget=budget)
         except Exception as e:
             for sd in group:
                 run.fail(args.output / f"gen_{sd - base.seed:0{width}d}", e)
@@ -679,7 +686,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
                                      "among the known models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
             if where not in models:
                 models[where] = _load_model(where)
-            codec.check_model(head, models[where], name)
+            codec.check_model(head, models[where], name, budget=budget)
             # The output is resampled to, and written at, the size the header claims.
             for stage in ("resample", "png"):
                 memory.check_host(stage, *head.original_size, what=f"{name}: decoding", budget=budget)
@@ -753,7 +760,7 @@ def describe(stream: Any, nbytes: int) -> dict[str, Any]:
 
     h = stream.header
     coded = h.size[0] * h.size[1]
-    timesteps = bitstream._schedule_timesteps(h)
+    timesteps = bitstream.schedule_timesteps(h)
     n_coded = int(bitstream.coded_steps(timesteps, h.t_range).sum())
     out = {
         "format_version": bitstream.VERSION,

@@ -57,16 +57,18 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "GENERATORS",
     "AtomSource",
+    "Generator",
     "atom",
     "atoms",
     "box_muller",
     "chunk_for",
+    "dot",
     "normals_from_words",
     "philox4x32",
+    "static_field",
     "step_key",
 ]
 
-GENERATORS = ("philox", "threefry", "shift")
 DEFAULT_CHUNK_BYTES = 64 << 20  # float32 working set of one chunk of atoms
 
 # Philox4x32 constants (Random123).
@@ -245,10 +247,76 @@ def _chunks(size: int, chunk: int) -> tuple[int, jax.Array]:
     return n, jnp.arange(n, dtype=jnp.int32) * chunk
 
 
+# --- generators ---------------------------------------------------------------------------------
+
+
+class Generator:
+    """How a codebook's atoms come to be: one small class per generator, one instance each.
+
+    `atoms` is required; `linear` (<z_k, r> for atoms ks) defaults to
+    generating them; `all_scores` (every <z_k, r> at once) is None for
+    generators that stream, and `prepare` precomputes per-step state. Adding a
+    generator: a subclass here, an entry in `_GENERATORS`, and its format byte
+    in `ddcm_jax.bitstream.CODEBOOK_GENERATORS` (the format's byte).
+    """
+
+    def atoms(self, book: AtomSource, ks: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def linear(self, book: AtomSource, ks: jax.Array, r: jax.Array) -> jax.Array:
+        return dot(self.atoms(book, ks), r)
+
+    def all_scores(self, book: AtomSource, r: jax.Array) -> jax.Array | None:
+        return None
+
+    def prepare(self, book: AtomSource) -> AtomSource:
+        return book
+
+
+class _Philox(Generator):
+    def atoms(self, book: AtomSource, ks: jax.Array) -> jax.Array:
+        return _philox_atoms(book.root, book.step, ks, book.shape)
+
+    def linear(self, book: AtomSource, ks: jax.Array, r: jax.Array) -> jax.Array:
+        return _philox_scores(book.root, book.step, ks, r)
+
+
+class _Threefry(Generator):
+    def atoms(self, book: AtomSource, ks: jax.Array) -> jax.Array:
+        return _threefry_atoms(book.root, book.step, ks, book.shape)
+
+
+class _Shift(Generator):
+    def atoms(self, book: AtomSource, ks: jax.Array) -> jax.Array:
+        return _shift_atoms(self.prepare(book).base, ks, book.shape)
+
+    def all_scores(self, book: AtomSource, r: jax.Array) -> jax.Array:
+        return _shift_scores(self.prepare(book).base, r, book.size)
+
+    def prepare(self, book: AtomSource) -> AtomSource:
+        if book.base is not None:
+            return book
+        d = math.prod(book.shape)
+        if book.size > d:
+            raise ValueError(f"the shift codebook has at most D = {d} atoms, K = {book.size} asked")
+        return dataclasses.replace(book, base=_shift_base(book.root, book.step, d))
+
+
+class _Explicit(Generator):
+    def atoms(self, book: AtomSource, ks: jax.Array) -> jax.Array:
+        return book.array[ks]
+
+
+_GENERATORS: dict[str, Generator] = {"philox": _Philox(), "threefry": _Threefry(), "shift": _Shift(),
+                                     "array": _Explicit()}  # fmt: skip
+GENERATORS = tuple(name for name in _GENERATORS if name != "array")  # those a key derives (and files name)
+
+
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def _static(default: Any = dataclasses.MISSING) -> Any:
+def static_field(default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that `jax.tree_util.register_dataclass` keeps out of the leaves (static)."""
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
@@ -265,18 +333,18 @@ class AtomSource:
     have ranked them (ties to the lower index).
     """
 
-    size: int = _static()
-    shape: tuple[int, ...] = _static()
-    generator: str = _static("philox")
-    chunk: int | None = _static(None)
-    axis_name: str | None = _static(None)
+    size: int = static_field()
+    shape: tuple[int, ...] = static_field()
+    generator: str = static_field("philox")
+    chunk: int | None = static_field(None)
+    axis_name: str | None = static_field(None)
     root: jax.Array | None = None
     step: jax.Array | None = None
     array: jax.Array | None = None
     base: tuple[jax.Array, ...] | None = None  # the shift family's (g, signs, perm), see `with_base`
 
     def __post_init__(self) -> None:
-        if self.generator not in (*GENERATORS, "array"):
+        if self.generator not in _GENERATORS:
             raise ValueError(f"unknown codebook generator {self.generator!r} ({', '.join(GENERATORS)})")
         if (self.array is not None) != (self.generator == "array"):
             raise ValueError("explicit atoms go with generator='array' (use AtomSource.from_array)")
@@ -285,25 +353,19 @@ class AtomSource:
     def from_array(cls, array: jax.Array, **kw: Any) -> AtomSource:
         return cls(int(array.shape[0]), tuple(array.shape[1:]), "array", array=array, **kw)
 
+    @property
+    def _gen(self) -> Generator:
+        return _GENERATORS[self.generator]
+
     def with_base(self) -> AtomSource:
-        """The shift family's per-step vectors, computed once (other generators: unchanged)."""
-        if self.generator != "shift" or self.base is not None:
-            return self
-        d = math.prod(self.shape)
-        if self.size > d:
-            raise ValueError(f"the shift codebook has at most D = {d} atoms, K = {self.size} asked")
-        return dataclasses.replace(self, base=_shift_base(self.root, self.step, d))
+        """The generator's per-step state (the shift family's vectors), computed once."""
+        return self._gen.prepare(self)
 
     # Atoms by index ------------------------------------------------------------------------------
 
     def get(self, ks: jax.Array) -> jax.Array:
         """Atoms ks (n,) -> (n, *shape); indices are taken as given (0 <= k < K)."""
-        if self.generator == "array":
-            return self.array[ks]
-        if self.generator == "shift":
-            return _shift_atoms(self.with_base().base, ks, self.shape)
-        make = _philox_atoms if self.generator == "philox" else _threefry_atoms
-        return make(self.root, self.step, ks, self.shape)
+        return self._gen.atoms(self, ks)
 
     # Streams over the codebook -------------------------------------------------------------------
 
@@ -332,9 +394,8 @@ class AtomSource:
 
     def map(self, score: Callable[[jax.Array], jax.Array], width: tuple[int, ...] = ()) -> jax.Array:
         """score(z (n, *shape)) -> (n, *width) for every atom: (K, *width)."""
-        if self.generator == "shift" and self.base is None:
-            return self.with_base().map(score, width)
-        return self._map_ks(lambda ks: score(self.get(ks)), width)
+        book = self.with_base()
+        return book._map_ks(lambda ks: score(book.get(ks)), width)
 
     def _map_ks(self, score_ks: Callable[[jax.Array], jax.Array], width: tuple[int, ...]) -> jax.Array:
         local, first = self._slice()
@@ -352,29 +413,25 @@ class AtomSource:
 
     def _linear(self, ks: jax.Array, r: jax.Array) -> jax.Array:
         """<z_k, r> for atoms ks, by the generator's fastest exact route."""
-        if self.generator == "philox":
-            return _philox_scores(self.root, self.step, ks, r)
-        return _dot(self.get(ks), r)
+        return self._gen.linear(self, ks, r)
 
     def scores(self, r: jax.Array) -> jax.Array:
         """<z_k, r> for every atom: (K,)."""
-        if self.generator == "shift":
-            return _shift_scores(self.with_base().base, r, self.size)
-        return self._map_ks(lambda ks: self._linear(ks, r), ())
+        s = self._gen.all_scores(self, r)
+        return self._map_ks(lambda ks: self._linear(ks, r), ()) if s is None else s
 
     def best(self, r: jax.Array) -> tuple[jax.Array, jax.Array]:
         """argmax_k <z_k, r> (the first index among equal scores) and its score, streaming."""
-        if self.generator == "shift":
-            s = self.scores(r)
+        s = self._gen.all_scores(self, r)
+        if s is not None:
             j = jnp.argmax(s).astype(jnp.int32)
             return j, s[j]
         return self._best_ks(lambda ks: self._linear(ks, r))
 
     def best_of(self, score: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
         """argmax_k score(z_k) for a per-atom score (n, *shape) -> (n,), streaming."""
-        if self.generator == "shift" and self.base is None:
-            return self.with_base().best_of(score)
-        return self._best_ks(lambda ks: score(self.get(ks)))
+        book = self.with_base()
+        return book._best_ks(lambda ks: score(book.get(ks)))
 
     def _best_ks(self, score_ks: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
         """argmax over atoms of score_ks(ks (n,)) -> (n,), streaming; ties to the lower index."""
@@ -398,8 +455,8 @@ class AtomSource:
 
         Returns (indices (m,), scores (m,)) ordered by decreasing |score|.
         """
-        if self.generator == "shift":
-            s = self.scores(r)
+        s = self._gen.all_scores(self, r)
+        if s is not None:
             _, top = jax.lax.top_k(jnp.abs(s), m)  # ties: the lower index first
             return top.astype(jnp.int32), s[top]
 
@@ -415,7 +472,7 @@ class AtomSource:
         return idx, s
 
 
-def _dot(z: jax.Array, r: jax.Array) -> jax.Array:
+def dot(z: jax.Array, r: jax.Array) -> jax.Array:
     """<z_k, r> for z (n, *shape): per-atom inner products, summed elementwise so XLA can fuse
     the generation of z into the reduction."""
     return jnp.sum((z * r[None]).reshape(z.shape[0], -1), axis=1)

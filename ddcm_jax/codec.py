@@ -1,18 +1,24 @@
 """Images <-> `.ddcm` bytes: the sampler, the bitstream format and the size policies together.
 
-    enc = encode_image(model, pixels, CodecSettings(steps=20, codebook_size=256))
+    spec = CodeSpec.create(steps=20, codebook_size=256)
+    enc = encode_image(model, pixels, spec, seed=0)
     enc.data          # the file's bytes
     enc.decoded       # uint8, exactly what decode_bytes(model, enc.data) returns
     pixels, stream = decode_bytes(model, enc.data)
 
-The encoder samples with the header's own values (eta as stored, the seed's
-threefry key, the schedule the header names), so the decoder, which knows only
-the header, replays the same arithmetic. Encoding and decoding both run
-through `ddcm_jax.parallel` with one image per device (several images side by
-side on several devices), and both compile the per-step progress callback in
-(`ddcm_jax.progress.on_step` listens to it; unheard, it does nothing), so the
-encoder's reconstruction is exactly what the decoder will produce on the same
-kind of machine.
+The path: pixels -> coded geometry (`images.prepare`) -> `header_for(spec, ...)`
+-> `parallel.encode_sharded(spec_of(header))` -> indices -> `bitstream.encode`;
+and back: `bitstream.decode` -> `spec_of(header)` -> `parallel.decode_sharded`
+-> pixels. The encoder samples with the header's own spec (eta as stored in
+float32), so the decoder, which knows only the header, replays the same
+arithmetic. Both compile the per-step progress callback in (see
+`ddcm_jax.progress`), so the encoder's reconstruction is exactly what the
+decoder will produce on the same kind of machine.
+
+Read at this edge, once per call, and passed down: the memory budget
+(`budget`, default `memory.budget_bytes()`) and JAX's threefry-partitionable
+flag (`partitionable`, default the current `jax.config` value), which decides
+the threefry generator's atoms and so is recorded in the header.
 """
 
 from __future__ import annotations
@@ -25,24 +31,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax import bitstream, images
+from ddcm_jax import bitstream, images, memory
 from ddcm_jax.bitstream import Bitstream, BitstreamError, Header
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.memory import MemoryBudgetError, check_fits
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
-from ddcm_jax.parallel import (
-    compress_sharded,
-    decompress_sharded,
-    generate_sharded,
-    make_mesh,
-    restore_sharded,
-)
+from ddcm_jax.parallel import decode_sharded, encode_sharded, make_mesh
 from ddcm_jax.sampler import PRNG_IMPL
-from ddcm_jax.schedule import Schedule
+from ddcm_jax.selection import MSE, Random, replay_rule
+from ddcm_jax.shapes import Pixels
+from ddcm_jax.spec import CodeSpec
 
 __all__ = [
     "RESTORATION_TASKS",
-    "CodecSettings",
     "Encoded",
     "check_model",
     "codebook_check",
@@ -53,35 +54,14 @@ __all__ = [
     "encode_images",
     "generate_image",
     "generate_images",
+    "header_for",
+    "make_operator",
     "mesh_for",
     "restore_image",
+    "spec_of",
 ]
 
 RESTORATION_TASKS = ("colorization", "super-resolution", "inpainting", "blur")
-
-
-@dataclasses.dataclass(frozen=True)
-class CodecSettings:
-    """What an encoder chooses. `rule`: "ddcm" (matching pursuit when num_atoms > 1), "mp", "turbo"."""
-
-    steps: int
-    codebook_size: int
-    num_atoms: int = 1
-    coef_bits: int = 1
-    rule: str = "ddcm"
-    seed: int = 0
-    t_range: tuple[int, int] | None = None
-    eta: float = 1.0
-    size_policy: str = "crop"
-    generator: str = "philox"
-
-    @property
-    def header_rule(self) -> str:
-        if self.rule == "ddcm":
-            return "ddcm" if self.num_atoms == 1 else "mp"
-        if self.rule in ("mp", "turbo"):
-            return self.rule
-        raise ValueError(f"unknown rule {self.rule!r} (ddcm, mp, turbo)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,29 +100,42 @@ def _fingerprint_bytes(model: Any) -> bytes:
     return bytes.fromhex(fp[len("sha256:") :])[: bitstream.FINGERPRINT_BYTES]
 
 
-def _header(model: Any, s: CodecSettings, *, rule: str, size: tuple[int, int],
-            original: tuple[int, int], policy: str, **extra: Any) -> Header:  # fmt: skip
-    d = model.config.diffusion
-    m = s.num_atoms if rule in ("mp", "turbo") else 1
-    t_range = None if s.t_range is None else (min(s.t_range), max(s.t_range))
+def header_for(model: Any, spec: CodeSpec, *, seed: int, size: tuple[int, int], original: tuple[int, int],
+               policy: str, partitionable: bool, **extra: Any) -> Header:  # fmt: skip
+    """The file header of an image coded under `spec`: the spec, the geometry, the model, the provenance.
+
+    `extra`: the task's fields (task, factor, blur_kernel, blur_sigma, class_label).
+    """
+    d, rule = model.config.diffusion, spec.rule
+    if rule.code_name is None:
+        raise ValueError(f"rule {type(rule).__name__} cannot be stored in a file")
     return Header(
-        rule=rule, steps=s.steps, codebook_size=s.codebook_size, num_atoms=m,
-        coef_bits=s.coef_bits if rule == "mp" else 0, fingerprint=_fingerprint_bytes(model),
-        size=size, original_size=original, size_policy=policy, t_range=t_range, eta=s.eta,
-        seed=s.seed, noise_schedule=d.noise_schedule, num_timesteps=d.num_timesteps,
-        compute_dtype=model.config.compute_dtype, jax_version=jax.__version__,
-        threefry_partitionable=bool(jax.config.jax_threefry_partitionable), generator=s.generator,
-        codebook_check=codebook_check(s.seed, bool(jax.config.jax_threefry_partitionable), s.generator),
-        **extra,
+        rule=rule.code_name, steps=spec.steps, codebook_size=spec.codebook_size, num_atoms=rule.num_atoms,
+        coef_bits=rule.coef_bits if rule.code_name == "mp" else 0, fingerprint=_fingerprint_bytes(model),
+        size=size, original_size=original, size_policy=policy, t_range=spec.t_range, eta=spec.eta,
+        seed=seed, noise_schedule=d.noise_schedule, num_timesteps=d.num_timesteps, respacing=spec.respacing,
+        clip=spec.clip, compute_dtype=model.config.compute_dtype, jax_version=jax.__version__,
+        threefry_partitionable=partitionable, generator=spec.generator,
+        codebook_check=codebook_check(seed, partitionable, spec.generator), **extra,
     )  # fmt: skip
 
 
-def _schedule(h: Header) -> Schedule:
-    return Schedule.create(h.noise_schedule, h.num_timesteps, h.respacing_or_steps)
+def spec_of(h: Header, rule: Any = None) -> CodeSpec:
+    """The spec a header records (`rule`: the encoder's rule object; default the decoder's replay rule).
+
+    Values are the header's canonical ones (eta rounded to float32): an
+    encoder samples with them so that its decoder replays the same arithmetic.
+    """
+    rule = replay_rule(h.rule, h.num_atoms, max(h.coef_bits, 1)) if rule is None else rule
+    return CodeSpec(h.steps, h.codebook_size, rule, h.generator, h.eta, h.respacing, h.t_range, h.clip)
 
 
 def _key(h: Header) -> jax.Array:
     return jax.random.key(h.seed, impl=h.prng_impl)
+
+
+def _keys(headers: list[Header]) -> jax.Array:
+    return jnp.stack([_key(h) for h in headers])
 
 
 def _finish(h: Header, x: Any, indices: Any, coeffs: Any, reference: np.ndarray | None,
@@ -161,63 +154,66 @@ def mesh_for(batch: int) -> Any:
     return make_mesh(data=max(1, min(batch, jax.local_device_count())))
 
 
-def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def _edge(budget: int | None, partitionable: bool | None) -> tuple[int, bool]:
+    """The process settings a call depends on, read once at the codec's entry."""
+    budget = memory.budget_bytes() if budget is None else budget
+    return budget, bool(jax.config.jax_threefry_partitionable) if partitionable is None else partitionable
+
+
+def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str,
+                  budget: int) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
     arch = model.config.architecture
     sizes = {images.coded_size(p.shape[:2], policy, arch.image_size, arch.size_multiple) for p in pixel_list}
     if len(sizes) != 1:
         raise ValueError(f"a batch must share one coded size, got {sorted(sizes)}")
-    check_fits(arch, *sizes.pop())
+    check_fits(arch, *sizes.pop(), budget=budget)
     coded = np.stack([images.prepare(p, policy, arch.image_size, arch.size_multiple) for p in pixel_list])
     return coded, [(int(p.shape[0]), int(p.shape[1])) for p in pixel_list]
 
 
-def _keys(headers: list[Header]) -> jax.Array:
-    return jnp.stack([_key(h) for h in headers])
-
-
-def encode_images(model: Any, pixel_list: list[np.ndarray], settings: CodecSettings, *, task: str = "compression",
-                  notes: list[tuple[str, ...]] | None = None, mesh: Any = None, **op_args: Any) -> list[Encoded]:  # fmt: skip
+def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed: int = 0,
+                  size_policy: str = "crop", task: str = "compression",
+                  notes: list[tuple[str, ...]] | None = None, mesh: Any = None, budget: int | None = None,
+                  partitionable: bool | None = None, **op_args: Any) -> list[Encoded]:  # fmt: skip
     """Compress (or, with a restoration `task`, restore) uint8 RGB images that share a coded size.
 
     The images run side by side, one per device of `mesh` (default `mesh_for`).
     Restoration degrades each coded input by the task and samples the
-    posterior; its file holds only the indices, and decoding it reproduces the
+    posterior with the rule `MSE(operator)` (the spec's rule and t_range are
+    not used); its file holds only the indices, and decoding it reproduces the
     restored image without the measurement.
     """
-    coded, originals = _coded_inputs(model, pixel_list, settings.size_policy)
+    budget, partitionable = _edge(budget, partitionable)
+    coded, originals = _coded_inputs(model, pixel_list, size_policy, budget)
     mesh = mesh_for(len(pixel_list)) if mesh is None else mesh
     x = np.stack([images.to_model(c) for c in coded])
-    if task == "compression":
-        heads = [_header(model, settings, rule=settings.header_rule, size=coded.shape[1:3], original=o,
-                         policy=settings.size_policy) for o in originals]  # fmt: skip
-        h = heads[0]
-        res = compress_sharded(model, x, mesh=mesh, steps=h.steps, codebook_size=h.codebook_size,
-                               num_atoms=settings.num_atoms, coef_bits=settings.coef_bits, rule=h.rule,
-                               key=_keys(heads), t_range=h.t_range, schedule=_schedule(h), eta=h.eta,
-                               clip=h.clip, generator=h.generator)  # fmt: skip
-    else:
+    extra: dict[str, Any] = {}
+    if task != "compression":
         op = make_operator(task, coded.shape[1:3], **op_args)
-        extra: dict[str, Any] = {"task": task}
+        spec = spec.replace(rule=MSE(op), t_range=None)
+        extra["task"] = task
         if task == "super-resolution":
             extra["factor"] = op.factor
         elif task == "blur":
             extra.update(blur_kernel=op.kernel_size, blur_sigma=float(op.sigma))
-        heads = [_header(model, settings, rule="mse", size=coded.shape[1:3], original=o,
-                         policy=settings.size_policy, **extra) for o in originals]  # fmt: skip
-        h = heads[0]
-        y = jax.vmap(op)(jnp.asarray(x))
-        res = restore_sharded(model, y, op, mesh=mesh, image_shape=(*h.size, 3), steps=h.steps,
-                              codebook_size=h.codebook_size, key=_keys(heads), schedule=_schedule(h),
-                              eta=h.eta, clip=h.clip, generator=h.generator)  # fmt: skip
+    heads = [header_for(model, spec, seed=seed, size=coded.shape[1:3], original=o, policy=size_policy,
+                        partitionable=partitionable, **extra) for o in originals]  # fmt: skip
+    run = spec_of(heads[0], spec.rule)
+    with jax.threefry_partitionable(partitionable):
+        if task == "compression":
+            res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads))
+        else:
+            res = encode_sharded(model, run, mesh=mesh, key=_keys(heads), measurements=jax.vmap(op)(jnp.asarray(x)),
+                                 image_shape=(*heads[0].size, 3))  # fmt: skip
     notes = notes or [()] * len(pixel_list)
-    return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, settings.size_policy), n)
+    return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, size_policy), n)
             for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
 
 
-def encode_image(model: Any, pixels: np.ndarray, settings: CodecSettings, *, notes: tuple[str, ...] = (),
-                 mesh: Any = None) -> Encoded:  # fmt: skip
-    """Compress uint8 RGB pixels (H0, W0, 3) under the settings' size policy."""
-    return encode_images(model, [pixels], settings, notes=[notes], mesh=mesh)[0]
+def encode_image(model: Any, pixels: Pixels, spec: CodeSpec, *, notes: tuple[str, ...] = (),
+                 **kw: Any) -> Encoded:  # fmt: skip
+    """Compress uint8 RGB pixels (H0, W0, 3); keywords as `encode_images` (seed, size_policy, ...)."""
+    return encode_images(model, [pixels], spec, notes=[notes], **kw)[0]
 
 
 def make_operator(task: str, shape: tuple[int, int], *, factor: int = 4, blur_sigma: float = 3.0,
@@ -242,34 +238,35 @@ def make_operator(task: str, shape: tuple[int, int], *, factor: int = 4, blur_si
     raise ValueError(f"unknown task {task!r} ({', '.join(RESTORATION_TASKS)})")
 
 
-def restore_image(model: Any, pixels: np.ndarray, task: str, settings: CodecSettings, *,
-                  notes: tuple[str, ...] = (), mesh: Any = None, **op_args: Any) -> Encoded:  # fmt: skip
+def restore_image(model: Any, pixels: Pixels, task: str, spec: CodeSpec, *, notes: tuple[str, ...] = (),
+                  **kw: Any) -> Encoded:  # fmt: skip
     """Compressed restoration of one image (see `encode_images`)."""
-    return encode_images(model, [pixels], settings, task=task, notes=[notes], mesh=mesh, **op_args)[0]
+    return encode_images(model, [pixels], spec, task=task, notes=[notes], **kw)[0]
 
 
-def generate_images(model: Any, settings: CodecSettings, seeds: list[int], *, class_label: int | None = None,
-                    mesh: Any = None) -> list[Encoded]:  # fmt: skip
-    """Compressed generation at the model's native size, one image per seed."""
+def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label: int | None = None,
+                    mesh: Any = None, budget: int | None = None, partitionable: bool | None = None) -> list[Encoded]:  # fmt: skip
+    """Compressed generation at the model's native size, one image per seed (the spec's rule: `Random`)."""
+    budget, partitionable = _edge(budget, partitionable)
     n = model.config.architecture.image_size
-    check_fits(model.config.architecture, n, n)
-    heads = [_header(model, dataclasses.replace(settings, seed=sd), rule="random", size=(n, n), original=(n, n),
-                     policy="none", task="generation", class_label=class_label) for sd in seeds]  # fmt: skip
-    h = heads[0]
+    check_fits(model.config.architecture, n, n, budget=budget)
+    spec = spec.replace(rule=Random(), t_range=None)
+    heads = [header_for(model, spec, seed=sd, size=(n, n), original=(n, n), policy="none", task="generation",
+                        class_label=class_label, partitionable=partitionable) for sd in seeds]  # fmt: skip
     labels = None if class_label is None else jnp.full((len(seeds),), class_label, jnp.int32)
-    res = generate_sharded(model, mesh=mesh_for(len(seeds)) if mesh is None else mesh, key=_keys(heads),
-                           image_shape=(n, n, 3), steps=h.steps, codebook_size=h.codebook_size,
-                           class_label=labels, schedule=_schedule(h), eta=h.eta, clip=h.clip,
-                           generator=h.generator)  # fmt: skip
+    with jax.threefry_partitionable(partitionable):
+        res = encode_sharded(model, spec_of(heads[0], spec.rule), mesh=mesh_for(len(seeds)) if mesh is None else mesh,
+                             key=_keys(heads), image_shape=(n, n, 3), class_label=labels)  # fmt: skip
     return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
 
 
-def generate_image(model: Any, settings: CodecSettings, *, class_label: int | None = None) -> Encoded:
-    """Compressed generation of one image (seed: `settings.seed`)."""
-    return generate_images(model, settings, [settings.seed], class_label=class_label)[0]
+def generate_image(model: Any, spec: CodeSpec, *, seed: int = 0, class_label: int | None = None,
+                   **kw: Any) -> Encoded:  # fmt: skip
+    """Compressed generation of one image."""
+    return generate_images(model, spec, [seed], class_label=class_label, **kw)[0]
 
 
-def check_model(h: Header, model: Any, source: str) -> None:
+def check_model(h: Header, model: Any, source: str, *, budget: int | None = None) -> None:
     """Raise BitstreamError unless `model` can decode a file with header `h` faithfully.
 
     Needs only the header (`bitstream.decode_header`): check before decoding the payload.
@@ -299,7 +296,7 @@ def check_model(h: Header, model: Any, source: str) -> None:
         raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not {h.original_size[0]}x"
                              f"{h.original_size[1]} padded to a multiple of {arch.size_multiple}")  # fmt: skip
     try:
-        check_fits(arch, *h.size)
+        check_fits(arch, *h.size, budget=memory.budget_bytes() if budget is None else budget)
     except MemoryBudgetError as e:
         raise BitstreamError(f"{source}: decoding {e}") from None
     if codebook_check(h.seed, h.threefry_partitionable, h.generator) != h.codebook_check:
@@ -314,7 +311,7 @@ def decode_signature(h: Header) -> tuple[Any, ...]:
             h.threefry_partitionable, h.fingerprint)  # fmt: skip
 
 
-def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) -> list[np.ndarray]:
+def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) -> list[Pixels]:
     """Decode parsed files that share a `decode_signature` (checked by `check_model` first).
 
     Returns uint8 pixels in each file's recorded geometry.
@@ -323,26 +320,22 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) ->
     if len({decode_signature(h) for h in heads}) != 1:
         raise ValueError("files decoded together must share their decoding settings")
     h = heads[0]
-    rule = h.rule if h.rule in ("mp", "turbo") else "ddcm"
+    labels = None if h.class_label is None else jnp.full((len(heads),), h.class_label, jnp.int32)
     with jax.threefry_partitionable(h.threefry_partitionable):
-        x = decompress_sharded(model, np.stack([st.indices for st in streams]),
-                               np.stack([st.coeffs for st in streams]),
-                               mesh=mesh_for(len(streams)) if mesh is None else mesh, image_shape=(*h.size, 3),
-                               steps=h.steps, codebook_size=h.codebook_size, num_atoms=h.num_atoms,
-                               coef_bits=max(h.coef_bits, 1), rule=rule, key=_keys(heads),
-                               class_label=None if h.class_label is None else
-                               jnp.full((len(heads),), h.class_label, jnp.int32),
-                               schedule=_schedule(h), eta=h.eta, clip=h.clip, generator=h.generator)  # fmt: skip
+        x = decode_sharded(model, spec_of(h), np.stack([st.indices for st in streams]),
+                           np.stack([st.coeffs for st in streams]), mesh=mesh_for(len(streams)) if mesh is None
+                           else mesh, key=_keys(heads), image_shape=(*h.size, 3), class_label=labels)  # fmt: skip
     return [images.restore_geometry(images.from_model(np.asarray(x[b])), hb.size_policy, hb.original_size)
             for b, hb in enumerate(heads)]  # fmt: skip
 
 
-def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None) -> tuple[np.ndarray, Bitstream]:
+def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None,
+                 budget: int | None = None) -> tuple[Pixels, Bitstream]:  # fmt: skip
     """uint8 pixels in the geometry the header records, and the parsed file.
 
     Raises BitstreamError (naming `source`) for a file this model cannot decode;
     the header is checked against the model before the payload is decoded.
     """
-    check_model(bitstream.decode_header(data, source).header, model, source)
+    check_model(bitstream.decode_header(data, source).header, model, source, budget=budget)
     stream = bitstream.decode(data, source)
     return decode_streams(model, [stream], mesh=mesh)[0], stream

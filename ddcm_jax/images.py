@@ -47,7 +47,6 @@ __all__ = [
     "prepare",
     "reference",
     "restore_geometry",
-    "save_png",
     "to_model",
     "write_atomic",
 ]
@@ -190,11 +189,6 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(pixels, np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
-    """Write a PNG atomically: a temporary file beside it, renamed over the target."""
-    write_atomic(path, png_bytes(pixels))
 
 
 def commit_files(files: dict[Path, bytes]) -> None:

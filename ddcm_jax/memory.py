@@ -67,14 +67,15 @@ def forward_bytes(arch: object, height: int, width: int) -> int:
     return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
-def check_fits(arch: object, height: int, width: int, *, codebook_chunk: int = 64, what: str = "") -> None:
+def check_fits(arch: object, height: int, width: int, *, budget: int | None = None, codebook_chunk: int = 64,
+               what: str = "") -> None:  # fmt: skip
     """Raise MemoryBudgetError if sampling an (height, width) image would exceed the budget.
 
     Adds the sampler's own working set to the network's: one chunk of atoms
     being scored and a handful of images (x_t, x0_hat, the target, the noise).
     """
     need = forward_bytes(arch, int(height), int(width)) + (codebook_chunk + 8) * height * width * 3 * 4
-    limit = budget_bytes()
+    limit = budget_bytes() if budget is None else budget
     if need > limit:
         prefix = f"{what}: " if what else ""
         raise MemoryBudgetError(

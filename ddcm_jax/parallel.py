@@ -13,12 +13,15 @@ reconstruction) of an image does not depend on how many devices share the
 work. The command line uses one image per device.
 
     mesh = make_mesh()                                 # every local device on "data"
-    res = compress_sharded(model, images, mesh=mesh, steps=20, codebook_size=256, key=0)
+    res = encode_sharded(model, spec, images, mesh=mesh, key=0)
+    res = compress_sharded(model, images, mesh=mesh, steps=20, codebook_size=256, key=0)  # keywords
+
+A thin layer: each device runs the sampler's own batch function (`sampler.encode_split`
+/ `decode`) on its rows; a one-device mesh runs it directly, without `shard_map`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -29,19 +32,19 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ddcm_jax.sampler import (
-    CompressResult,
-    _as_key,
-    compress,
-    decompress,
-    generate,
-    resolve_rule,
-    restore,
-)
-from ddcm_jax.schedule import Schedule
-from ddcm_jax.selection import DDCM, Turbo
+from ddcm_jax.sampler import CompressResult, as_key, decode, encode_split
+from ddcm_jax.selection import replay_rule
+from ddcm_jax.spec import CodeSpec
 
-__all__ = ["compress_sharded", "decompress_sharded", "generate_sharded", "make_mesh", "restore_sharded"]
+__all__ = [
+    "compress_sharded",
+    "decode_sharded",
+    "decompress_sharded",
+    "encode_sharded",
+    "generate_sharded",
+    "make_mesh",
+    "restore_sharded",
+]
 
 DATA, CODEBOOK = "data", "codebook"
 
@@ -56,57 +59,37 @@ def make_mesh(data: int | None = None, codebook: int = 1, devices: Sequence[Any]
     return Mesh(np.array(devices[: data * codebook]).reshape(data, codebook), (DATA, CODEBOOK))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """The hashable settings a compiled sharded program depends on."""
+def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis: str | None) -> Any:
+    """What one device runs on its rows: the sampler's batch path, nothing else."""
 
-    mode: str  # compress | restore | generate | decode
-    steps: int
-    codebook_size: int
-    num_atoms: int
-    coef_bits: int
-    schedule: tuple[str, int, str] | None
-    eta: float
-    clip: bool
-    generator: str
-    codebook_chunk: int | None
-    t_range: tuple[int, int] | None
-    image_shape: tuple[int, ...]
+    def run(model: Any, spec: CodeSpec, x: Any, keys: jax.Array, extra: Any) -> Any:
+        x_T, weights, labels = extra
+        if mode == "decode":
+            return decode(model, spec, x[0], x[1], key=keys, image_shape=image_shape, x_T=x_T, class_label=labels,
+                          progress=True)  # fmt: skip
+        batch_shape = (keys.shape[0], *image_shape)
+        return encode_split(model, spec, x if mode == "compress" else None, key=keys,
+                       measurement=x if mode == "restore" else None, image_shape=batch_shape, x_T=x_T,
+                       weights=weights, class_label=labels, codebook_chunk=chunk, codebook_axis=axis,
+                       progress=True)  # fmt: skip
+
+    return run
 
 
 @functools.lru_cache(maxsize=64)
-def _program(mesh: Mesh, static: _Static, has: tuple[bool, ...]) -> Any:
-    """The jitted shard_map program for these settings (compiled once per shape).
+def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | None, has: tuple[bool, ...]) -> Any:
+    """The jitted program for a mesh (arguments: model, spec, x, keys (B,), (x_T, weights, labels)).
 
-    Arguments: (model, rule, operator, x, keys, extra) with x the per-image
-    input (images, measurements, codes (indices, coeffs), or None for
-    generation), keys (B,) and extra = (x_T, weights, class labels), each None
-    or per image. `has` says which of x and extra are present.
+    One device: the batch function itself. Several: it under `shard_map`, rows
+    over the data axis, each codebook split over the codebook axis.
     """
-    codebook_axis = CODEBOOK if mesh.shape[CODEBOOK] > 1 else None
-    schedule = None if static.schedule is None else Schedule.create(*static.schedule)
-    kw = dict(steps=static.steps, codebook_size=static.codebook_size, schedule=schedule,
-              eta=static.eta, clip=static.clip, generator=static.generator, progress=True)  # fmt: skip
-    shape = static.image_shape
-
-    def one_device(model: Any, rule: Any, op: Any, x: Any, keys: jax.Array, extra: Any) -> Any:
-        x_T, weights, labels = extra
-        if static.mode == "decode":
-            return decompress(model, x[0], x[1], image_shape=shape, rule=rule, key=keys, x_T=x_T,
-                              class_label=labels, **kw)  # fmt: skip
-        if static.mode == "restore":
-            return restore(model, x, op, rule=rule, key=keys, image_shape=(keys.shape[0], *shape), x_T=x_T,
-                           class_label=labels, codebook_chunk=static.codebook_chunk,
-                           codebook_axis=codebook_axis, **kw)  # fmt: skip
-        if static.mode == "generate":
-            return generate(model, key=keys, class_label=labels, image_shape=shape, **kw)
-        return compress(model, x, rule=rule, key=keys, x_T=x_T, weights=weights, class_label=labels,
-                        t_range=static.t_range, codebook_chunk=static.codebook_chunk,
-                        codebook_axis=codebook_axis, **kw)  # fmt: skip
-
+    if mesh.size == 1:
+        return jax.jit(_device_fn(mode, image_shape, chunk, None))
+    axis = CODEBOOK if mesh.shape[CODEBOOK] > 1 else None
     data = P(DATA)
-    specs = (P(), P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]))
-    return jax.jit(jax.shard_map(one_device, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
+    specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]))
+    fn = _device_fn(mode, image_shape, chunk, axis)
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
 
 
 def _pad_rows(a: Any, n: int) -> Any:
@@ -121,7 +104,7 @@ def _pad_rows(a: Any, n: int) -> Any:
 
 
 def _keys(key: Any, batch: int) -> jax.Array:
-    key = _as_key(key)
+    key = as_key(key)
     if key.ndim == 0:
         return jnp.broadcast_to(key, (batch,))
     if key.shape != (batch,):
@@ -129,70 +112,86 @@ def _keys(key: Any, batch: int) -> jax.Array:
     return key
 
 
-def _run(mesh: Mesh, mode: str, batch: int, x: Any, *, model: Any, rule: Any = None, op: Any = None, key: Any,
-         x_T: Any = None, weights: Any = None, class_label: Any = None, schedule: Schedule | None = None,
-         steps: int, codebook_size: int, num_atoms: int = 1, coef_bits: int = 1, t_range: Any = None,
-         eta: float = 1.0, clip: bool = True, generator: str = "philox", codebook_chunk: int | None = None,
-         image_shape: tuple[int, ...]) -> Any:  # fmt: skip
+def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, *, key: Any,
+         image_shape: tuple[int, ...], x_T: Any = None, weights: Any = None, class_label: Any = None,
+         codebook_chunk: int | None = None) -> Any:  # fmt: skip
     n = mesh.shape[DATA]
     padded = -(-batch // n) * n
-    if schedule is not None and not isinstance(schedule.alpha_bar, np.ndarray):
-        raise ValueError("sharded sampling takes a schedule made by Schedule.create (host float64 values)")
-    static = _Static(
-        mode=mode, steps=steps, codebook_size=codebook_size, num_atoms=num_atoms, coef_bits=coef_bits,
-        schedule=None if schedule is None else (schedule.name, schedule.num_timesteps, schedule.respacing),
-        eta=float(eta), clip=clip, generator=generator, codebook_chunk=codebook_chunk,
-        t_range=None if t_range is None else (int(min(t_range)), int(max(t_range))),
-        image_shape=tuple(int(v) for v in image_shape)[-3:],
-    )  # fmt: skip
     extra = tuple(None if v is None else _pad_rows(jnp.asarray(v), padded) for v in (x_T, weights, class_label))
-    fn = _program(mesh, static, (x is not None, *(v is not None for v in extra)))
-    out = fn(model, rule, op, _pad_rows(x, padded), _pad_rows(_keys(key, batch), padded), extra)
+    shape = tuple(int(v) for v in image_shape)[-3:]
+    fn = _program(mesh, mode, shape, codebook_chunk, (x is not None, *(v is not None for v in extra)))
+    out = fn(model, spec, _pad_rows(x, padded), _pad_rows(_keys(key, batch), padded), extra)
     return jax.tree_util.tree_map(lambda a: a[:batch], out)
+
+
+def encode_sharded(model: Any, spec: CodeSpec, images: Any = None, *, mesh: Mesh, key: Any,
+                   measurements: Any = None, image_shape: tuple[int, ...] | None = None,
+                   **kw: Any) -> CompressResult:  # fmt: skip
+    """`sampler.encode` of a batch over `mesh`: images (B, H, W, 3), measurements (B, ...), or keys (B,).
+
+    Per-image `x_T`, `weights`, `class_label` have a leading B axis;
+    `codebook_chunk` as in `encode`. B need not divide the data axis (the last
+    row is repeated, then dropped).
+    """
+    if images is not None:
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, H, W, C), got {images.shape}")
+        return _run(mesh, "compress", model, spec, images.shape[0], images, key=key, image_shape=images.shape, **kw)
+    if image_shape is None:
+        raise ValueError("give images, or image_shape (H, W, 3) with measurements or keys")
+    if measurements is not None:
+        y = jnp.asarray(measurements, jnp.float32)
+        return _run(mesh, "restore", model, spec, y.shape[0], y, key=key, image_shape=image_shape, **kw)
+    key = as_key(key)
+    if key.ndim != 1:
+        raise ValueError("generation takes a (B,) array of keys, one per image")
+    return _run(mesh, "generate", model, spec, key.shape[0], None, key=key, image_shape=image_shape, **kw)
+
+
+def decode_sharded(model: Any, spec: CodeSpec, indices: Any, coeffs: Any, *, mesh: Mesh, key: Any,
+                   image_shape: tuple[int, ...], **kw: Any) -> jax.Array:  # fmt: skip
+    """`sampler.decode` of a batch of codes (B, steps-1, M) over the mesh's data axis."""
+    indices, coeffs = jnp.asarray(indices, jnp.int32), jnp.asarray(coeffs, jnp.int32)
+    return _run(mesh, "decode", model, spec.for_decoding(), indices.shape[0], (indices, coeffs), key=key,
+                image_shape=image_shape, **kw)  # fmt: skip
+
+
+# Keyword forms, as `compress` / `restore` / `generate` / `decompress` are of `encode` / `decode`.
+
+_SPEC_KEYS = ("steps", "codebook_size", "generator", "eta", "t_range", "clip")
+
+
+def _split(kw: dict[str, Any], **rule: Any) -> tuple[CodeSpec, dict[str, Any]]:
+    spec = CodeSpec.create(**{k: kw.pop(k) for k in _SPEC_KEYS if k in kw}, **rule)
+    return spec, kw
 
 
 def compress_sharded(model: Any, images: jax.Array, *, mesh: Mesh, num_atoms: int = 1, coef_bits: int = 1,
                      rule: Any = "ddcm", **kw: Any) -> CompressResult:  # fmt: skip
-    """`compress` of a batch (B, H, W, 3) over `mesh` (see the module docstring).
-
-    Takes `compress`'s keywords (steps, codebook_size, key, x_T, weights,
-    class_label, t_range, schedule, eta, clip, generator, codebook_chunk).
-    `key` is one key or (B,) keys; per-image arguments have a leading B axis.
-    B need not divide the data axis (the last image is repeated, then dropped).
-    """
-    images = jnp.asarray(images, jnp.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, H, W, C), got {images.shape}")
-    return _run(mesh, "compress", images.shape[0], images, model=model, rule=resolve_rule(rule, num_atoms, coef_bits),
-                num_atoms=num_atoms, coef_bits=coef_bits, image_shape=images.shape, **kw)  # fmt: skip
+    """`compress` of a batch (B, H, W, 3) over `mesh`, with `compress`'s keywords."""
+    spec, kw = _split(kw, rule=rule, num_atoms=num_atoms, coef_bits=coef_bits)
+    return encode_sharded(model, spec, images, mesh=mesh, **kw)
 
 
 def restore_sharded(model: Any, measurements: jax.Array, operator: Any, *, mesh: Mesh,
                     image_shape: tuple[int, ...], rule: Any = "mse", **kw: Any) -> CompressResult:  # fmt: skip
     """`restore` of a batch of measurements (B, ...) into images of `image_shape` (H, W, 3)."""
-    y = jnp.asarray(measurements, jnp.float32)
-    return _run(mesh, "restore", y.shape[0], y, model=model, rule=resolve_rule(rule, 1, 1, operator), op=operator,
-                image_shape=image_shape, **kw)  # fmt: skip
+    spec, kw = _split(kw, rule=rule, operator=operator)
+    return encode_sharded(model, spec, mesh=mesh, measurements=measurements, image_shape=image_shape, **kw)
 
 
 def generate_sharded(model: Any, *, mesh: Mesh, key: jax.Array, image_shape: tuple[int, ...],
                      **kw: Any) -> CompressResult:  # fmt: skip
     """`generate` of one image per key in `key` (B,), over the mesh's data axis."""
-    key = _as_key(key)
-    if key.ndim != 1:
-        raise ValueError("generate_sharded takes a (B,) array of keys, one per image")
-    return _run(mesh, "generate", key.shape[0], None, model=model, key=key, image_shape=image_shape, **kw)
+    spec, kw = _split(kw, rule="random")
+    return encode_sharded(model, spec, mesh=mesh, key=key, image_shape=image_shape, **kw)
 
 
 def decompress_sharded(model: Any, indices: jax.Array, coeffs: jax.Array, *, mesh: Mesh,
                        image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1,
                        rule: Any = "ddcm", **kw: Any) -> jax.Array:  # fmt: skip
     """`decompress` of a batch of codes (B, steps-1, M) over the mesh's data axis."""
-    indices, coeffs = jnp.asarray(indices, jnp.int32), jnp.asarray(coeffs, jnp.int32)
-    if isinstance(rule, str) and rule in ("mse", "mse_inner", "random", "soft"):
-        rule = "ddcm"
-    rule_obj = resolve_rule(rule, num_atoms, coef_bits)
-    if rule_obj.num_atoms == 1 and not isinstance(rule_obj, Turbo):
-        rule_obj = DDCM()
-    return _run(mesh, "decode", indices.shape[0], (indices, coeffs), model=model, rule=rule_obj,
-                num_atoms=num_atoms, coef_bits=coef_bits, image_shape=image_shape, **kw)  # fmt: skip
+    spec, kw = _split(kw)
+    spec = spec.replace(rule=replay_rule(rule, num_atoms, coef_bits))
+    return decode_sharded(model, spec, indices, coeffs, mesh=mesh, image_shape=image_shape, **kw)

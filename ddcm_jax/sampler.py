@@ -11,6 +11,15 @@ DDCM replaces z by codebook atoms picked by a selection rule; the last step
 Keys: `key` -> fold_in(key, 0) start noise x_T, fold_in(key, 1) codebook root
 (step i's codebook: atoms addressed by the integers (i, k) under that root, see
 `ddcm_jax.codebook`), fold_in(key, 2) the rule's own keys.
+
+One path: `encode(model, spec, image, key=)` (compression; with a measurement,
+restoration; with neither, generation, the rule being `Random`) and
+`decode(model, spec, indices, coeffs, key=)` take a `CodeSpec`; the keyword
+functions `compress` / `restore` / `generate` / `decompress` build the spec
+and call them. Batching is decided once (`_per_image`): an image (or code, or
+measurement) with one more axis than a single one is a batch, and so is each
+per-image argument with one more axis than its single form; the others are
+shared.
 """
 
 from __future__ import annotations
@@ -23,26 +32,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax.codebook import GENERATORS, AtomSource
-from ddcm_jax.operators import operator_by_name
+from ddcm_jax.codebook import AtomSource
 from ddcm_jax.progress import report_step
 from ddcm_jax.schedule import Schedule
-from ddcm_jax.selection import (
-    DDCM,
-    MSE,
-    MatchingPursuit,
-    Random,
-    StepContext,
-    Turbo,
-)
+from ddcm_jax.selection import Random, StepContext, replay_rule
+from ddcm_jax.shapes import Coeffs, Image, Indices, Key, Label, Measurement, Weights
+from ddcm_jax.spec import CodeSpec
 
 __all__ = [
-    "CodebookSpec",
+    "PRNG_IMPL",
     "CompressResult",
     "SchedT",
+    "as_key",
     "bits_per_image",
     "compress",
+    "decode",
     "decompress",
+    "encode",
+    "encode_split",
     "generate",
     "predict_x0",
     "restore",
@@ -121,50 +128,21 @@ class CompressResult:
     image: jax.Array  # the reconstruction; `decompress(indices, coeffs)` returns the same
 
 
-def resolve_rule(rule: Any, num_atoms: int = 1, coef_bits: int = 1, operator: Any = None) -> Any:
-    """A rule name (with M, C) -> a rule object; rule objects pass through."""
-    if not isinstance(rule, str):
-        return rule
-    if rule == "ddcm":
-        return DDCM() if num_atoms == 1 else MatchingPursuit(num_atoms, coef_bits)
-    if rule in ("mp", "matching_pursuit"):
-        return MatchingPursuit(num_atoms, coef_bits)
-    if rule == "turbo":
-        return Turbo(num_atoms)
-    if rule == "random":
-        return Random()
-    if rule in ("mse", "mse_inner"):
-        if operator is None:
-            raise ValueError(f"rule {rule!r} needs an operator")
-        if isinstance(operator, str):
-            operator = operator_by_name(operator)
-        return MSE(operator, inner_product=rule == "mse_inner")
-    raise ValueError(f"unknown rule {rule!r} (ddcm, mp, turbo, mse, mse_inner, random)")
-
-
 def bits_per_image(steps: int, codebook_size: int, num_atoms: int = 1, coef_bits: int = 1,
                    rule: str = "ddcm") -> int:  # fmt: skip
-    """Payload bits of one image, exactly (big-integer arithmetic).
+    """Payload bits of one image, exactly: (steps-1) x the rule's `bits_per_step(K)`.
 
     DDCM / matching pursuit: (steps-1) * (M * ceil(log2 K) + (M-1) * C);
     turbo: (steps-1) * (ceil(log2 binom(K, M)) + M).
     """
-    import math
-
-    def ceil_log2(n: int) -> int:
-        return (n - 1).bit_length()
-
-    if rule == "turbo":
-        per_step = ceil_log2(math.comb(codebook_size, num_atoms)) + num_atoms
-    else:
-        per_step = num_atoms * ceil_log2(codebook_size) + (num_atoms - 1) * coef_bits
-    return (steps - 1) * per_step
+    return CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, num_atoms=num_atoms,
+                           coef_bits=coef_bits).payload_bits()  # fmt: skip
 
 
 PRNG_IMPL = "threefry2x32"
 
 
-def _as_key(key: Any) -> jax.Array:
+def as_key(key: Any) -> jax.Array:
     """A typed key (or a (B,) array of them) from a key or an int seed; never a default."""
     if key is None:
         raise ValueError("a key (typed jax.random.key or an int seed) is required; there is no default")
@@ -189,25 +167,22 @@ def _split_last(xs: SchedT) -> tuple[SchedT, SchedT]:
 
 
 @dataclasses.dataclass(frozen=True)
-class CodebookSpec:
-    """How the sampler builds each step's codebook (a static, hashable jit argument)."""
+class _Books:
+    """How one run builds each step's codebook (static): from the spec, or the explicit rows.
+
+    `chunk` and `axis_name` decide how atoms are scored (memory, devices), never which are chosen.
+    """
 
     size: int
-    generator: str = "philox"
-    chunk: int | None = None  # atoms per chunk; None: from the memory budget
-    axis_name: str | None = None  # a mesh axis the codebook is split over (inside shard_map)
+    generator: str
+    chunk: int | None = None
+    axis_name: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.generator not in GENERATORS:
-            raise ValueError(f"unknown codebook generator {self.generator!r} ({', '.join(GENERATORS)})")
-        if self.size < 1 or (self.chunk is not None and self.chunk < 1):
-            raise ValueError(f"codebook size and chunk must be positive, got {self.size}, {self.chunk}")
-
-
-def _book(spec: CodebookSpec, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: Any) -> AtomSource:
-    if rows is not None:
-        return AtomSource.from_array(rows, chunk=spec.chunk, axis_name=spec.axis_name)
-    return AtomSource(spec.size, shape, spec.generator, spec.chunk, spec.axis_name, root=root, step=s.i).with_base()
+    def at(self, shape: tuple[int, ...], root: jax.Array, s: SchedT, rows: Any) -> AtomSource:
+        if rows is not None:
+            return AtomSource.from_array(rows, chunk=self.chunk, axis_name=self.axis_name)
+        return AtomSource(self.size, shape, self.generator, self.chunk, self.axis_name, root=root,
+                          step=s.i).with_base()  # fmt: skip
 
 
 def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
@@ -243,69 +218,62 @@ def _sample_one(model, x_T, xs, y, key, *, clip, progress=False):
     return x_0
 
 
-def _default_indices(rule: Any) -> tuple[jax.Array, jax.Array]:
-    """What a step outside `t_range` records: atoms 0..M-1 (turbo needs distinct ones), no coefficients."""
-    m = rule.num_atoms
-    idx = jnp.arange(m, dtype=jnp.int32) if isinstance(rule, Turbo) else jnp.zeros((m,), jnp.int32)
-    return idx, jnp.zeros((rule.coeff_width,), jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "clip", "t_range", "progress"))
-def _compress_one(model, rule, image, x_T, xs, codebook, weights, measurement, y, key, *,
-                  spec, clip, t_range, progress=False):  # fmt: skip
-    shape = tuple(x_T.shape)
+@functools.partial(jax.jit, static_argnames=("books", "progress"))
+def _encode_one(model, spec, image, measurement, x_T, xs, codebook, weights, y, key, *, books, progress):
+    shape, rule, t_range = tuple(x_T.shape), spec.rule, spec.t_range
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
     def noise_fn(x_t, eps_hat, s, rows, _):
-        x0_hat, _ = predict_x0(x_t, eps_hat, s, clip)
+        x0_hat, _ = predict_x0(x_t, eps_hat, s, spec.clip)
         ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_bar_prev, image, measurement, weights,
                           jax.random.fold_in(rule_root, s.i))  # fmt: skip
-        book = _book(spec, shape, cb_root, s, rows)
+        book = books.at(shape, cb_root, s, rows)
         if t_range is None:
             sel = rule.select(ctx, book)
             return sel.noise, (sel.indices, sel.coeffs)
         active = (s.t >= t_range[0]) & (s.t <= t_range[1])
-        idx, co = jax.lax.cond(active, lambda: tuple(rule.select(ctx, book)[1:]),
-                               lambda: _default_indices(rule))  # fmt: skip
+        idx, co = jax.lax.cond(active, lambda: tuple(rule.select(ctx, book)[1:]), rule.idle_code)
         return rule.noise(book, idx, co), (idx, co)
 
-    return _run(model, x_T, xs, codebook, y, None, noise_fn, clip, progress)
+    return _run(model, x_T, xs, codebook, y, None, noise_fn, spec.clip, progress)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "clip", "progress"))
-def _decompress_one(model, rule, indices, coeffs, x_T, xs, codebook, y, key, *, spec, clip,
-                    progress=False):  # fmt: skip
-    shape = tuple(x_T.shape)
+@functools.partial(jax.jit, static_argnames=("books", "progress"))
+def _decode_one(model, spec, indices, coeffs, x_T, xs, codebook, y, key, *, books, progress):
+    shape, rule = tuple(x_T.shape), spec.rule
     cb_root = jax.random.fold_in(key, 1)
 
     def noise_fn(x_t, eps_hat, s, rows, chosen):
         idx, co = chosen
-        return rule.noise(_book(spec, shape, cb_root, s, rows), idx, co), None
+        return rule.noise(books.at(shape, cb_root, s, rows), idx, co), None
 
-    x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, clip, progress)
+    x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, spec.clip, progress)
     return x_0
 
 
-def _prepare(model: Any, image_shape: tuple[int, ...], steps: int, key: Any, x_T: Any,
-             eta: float, schedule: Schedule | None) -> tuple[jax.Array, jax.Array, SchedT]:  # fmt: skip
-    key = _as_key(key)
+def _schedule(model: Any, steps: int, respacing: str, schedule: Schedule | None) -> Schedule:
     if schedule is None:
-        if steps < 2:
-            raise ValueError(f"steps must be >= 2, got {steps}")
         d = model.config.diffusion
-        schedule = Schedule.create(d.noise_schedule, d.num_timesteps, str(steps))
-    elif schedule.steps != steps:
+        return Schedule.create(d.noise_schedule, d.num_timesteps, respacing or str(steps))
+    if schedule.steps != steps:
         raise ValueError(f"schedule has {schedule.steps} steps, steps={steps}")
+    return schedule
+
+
+def _prepare(model: Any, spec: CodeSpec, image_shape: tuple[int, ...], key: Any, x_T: Any,
+             schedule: Schedule | None) -> tuple[jax.Array, jax.Array, SchedT]:  # fmt: skip
+    key = as_key(key)
     if x_T is None:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), image_shape, jnp.float32)
-    return key, jnp.asarray(x_T, jnp.float32), schedule_xs(schedule, eta)
+    xs = schedule_xs(_schedule(model, spec.steps, spec.respacing, schedule), spec.eta)
+    return key, jnp.asarray(x_T, jnp.float32), xs
 
 
-def _check_codebook(codebook: Any, steps: int, codebook_size: int, shape: tuple[int, ...]) -> Any:
+def _check_codebook(codebook: Any, spec: CodeSpec, shape: tuple[int, ...]) -> Any:
     if codebook is None:
         return None
     codebook = jnp.asarray(codebook, jnp.float32)
-    want = (steps - 1, codebook_size, *shape)
+    want = (spec.steps - 1, spec.codebook_size, *shape)
     if codebook.shape != want:
         raise ValueError(f"codebook must have shape {want} (one per noise-adding step), got {codebook.shape}")
     return codebook
@@ -317,59 +285,138 @@ def _label(model: Any, class_label: Any) -> jax.Array | None:
     return None if class_label is None else jnp.asarray(class_label, jnp.int32)
 
 
-def _check_t_range(t_range: Any) -> tuple[int, int] | None:
-    if t_range is None:
-        return None
-    lo, hi = (int(v) for v in t_range)
-    if lo > hi:
-        raise ValueError(f"t_range must be (t_min, t_max) with t_min <= t_max, got {t_range}")
-    return lo, hi
+# The rank of each per-image argument for one image; one more axis makes it a batch.
+_SINGLE_RANK = {"image": 3, "x_T": 3, "weights": 3, "class_label": 0, "key": 0, "indices": 2, "coeffs": 2}
 
 
-def _per_image(fn: Any, args: dict[str, Any], rows: set[str]) -> Any:
-    """vmap `fn(**args)` over the leading (batch) axis of the arguments named in `rows`.
+def _per_image(one: Any, args: dict[str, Any], batch: bool) -> Any:
+    """`one(**args)` for one image, or vmapped over the leading axis of the batched arguments.
 
-    The other arguments (None, or without a batch axis) are shared by every image.
+    With `batch`, an argument is per image when it has one more axis than its
+    single form (`_SINGLE_RANK`; "measurement" always is); the others (None,
+    or single) are shared by every image. The one place batching is decided.
     """
-    names = [n for n in args if n in rows]
-    batch = {np.shape(args[n])[0] for n in names}
-    if len(batch) != 1:
-        sizes = ", ".join(f"{n} {np.shape(args[n])[0]}" for n in names)
-        raise ValueError(f"per-image arguments disagree on the batch size: {sizes}")
-    shared = {n: v for n, v in args.items() if n not in rows}
+    if not batch:
+        return one(**args)
 
-    def one(*vals: Any) -> Any:
-        return fn(**shared, **dict(zip(names, vals, strict=True)))
-
-    return jax.vmap(one)(*(args[n] for n in names))
-
-
-def _rows(args: dict[str, Any], image_ndim: int) -> set[str]:
-    """Which of x_T / weights / measurement, class_label, key carry a per-image axis."""
-    out = set()
-    for name, v in args.items():
+    def batched(name: str, v: Any) -> bool:
         if v is None:
-            continue
-        if name == "key":
-            if _as_key(v).ndim == 1:
-                out.add(name)
-        elif name in ("class_label", "indices", "coeffs"):
-            if np.ndim(v) == {"class_label": 1}.get(name, 3):
-                out.add(name)
-        elif np.ndim(v) == image_ndim + 1:
-            out.add(name)
-    return out
+            return False
+        rank = as_key(v).ndim if name == "key" else np.ndim(v)
+        return name == "measurement" or rank == _SINGLE_RANK[name] + 1
+
+    names = [n for n, v in args.items() if batched(n, v)]
+    sizes = {n: np.shape(args[n])[0] for n in names}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"per-image arguments disagree on the batch size: {sizes}")
+    shared = {n: v for n, v in args.items() if n not in sizes}
+    return jax.vmap(lambda *vals: one(**shared, **dict(zip(names, vals, strict=True))))(*(args[n] for n in names))
 
 
-def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, num_atoms: int = 1,
-             coef_bits: int = 1, rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
-             codebook: jax.Array | None = None, weights: jax.Array | None = None,
-             t_range: tuple[int, int] | None = None, class_label: Any = None,
+def encode(model: Any, spec: CodeSpec, image: Image | None = None, *, key: Key,
+           measurement: Measurement | None = None, image_shape: tuple[int, ...] | None = None,
+           x_T: Image | None = None, codebook: jax.Array | None = None, weights: Weights | None = None,
+           class_label: Label | None = None, schedule: Schedule | None = None,
+           codebook_chunk: int | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+    """Choose the code of `image` (H, W, 3) or a batch (B, H, W, 3) under `spec`.
+
+    With `image`: compression (rules `DDCM`, `MatchingPursuit`, `Turbo`, ...);
+    with `measurement` y = A(x) and `image_shape` ((B,) H, W, 3): restoration
+    (rule `MSE(A)`); with neither: generation (rule `Random`). See `compress`
+    for the other arguments; batching as in the module docstring.
+    """
+    return encode_split(model, spec, image, key=key, measurement=measurement, image_shape=image_shape, x_T=x_T,
+                   codebook=codebook, weights=weights, class_label=class_label, schedule=schedule,
+                   codebook_chunk=codebook_chunk, progress=progress)  # fmt: skip
+
+
+def encode_split(model: Any, spec: CodeSpec, image: Any, *, key: Any, measurement: Any = None,
+            image_shape: Any = None, x_T: Any = None, codebook: Any = None, weights: Any = None,
+            class_label: Any = None, schedule: Schedule | None = None, codebook_chunk: int | None = None,
+            codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+    """`encode` with each codebook split over the mesh axis `codebook_axis` (inside `shard_map`).
+
+    For `ddcm_jax.parallel` only: the public calls never name a device axis.
+    """
+    if image is not None:
+        image = jnp.asarray(image, jnp.float32)
+        if image.ndim not in (3, 4):
+            raise ValueError(f"image must be (H, W, C) or (B, H, W, C), got shape {image.shape}")
+        image_shape = image.shape
+    elif image_shape is None:
+        if x_T is None and measurement is not None:
+            raise ValueError("give image_shape or x_T")
+        if x_T is not None:
+            image_shape = tuple(np.shape(x_T))
+        else:
+            arch = model.config.architecture
+            image_shape = (arch.image_size, arch.image_size, arch.in_channels)
+    image_shape = tuple(int(v) for v in image_shape)
+    if measurement is not None:
+        measurement = jnp.asarray(measurement, jnp.float32)
+    books = _Books(spec.codebook_size, spec.generator, codebook_chunk, codebook_axis)
+
+    def one(image: Any = None, measurement: Any = None, x_T: Any = None, weights: Any = None,
+            class_label: Any = None, key: Any = None) -> CompressResult:  # fmt: skip
+        shape = image_shape[-3:]
+        k, x_T, xs = _prepare(model, spec, shape, key, x_T, schedule)
+        w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), shape)
+        out, (indices, coeffs) = _encode_one(model, spec, image, measurement, x_T, xs,
+                                             _check_codebook(codebook, spec, shape), w,
+                                             _label(model, class_label), k, books=books, progress=progress)  # fmt: skip
+        return CompressResult(indices, coeffs, out)
+
+    args = dict(image=image, measurement=measurement, x_T=x_T, weights=weights, class_label=class_label, key=key)
+    if image is None and measurement is None:  # generation: B keys and/or labels make a batch
+        batch = as_key(key).ndim == 1 or np.ndim(class_label) == 1
+    else:
+        batch = len(image_shape) == 4
+    return _per_image(one, args, batch)
+
+
+def decode(model: Any, spec: CodeSpec, indices: Indices, coeffs: Coeffs | None = None, *, key: Key,
+           image_shape: tuple[int, ...], x_T: Image | None = None, codebook: jax.Array | None = None,
+           class_label: Label | None = None, schedule: Schedule | None = None,
+           progress: bool = False) -> Image:  # fmt: skip
+    """Rebuild the image from its code, regenerating only the chosen atoms.
+
+    `indices` (steps-1, M) or a `CompressResult`; (B, steps-1, M) decodes a
+    batch. The spec's rule is replaced by the one its decoder replays
+    (`CodeSpec.for_decoding`): single-atom rules all replay atom[index].
+    """
+    if isinstance(indices, CompressResult):
+        indices, coeffs = indices.indices, indices.coeffs
+    spec = spec.for_decoding()
+    indices = jnp.asarray(indices, jnp.int32)
+    if coeffs is None:
+        coeffs = jnp.zeros((*indices.shape[:-1], spec.coeff_width), jnp.int32)
+    coeffs = jnp.asarray(coeffs, jnp.int32)
+    books = _Books(spec.codebook_size, spec.generator)
+    shape = tuple(int(v) for v in image_shape)[-3:]
+
+    def one(indices: Any, coeffs: Any, x_T: Any = None, class_label: Any = None, key: Any = None) -> jax.Array:
+        want_i, want_c = spec.code_shape
+        if indices.shape != want_i or coeffs.shape != want_c:
+            raise ValueError(f"indices must be {want_i} and coeffs {want_c} for this rule, got {indices.shape} "
+                             f"and {coeffs.shape}")  # fmt: skip
+        k, x_T, xs = _prepare(model, spec, shape, key, x_T, schedule)
+        return _decode_one(model, spec, indices, coeffs, x_T, xs, _check_codebook(codebook, spec, shape),
+                           _label(model, class_label), k, books=books, progress=progress)  # fmt: skip
+
+    args = dict(indices=indices, coeffs=coeffs, x_T=x_T, class_label=class_label, key=key)
+    return _per_image(one, args, indices.ndim == 3)
+
+
+def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_atoms: int = 1,
+             coef_bits: int = 1, rule: Any = "ddcm", key: Key, x_T: Image | None = None,
+             codebook: jax.Array | None = None, weights: Weights | None = None,
+             t_range: tuple[int, int] | None = None, class_label: Label | None = None,
              schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
              generator: str = "philox", codebook_chunk: int | None = None,
-             codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+             progress: bool = False) -> CompressResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices.
 
+    The keyword form of `encode(model, CodeSpec.create(steps=, codebook_size=, rule=, ...), image, key=)`.
     `rule`: "ddcm" (M = 1; with num_atoms > 1, matching pursuit with coef_bits C),
     "mp", "turbo" (M atoms, sign bits), "random", or a rule object from
     `ddcm_jax.selection`. `key` (required): a typed key or an int seed; it fixes
@@ -377,14 +424,14 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
     key-derived codebooks and `x_T` the start noise; `weights` (H, W, 1 or 3)
     weight the residual (priority-aware coding); `t_range=(t_min, t_max)`
     (original timesteps, inclusive) restricts selection to those steps, the
-    others recording atom 0 (turbo: atoms 0..M-1, positive). `schedule`
-    overrides the model's respaced schedule (e.g. to differentiate through it).
+    others recording the rule's `idle_code()` (atom 0; turbo: atoms 0..M-1,
+    positive). `schedule` overrides the model's respaced schedule (e.g. to
+    differentiate through it).
 
-    Codebooks: `generator` "philox" (default) or "threefry" (see
+    Codebooks: `generator` "philox" (default), "threefry" or "shift" (see
     `ddcm_jax.codebook`); `codebook_chunk` atoms are generated and scored at a
-    time (default: from a 64 MB budget); `codebook_axis` names a mesh axis to
-    split each codebook over when called inside `shard_map`. `progress=True`
-    reports each step to `ddcm_jax.progress.on_step` listeners.
+    time (default: from a 64 MB budget). `progress=True` compiles in the
+    per-step callback (`ddcm_jax.progress`).
 
     `model`: what `load_model` returns, or any object with `.params`,
     `.apply(params, x (B,H,W,C), t (B,), y) -> (B,H,W,C or 2C)` and
@@ -395,34 +442,18 @@ def compress(model: Any, image: jax.Array, *, steps: int, codebook_size: int, nu
     per image, otherwise one is shared by all. With a shared key the indices
     equal B single calls.
     """
-    image = jnp.asarray(image, jnp.float32)
-    rule_obj = resolve_rule(rule, num_atoms, coef_bits)
-    if image.ndim == 4:
-        args = dict(x_T=x_T, weights=weights, class_label=class_label, key=key)
-        kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, codebook=codebook,
-                  t_range=t_range, schedule=schedule, eta=eta, clip=clip, generator=generator,
-                  codebook_chunk=codebook_chunk, codebook_axis=codebook_axis, progress=progress)  # fmt: skip
-        return _per_image(functools.partial(compress, model, **kw), {"image": image, **args},
-                          {"image"} | _rows(args, 3))  # fmt: skip
-    if image.ndim != 3:
-        raise ValueError(f"image must be (H, W, C) or (B, H, W, C), got shape {image.shape}")
-    key, x_T, xs = _prepare(model, image.shape, steps, key, x_T, eta, schedule)
-    codebook = _check_codebook(codebook, steps, codebook_size, image.shape)
-    spec = CodebookSpec(codebook_size, generator, codebook_chunk, codebook_axis)
-    w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), image.shape)
-    out, (indices, coeffs) = _compress_one(
-        model, rule_obj, image, x_T, xs, codebook, w, None, _label(model, class_label), key,
-        spec=spec, clip=clip, t_range=_check_t_range(t_range), progress=progress,
-    )
-    return CompressResult(indices, coeffs, out)
+    spec = CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, num_atoms=num_atoms,
+                           coef_bits=coef_bits, generator=generator, eta=eta, t_range=t_range, clip=clip)  # fmt: skip
+    return encode(model, spec, image, key=key, x_T=x_T, codebook=codebook, weights=weights,
+                  class_label=class_label, schedule=schedule, codebook_chunk=codebook_chunk, progress=progress)  # fmt: skip
 
 
-def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, codebook_size: int,
-            rule: Any = "mse", key: Any, image_shape: tuple[int, ...] | None = None,
-            x_T: jax.Array | None = None, codebook: jax.Array | None = None,
-            class_label: Any = None, schedule: Schedule | None = None, eta: float = 1.0,
+def restore(model: Any, measurement: Measurement, operator: Any, *, steps: int, codebook_size: int,
+            rule: Any = "mse", key: Key, image_shape: tuple[int, ...] | None = None,
+            x_T: Image | None = None, codebook: jax.Array | None = None,
+            class_label: Label | None = None, schedule: Schedule | None = None, eta: float = 1.0,
             clip: bool = True, generator: str = "philox", codebook_chunk: int | None = None,
-            codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+            progress: bool = False) -> CompressResult:  # fmt: skip
     """Compressed posterior sampling for y = operator(x): indices + restored image.
 
     `operator`: an operator from `ddcm_jax.operators` or its name
@@ -431,31 +462,14 @@ def restore(model: Any, measurement: jax.Array, operator: Any, *, steps: int, co
     batch, `measurement` then having a leading B axis (per-image `x_T`,
     `class_label` and keys as in `compress`).
     """
-    if image_shape is None:
-        if x_T is None:
-            raise ValueError("give image_shape or x_T")
-        image_shape = tuple(np.shape(x_T))
-    image_shape = tuple(int(v) for v in image_shape)
-    rule_obj = resolve_rule(rule, 1, 1, operator)
-    y = jnp.asarray(measurement, jnp.float32)
-    if len(image_shape) == 4:
-        args = dict(x_T=x_T, class_label=class_label, key=key)
-        kw = dict(steps=steps, codebook_size=codebook_size, rule=rule_obj, image_shape=image_shape[1:],
-                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, generator=generator,
-                  codebook_chunk=codebook_chunk, codebook_axis=codebook_axis, progress=progress)  # fmt: skip
-        return _per_image(lambda measurement, **a: restore(model, measurement, None, **kw, **a),
-                          {"measurement": y, **args}, {"measurement"} | _rows(args, 3))  # fmt: skip
-    key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
-    codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
-    spec = CodebookSpec(codebook_size, generator, codebook_chunk, codebook_axis)
-    out, (indices, coeffs) = _compress_one(
-        model, rule_obj, None, x_T, xs, codebook, None, y, _label(model, class_label), key,
-        spec=spec, clip=clip, t_range=None, progress=progress,
-    )
-    return CompressResult(indices, coeffs, out)
+    spec = CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, operator=operator,
+                           generator=generator, eta=eta, clip=clip)  # fmt: skip
+    return encode(model, spec, None, key=key, measurement=measurement, image_shape=image_shape, x_T=x_T,
+                  codebook=codebook, class_label=class_label, schedule=schedule, codebook_chunk=codebook_chunk,
+                  progress=progress)  # fmt: skip
 
 
-def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_label: Any = None,
+def generate(model: Any, *, steps: int, codebook_size: int, key: Key, class_label: Label | None = None,
              image_shape: tuple[int, ...] | None = None, eta: float = 1.0, clip: bool = True,
              schedule: Schedule | None = None, generator: str = "philox",
              progress: bool = False) -> CompressResult:  # fmt: skip
@@ -464,26 +478,14 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Any, class_labe
     `image_shape` defaults to the model's native (size, size, 3). For B samples
     pass B keys (e.g. `jax.random.split(key, B)`) and/or B class labels.
     """
-    if image_shape is None:
-        arch = model.config.architecture
-        image_shape = (arch.image_size, arch.image_size, arch.in_channels)
-    args = dict(key=key, class_label=class_label)
-    if rows := _rows(args, 3):
-        kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, eta=eta, clip=clip,
-                  schedule=schedule, generator=generator, progress=progress)  # fmt: skip
-        return _per_image(functools.partial(generate, model, **kw), args, rows)
-    key, x_T, xs = _prepare(model, image_shape, steps, key, None, eta, schedule)
-    spec = CodebookSpec(codebook_size, generator)
-    out, (indices, coeffs) = _compress_one(
-        model, Random(), None, x_T, xs, None, None, None, _label(model, class_label), key,
-        spec=spec, clip=clip, t_range=None, progress=progress,
-    )
-    return CompressResult(indices, coeffs, out)
+    spec = CodeSpec(steps, codebook_size, Random(), generator, eta, clip=clip)
+    return encode(model, spec, None, key=key, class_label=class_label, image_shape=image_shape,
+                  schedule=schedule, progress=progress)  # fmt: skip
 
 
-def sample(model: Any, *, steps: int, key: Any, image_shape: tuple[int, ...] | None = None,
-           class_label: Any = None, x_T: jax.Array | None = None, schedule: Schedule | None = None,
-           eta: float = 1.0, clip: bool = True, progress: bool = False) -> jax.Array:  # fmt: skip
+def sample(model: Any, *, steps: int, key: Key, image_shape: tuple[int, ...] | None = None,
+           class_label: Label | None = None, x_T: Image | None = None, schedule: Schedule | None = None,
+           eta: float = 1.0, clip: bool = True, progress: bool = False) -> Image:  # fmt: skip
     """Plain (non-DDCM) DDIM sampling: fresh Gaussian noise each step, the same scan and step.
 
     The noise of step i is normal(fold_in(fold_in(key, 3), i)); x_T as in
@@ -492,48 +494,27 @@ def sample(model: Any, *, steps: int, key: Any, image_shape: tuple[int, ...] | N
     if image_shape is None:
         arch = model.config.architecture
         image_shape = (arch.image_size, arch.image_size, arch.in_channels)
-    key, x_T, xs = _prepare(model, tuple(image_shape), steps, key, x_T, eta, schedule)
-    return _sample_one(model, x_T, xs, _label(model, class_label), key, clip=clip, progress=progress)
+    key = as_key(key)
+    if x_T is None:
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), tuple(image_shape), jnp.float32)
+    if schedule is None and steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    xs = schedule_xs(_schedule(model, steps, "", schedule), eta)
+    return _sample_one(model, jnp.asarray(x_T, jnp.float32), xs, _label(model, class_label), key, clip=clip,
+                       progress=progress)  # fmt: skip
 
 
-def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, codebook_size: int,
+def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps: int, codebook_size: int,
                image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1,
-               rule: Any = "ddcm", key: Any, x_T: jax.Array | None = None,
-               codebook: jax.Array | None = None, class_label: Any = None,
+               rule: Any = "ddcm", key: Key, x_T: Image | None = None,
+               codebook: jax.Array | None = None, class_label: Label | None = None,
                schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
-               generator: str = "philox", progress: bool = False) -> jax.Array:  # fmt: skip
-    """Rebuild the image from indices, regenerating only the chosen atoms.
+               generator: str = "philox", progress: bool = False) -> Image:  # fmt: skip
+    """The keyword form of `decode`: rebuild the image from indices (steps-1, M) or (B, steps-1, M).
 
-    `indices` (steps-1, M) or a `CompressResult`; (B, steps-1, M) decodes a
-    batch (per-image `x_T`, `class_label` and keys as in `compress`).
     `rule` only decides how indices become noise: single-atom rules (ddcm,
     mse, random, soft) replay atom[index]; "mp" and "turbo" need M (and C).
     """
-    if isinstance(indices, CompressResult):
-        indices, coeffs = indices.indices, indices.coeffs
-    if isinstance(rule, str) and rule in ("mse", "mse_inner", "random", "soft"):
-        rule = "ddcm"
-    rule_obj = resolve_rule(rule, num_atoms, coef_bits)
-    if rule_obj.num_atoms == 1 and not isinstance(rule_obj, Turbo):
-        rule_obj = DDCM()  # every single-atom rule replays z = atom[index]
-    indices = jnp.asarray(indices, jnp.int32)
-    if coeffs is None:
-        coeffs = jnp.zeros((*indices.shape[:-1], rule_obj.coeff_width), jnp.int32)
-    coeffs = jnp.asarray(coeffs, jnp.int32)
-    if indices.ndim == 3:
-        args = dict(indices=indices, coeffs=coeffs, x_T=x_T, class_label=class_label, key=key)
-        kw = dict(steps=steps, codebook_size=codebook_size, image_shape=image_shape, rule=rule_obj,
-                  codebook=codebook, schedule=schedule, eta=eta, clip=clip, generator=generator,
-                  progress=progress)  # fmt: skip
-        return _per_image(functools.partial(decompress, model, **kw), args, _rows(args, 3))
-    image_shape = tuple(int(v) for v in image_shape)[-3:]
-    want = (steps - 1, rule_obj.num_atoms)
-    if indices.shape != want or coeffs.shape != (steps - 1, rule_obj.coeff_width):
-        raise ValueError(f"indices must be {want} and coeffs {(steps - 1, rule_obj.coeff_width)} for this "
-                         f"rule, got {indices.shape} and {coeffs.shape}")  # fmt: skip
-    key, x_T, xs = _prepare(model, image_shape, steps, key, x_T, eta, schedule)
-    codebook = _check_codebook(codebook, steps, codebook_size, image_shape)
-    spec = CodebookSpec(codebook_size, generator)
-    return _decompress_one(model, rule_obj, indices, coeffs, x_T, xs, codebook,
-                           _label(model, class_label), key, spec=spec, clip=clip,
-                           progress=progress)  # fmt: skip
+    spec = CodeSpec(steps, codebook_size, replay_rule(rule, num_atoms, coef_bits), generator, eta, clip=clip)
+    return decode(model, spec, indices, coeffs, key=key, image_shape=image_shape, x_T=x_T, codebook=codebook,
+                  class_label=class_label, schedule=schedule, progress=progress)  # fmt: skip

@@ -14,9 +14,13 @@ them (`best`, `top_abs`, `scores`, `map`, `best_of`) without ever holding
 K x D. Every rule computes the noise it returns with its own `noise` method,
 so encoder and decoder run the same arithmetic on the same indices.
 
-Adding a rule: write a registered dataclass with `select`, `noise` and a
-`num_atoms` / `coeff_width` (see `DDCM`), and pass it as `rule=` to
-`compress`; nothing else needs to know about it.
+Adding a rule: write a registered dataclass with `select`, `noise`, a
+`num_atoms` / `coeff_width` and, if files may store it, a `code_name` that
+`ddcm_jax.bitstream.RULES` knows (see `DDCM`); pass it in a `CodeSpec` (or as
+`rule=` to `compress`). Rule names become rule objects only in `make_rule`.
+The bit cost of a step and the code of a step that carries no bits are the
+format's (`bitstream.bits_per_step` / `bitstream.idle_step`); the `Code`
+methods read them so that sampler and bitstream cannot disagree.
 """
 
 from __future__ import annotations
@@ -28,28 +32,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax.codebook import AtomSource, _dot
+from ddcm_jax import bitstream
+from ddcm_jax.codebook import AtomSource, dot, static_field
 
 __all__ = [
     "DDCM",
     "MSE",
     "AtomSource",
+    "Code",
     "MatchingPursuit",
     "Random",
     "Selection",
     "Soft",
     "StepContext",
     "Turbo",
+    "make_rule",
+    "replay_rule",
     "select_atoms",
 ]
 
-def _static(default: Any = dataclasses.MISSING) -> Any:
-    return dataclasses.field(default=default, metadata=dict(static=True))
-
+RULE_NAMES = ("ddcm", "mp", "matching_pursuit", "turbo", "random", "mse", "mse_inner")
 
 def _rule(cls: type) -> type:
-    """Frozen dataclass + pytree registration (static fields marked with `_static`)."""
+    """Frozen dataclass + pytree registration (static fields marked with `static_field`)."""
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+class Code:
+    """What every rule knows about the code it writes (mixed into each rule class).
+
+    `code_name` is the rule's name in the file format (None: a rule files cannot
+    store, e.g. `Soft`); `coef_bits` is C of matching pursuit, 0 for the others.
+    """
+
+    code_name: str | None = None
+    num_atoms: int = 1
+    coeff_width: int = 0
+    coef_bits: int = 0
+
+    def bits_per_step(self, codebook_size: int) -> int:
+        """Payload bits of one coded step (exact)."""
+        if self.code_name is None:
+            raise ValueError(f"{type(self).__name__} has no file format")
+        return bitstream.bits_per_step(self.code_name, codebook_size, self.num_atoms, self.coef_bits)
+
+    def idle_code(self) -> tuple[jax.Array, jax.Array]:
+        """(indices (M,), coeffs (coeff_width,)) of a step outside `t_range`: one that carries no bits."""
+        idx, co = bitstream.idle_step(self.code_name or "ddcm", self.num_atoms, self.coeff_width)
+        return jnp.asarray(idx, jnp.int32), jnp.asarray(co, jnp.int32)
+
+    def replay(self) -> Code:
+        """The rule a decoder runs: single-atom rules all replay z = atom[index]."""
+        return self
 
 
 class StepContext(NamedTuple):
@@ -97,11 +131,10 @@ def _residual(ctx: StepContext) -> jax.Array:
 
 
 @_rule
-class DDCM:
+class DDCM(Code):
     """Compression: z* = argmax_k <z_k, w * (target - x0_hat)> (DDCM paper, Sec. 4)."""
 
-    num_atoms = 1
-    coeff_width = 0
+    code_name = "ddcm"
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         idx, _ = book.best(_residual(ctx))  # a running argmax over the streamed codebook
@@ -112,7 +145,7 @@ class DDCM:
 
 
 @_rule
-class MatchingPursuit:
+class MatchingPursuit(Code):
     """M atoms combined greedily with C-bit coefficients (DDCM paper, App. on MP).
 
     Starting from the best single atom, each of the M-1 rounds forms every
@@ -129,12 +162,16 @@ class MatchingPursuit:
     resulting noise is the same either way.
     """
 
-    num_atoms: int = _static()
-    coef_bits: int = _static()
+    num_atoms: int = static_field()
+    coef_bits: int = static_field()
+    code_name = "mp"
 
     @property
     def coeff_width(self) -> int:
         return self.num_atoms - 1
+
+    def replay(self) -> Code:
+        return DDCM() if self.num_atoms == 1 else self
 
     @property
     def _cs(self) -> np.ndarray:
@@ -185,10 +222,11 @@ class MatchingPursuit:
 
 
 @_rule
-class Turbo:
+class Turbo(Code):
     """Turbo-DDCM: the M atoms with the largest |<z_k, r>|, signed, summed, unit std."""
 
-    num_atoms: int = _static()
+    num_atoms: int = static_field()
+    code_name = "turbo"
 
     @property
     def coeff_width(self) -> int:
@@ -207,7 +245,7 @@ class Turbo:
 
 
 @_rule
-class MSE:
+class MSE(Code):
     """Compressed posterior sampling for y = A(x).
 
     Default: maximise -mean((sigma_t / sqrt(alpha_bar_prev) * A(z) + A(x0_hat) - y)^2);
@@ -215,15 +253,20 @@ class MSE:
     """
 
     operator: Any  # a pytree callable from `ddcm_jax.operators`: (H, W, C) -> observation
-    inner_product: bool = _static(False)
-    num_atoms = 1
-    coeff_width = 0
+    inner_product: bool = static_field(False)
+
+    @property
+    def code_name(self) -> str:
+        return "mse_inner" if self.inner_product else "mse"
+
+    def replay(self) -> Code:
+        return DDCM()
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         a = jax.vmap(self.operator)
         y_res = ctx.measurement - self.operator(ctx.x0_hat)
         if self.inner_product:
-            score = lambda z: _dot(a(z), y_res)  # noqa: E731
+            score = lambda z: dot(a(z), y_res)  # noqa: E731
         else:
             coef = ctx.sigma / jnp.sqrt(ctx.alpha_bar_prev)
             score = lambda z: -jnp.mean(  # noqa: E731
@@ -237,11 +280,13 @@ class MSE:
 
 
 @_rule
-class Random:
+class Random(Code):
     """Compressed generation: a uniform index from the rule's own per-step key."""
 
-    num_atoms = 1
-    coeff_width = 0
+    code_name = "random"
+
+    def replay(self) -> Code:
+        return DDCM()
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         idx = jax.random.randint(ctx.key, (1,), 0, book.size, jnp.int32)
@@ -252,7 +297,7 @@ class Random:
 
 
 @_rule
-class Soft:
+class Soft(Code):
     """Differentiable selection: softmax(scores / temperature) mixes the atoms.
 
     Scores are the `ddcm` inner products <z_k, w * (target - x0_hat)>. The
@@ -265,13 +310,14 @@ class Soft:
     """
 
     temperature: jax.Array
-    straight_through: bool = _static(False)
-    num_atoms = 1
-    coeff_width = 0
+    straight_through: bool = static_field(False)
+
+    def replay(self) -> Code:
+        return DDCM()
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         r = _residual(ctx)
-        scores = book.map(jax.checkpoint(lambda z: _dot(z, r)))
+        scores = book.map(jax.checkpoint(lambda z: dot(z, r)))
         p = jax.nn.softmax(scores / self.temperature)
         soft = _weighted_sum(book, p) / jnp.sqrt(jnp.sum(jnp.square(p)))
         hard = _best_single(scores, book)
@@ -311,12 +357,45 @@ def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, ste
     The codebooks of a `compress(..., key=k)` call have the root
     `fold_in(k, 1)` and steps numbered by the respaced index.
     """
-    if isinstance(rule, str):
-        rule = {"ddcm": DDCM() if num_atoms == 1 else MatchingPursuit(num_atoms, coef_bits),
-                "mp": MatchingPursuit(num_atoms, coef_bits), "turbo": Turbo(num_atoms)}[rule]  # fmt: skip
+    rule = make_rule(rule, num_atoms, coef_bits)
     residual = jnp.asarray(residual, jnp.float32)
     zero = jnp.zeros_like(residual)
     ctx = StepContext(zero, zero, jnp.float32(0), jnp.float32(1), target=residual)
     book = AtomSource(codebook_size, tuple(residual.shape), generator, root=key, step=jnp.int32(step))
     sel = rule.select(ctx, book)
     return sel.indices, sel.noise
+
+
+def make_rule(rule: Any, num_atoms: int = 1, coef_bits: int = 1, operator: Any = None) -> Any:
+    """A rule name (with M, C and, for restoration, the operator) -> a rule object; objects pass through.
+
+    "ddcm" is matching pursuit when M > 1; "mp" / "matching_pursuit", "turbo",
+    "random", "mse", "mse_inner" (an operator or its name). The one place
+    names become rules.
+    """
+    if not isinstance(rule, str):
+        return rule
+    if rule == "ddcm":
+        return DDCM() if num_atoms == 1 else MatchingPursuit(num_atoms, coef_bits)
+    if rule in ("mp", "matching_pursuit"):
+        return MatchingPursuit(num_atoms, coef_bits)
+    if rule == "turbo":
+        return Turbo(num_atoms)
+    if rule == "random":
+        return Random()
+    if rule in ("mse", "mse_inner"):
+        if operator is None:
+            raise ValueError(f"rule {rule!r} needs an operator")
+        if isinstance(operator, str):
+            from ddcm_jax.operators import operator_by_name
+
+            operator = operator_by_name(operator)
+        return MSE(operator, inner_product=rule == "mse_inner")
+    raise ValueError(f"unknown rule {rule!r} ({', '.join(RULE_NAMES)})")
+
+
+def replay_rule(rule: Any, num_atoms: int = 1, coef_bits: int = 1) -> Any:
+    """The rule a decoder runs for a rule (object or name, e.g. a header's): see `Code.replay`."""
+    if isinstance(rule, str) and rule in ("mse", "mse_inner", "random", "soft"):
+        return DDCM()
+    return make_rule(rule, num_atoms, coef_bits).replay()

@@ -34,9 +34,9 @@ def random_code(h: Header, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     else:
         idx = rng.integers(0, h.codebook_size, (n, h.num_atoms))
         co = rng.integers(0, 2**h.coef_bits, (n, h.coeff_width))
-    coded = bs.coded_steps(bs._schedule_timesteps(h), h.t_range)
+    coded = bs.coded_steps(bs.schedule_timesteps(h), h.t_range)
     for i in np.flatnonzero(~coded):
-        d_idx, d_co = bs._default_step(h)
+        d_idx, d_co = bs.idle_step(h.rule, h.num_atoms, h.coeff_width)
         idx[i], co[i] = d_idx, d_co
     return idx, co
 
@@ -66,7 +66,7 @@ def test_round_trip_and_exact_length(name):
     np.testing.assert_array_equal(out.indices, idx)
     np.testing.assert_array_equal(out.coeffs, co)
     # File size = header + ceil(payload bits / 8) + CRC, and the bits follow the formula.
-    coded = int(bs.coded_steps(bs._schedule_timesteps(h), h.t_range).sum())
+    coded = int(bs.coded_steps(bs.schedule_timesteps(h), h.t_range).sum())
     assert out.payload_bits == coded * bs.bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
     assert len(data) == out.header_bytes + math.ceil(out.payload_bits / 8) + 4
     assert out.header_bytes <= 80  # "a few tens of bytes"
@@ -214,7 +214,7 @@ def test_encode_refuses_codes_that_do_not_fit():
     with pytest.raises(ValueError, match="outside t_range"):
         h = HEADERS["turbo_t_range"]
         idx, co = random_code(h)
-        coded = bs.coded_steps(bs._schedule_timesteps(h), h.t_range)
+        coded = bs.coded_steps(bs.schedule_timesteps(h), h.t_range)
         idx[np.flatnonzero(~coded)[0]] = np.arange(3) + 1
         bs.encode(h, idx, co)
 
