@@ -397,7 +397,9 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def _strict_json(raw: bytes) -> Any:
+def strict_json(raw: bytes) -> Any:
+    """UTF-8 JSON with duplicate keys and NaN/Infinity refused (ValueError); shared with the diffusers reader."""
+
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out = dict(items)
         if len(out) != len(items):
@@ -435,7 +437,7 @@ def _read_safetensors(f: BinaryIO, size: int, where: str, budget: _Budget) -> di
     if len(raw) != n:
         raise CheckpointError(f"{where}: truncated safetensors header")
     try:
-        header = _strict_json(raw)
+        header = strict_json(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         reason = "nested too deeply" if isinstance(e, RecursionError) else printable(e)[:200]
         raise CheckpointError(f"{where}: corrupt safetensors header ({reason})") from None

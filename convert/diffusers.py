@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -50,7 +49,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from ddcm_jax.convert.checkpoint import CheckpointError, read_state_dict
+from ddcm_jax.convert.checkpoint import CheckpointError, read_state_dict, strict_json
 
 from ddcm_jax.models import _layers as L
 from ddcm_jax.models import clip, sd_unet, sd_vae
@@ -136,35 +135,15 @@ def _open_regular(path: Path) -> Any:
     return f
 
 
-def _strict_json(raw: bytes) -> Any:
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(items)
-        if len(out) != len(items):
-            raise ValueError("duplicate key")
-        return out
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-
-
 def _read_json(path: Path, limit: int = _MAX_CONFIG_BYTES) -> Any:
     """A JSON file (size-capped, strict: no duplicate keys, no NaN); PipelineError names it."""
-    where = _p(path)
-    with _open_regular(path) as f:
-        try:
-            raw = f.read(limit + 1)
-        except OSError as e:
-            raise PipelineError(f"{where}: cannot read ({printable(e.strerror or e)})") from None
-    if len(raw) > limit:
-        raise PipelineError(f"{where}: larger than {limit:,} bytes")
+    raw = _read_bytes(path, limit)
     try:
-        return _strict_json(raw)
+        return strict_json(raw)
     except RecursionError:
-        raise PipelineError(f"{where}: not valid JSON (nested too deeply)") from None
+        raise PipelineError(f"{_p(path)}: not valid JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, duplicate keys
-        raise PipelineError(f"{where}: not valid JSON ({printable(e)[:200]})") from None
+        raise PipelineError(f"{_p(path)}: not valid JSON ({printable(e)[:200]})") from None
 
 
 def _read_bytes(path: Path, limit: int) -> bytes:
@@ -304,7 +283,7 @@ class _SafetensorsFile:
         if len(raw) != n:
             raise PipelineError(f"{where}: truncated safetensors header")
         try:
-            header = _strict_json(raw)
+            header = strict_json(raw)
         except (ValueError, RecursionError) as e:
             reason = "nested too deeply" if isinstance(e, RecursionError) else printable(e)[:200]
             raise PipelineError(f"{where}: corrupt safetensors header ({reason})") from None

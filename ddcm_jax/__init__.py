@@ -7,9 +7,12 @@ The public API, re-exported here from the modules that define it:
   codec     `encode_image` / `decode_bytes` (pixels <-> `.ddcm` bytes)
   selection the rules (`DDCM`, `MatchingPursuit`, `Turbo`, `MSE`, `Random`,
             `Soft`), `make_rule`, `select_atoms`
+  model     `load_model` (an ADM `DiffusionModel`, or a Stable Diffusion
+            `LatentDiffusionModel` for a folder from `ddcm convert --format diffusers`)
 """
 
 from ddcm_jax.codec import Encoded, decode_bytes, encode_image
+from ddcm_jax.latent_model import LatentDiffusionModel
 from ddcm_jax.model import (
     DiffusionConfig,
     DiffusionModel,
@@ -63,6 +66,7 @@ __all__ = [
     "Encoded",
     "GaussianBlur",
     "Inpainting",
+    "LatentDiffusionModel",
     "MatchingPursuit",
     "ModelConfig",
     "ModelDirError",

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
 
     p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a MODEL_DIR",
-                       description="Convert a guided-diffusion checkpoint (no torch needed) into a MODEL_DIR.")  # fmt: skip
+                       description="Convert a guided-diffusion checkpoint, or a diffusers Stable Diffusion folder "
+                       "(--format diffusers), into a MODEL_DIR (no torch needed).")  # fmt: skip
     add_convert_arguments(p)
     return parser
 
@@ -433,9 +434,14 @@ def _model_timesteps(model: Path | str | None) -> int | None:
 
 
 def _load_model(path: Path) -> Any:
-    from ddcm_jax.model import load_model
+    from ddcm_jax.latent_model import LatentDiffusionModel
+    from ddcm_jax.model import ModelDirError, load_model
 
-    return load_model(path)  # "default" resolves to the packaged model
+    model = load_model(path)  # "default" resolves to the packaged model
+    if isinstance(model, LatentDiffusionModel):
+        raise ModelDirError(f"{printable(path)}: a latent (Stable Diffusion) model; DDCM coding runs on "
+                            "pixel-space (ADM) models only so far")  # fmt: skip
+    return model
 
 
 def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, **extra: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from ddcm_jax.convert import check_manifest, main
 from ddcm_jax.convert.diffusers import PipelineError
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import ddcm_jax
@@ -501,3 +502,16 @@ def test_pipeline_error_is_importable_from_the_package() -> None:
     import ddcm_jax.convert as C
 
     assert C.PipelineError is PipelineError and issubclass(PipelineError, ValueError)
+
+
+def test_pixel_commands_refuse_a_latent_model_in_one_line(tmp_path, capsys, reference):
+    from ddcm_jax.cli import main
+
+    out = tmp_path / "sd"
+    assert main(["convert", str(reference / "sd_tiny"), "-o", str(out), "--format", "diffusers"]) == 0
+    capsys.readouterr()
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    assert main(["compress", str(img), "-o", str(tmp_path / "o"), "--model", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "latent (Stable Diffusion) model" in err and "Traceback" not in err
