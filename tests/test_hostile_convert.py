@@ -561,7 +561,7 @@ def test_param_count_is_exact_and_bounds_configs():
     with pytest.raises(adm.ConfigError, match="parameters, more than the limit"):
         adm.ADMConfig.from_create_model(dict(image_size=4096, num_channels=4096, num_res_blocks=16,
                                              channel_mult=[1] * 8, attention_resolutions="4096,2048"))  # fmt: skip
-    assert time.perf_counter() - t0 < 1
+    assert time.perf_counter() - t0 < 5  # refused by arithmetic, before anything is traced
 
 
 # --- finding 10: unreadable params in a model folder --------------------------------------------
@@ -614,10 +614,14 @@ def test_damaged_copy_does_not_shadow_the_packaged_model(tmp_path, monkeypatch, 
     bad = _damage(packaged, tmp_path / "bad")
     monkeypatch.setenv("DDCM_MODELS", str(bad))
     assert model_mod.find_model(fp[:39]) == packaged
-    # Found again without reloading; the handed-over model is the verified one.
-    t0 = time.perf_counter()
+    # Found again without reloading the packaged model (the damaged copy is tried again and
+    # skipped again); the handed-over model is the verified one.
+    loaded: list[Path] = []
+    real_load = model_mod.load_model
+    monkeypatch.setattr(model_mod, "load_model", lambda root, **kw: loaded.append(Path(root)) or real_load(root, **kw))
     assert model_mod.find_model(fp[:39]) == packaged
-    assert time.perf_counter() - t0 < 1
+    assert packaged.absolute() not in loaded and loaded == [bad.absolute()]
+    monkeypatch.setattr(model_mod, "load_model", real_load)
     assert ddcm_jax.load_model(packaged).fingerprint == fp
     # A damaged copy of a model that has no intact copy: not found at all.
     tiny_bad = _damage(tiny_model_dir, tmp_path / "tiny_bad")
