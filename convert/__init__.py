@@ -113,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing MODEL_DIR (never any other folder)"
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success (errors still go to stderr)")
 
 
 _MAX_CONFIG_BYTES = 1 << 20
@@ -189,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a bug must still not end in a traceback
         msg = f"{ckpt}: internal error ({type(e).__name__}: {printable(e)[:200]})"
     else:
-        print(f"wrote {printable(args.output)} ({fp})")
+        if not getattr(args, "quiet", False):
+            print(f"wrote {printable(args.output)} ({fp})")
         return 0
     lines = msg.splitlines() or [msg]
     print(f"ddcm convert: {printable(lines[0])}", file=sys.stderr)

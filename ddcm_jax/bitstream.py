@@ -27,7 +27,7 @@ hold the header against a model before paying for the code. Layout, version 1
     compute dtype   1 byte    0 float32, 1 bfloat16, 2 float16
     coded size      varints   H, W of the image the diffusion model produced
     original size   varints   H0, W0 of the input before the size policy
-    size policy     1 byte    0 none, 1 crop, 2 resize, 3 pad (see `ddcm_jax.images`)
+    size policy     1 byte    0 none, 1 crop, 2 resize, 3 pad, 4 fit (see `ddcm_jax.images`)
     jax version     varint n + n ASCII bytes
     prng            1 byte    0 threefry2x32 (the key x_T and the codebook root come from)
     generator       1 byte    0 threefry, 1 philox, 2 shift (how atoms are drawn, `ddcm_jax.codebook`)
@@ -87,7 +87,7 @@ RULES = ("ddcm", "mp", "turbo", "random", "mse", "mse_inner")
 TASKS = ("compression", "generation", "colorization", "super-resolution", "inpainting", "blur")
 NOISE_SCHEDULES = ("linear", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-SIZE_POLICIES = ("none", "crop", "resize", "pad")
+SIZE_POLICIES = ("none", "crop", "resize", "pad", "fit")
 PRNG_IMPLS = ("threefry2x32",)
 CODEBOOK_GENERATORS = ("threefry", "philox", "shift")
 _LN2 = math.log(2)
@@ -256,6 +256,11 @@ def _validate_geometry(h: Header) -> None:
         raise ValueError(f"policy {h.size_policy} codes a square, not {hc}x{wc}")
     if h.size_policy == "pad" and (h0 > hc or w0 > wc):
         raise ValueError(f"policy pad but original size {h0}x{w0} is larger than the coded {hc}x{wc}")
+    if h.size_policy == "fit" and not (hc >= h0 and wc >= w0):
+        # scaled: the longer side was brought to the frame's, the other one fits inside it
+        long_c, long_0, short_c, short_0 = (hc, h0, wc, w0) if h0 >= w0 else (wc, w0, hc, h0)
+        if long_c >= long_0 or round(short_0 * long_c / long_0) > short_c:
+            raise ValueError(f"policy fit cannot code {h0}x{w0} in a {hc}x{wc} frame")
 
 
 # --- bit accounting -----------------------------------------------------------------------------

@@ -23,7 +23,23 @@ from typing import Any, NamedTuple
 
 from ddcm_jax.printable import printable
 
-DEFAULT_STEPS, DEFAULT_K = 50, 1024
+DEFAULT_STEPS, DEFAULT_K = 50, 1024  # generate's (and an explicit --rule ddcm's) steps; every command's K
+
+# `compress` / `roundtrip` operating points (turbo, K = 1024), measured on the Kodak images with the
+# packaged model (README "Quality levels"): the coding size (fit policy), steps and atoms per step.
+QUALITY = {
+    "low": {"size": 160, "steps": 20, "atoms": 128},
+    "medium": {"size": 192, "steps": 30, "atoms": 128},
+    "high": {"size": 256, "steps": 40, "atoms": 64},
+}
+DEFAULT_QUALITY = "medium"
+# `restore`: per task (coding size, steps, K), chosen so that the result agrees with the measurement.
+RESTORE_DEFAULTS = {
+    "colorization": {"size": 192, "steps": 100, "codebook_size": 256},
+    "super-resolution": {"size": 192, "steps": 100, "codebook_size": 256},
+    "inpainting": {"size": 192, "steps": 100, "codebook_size": 256},
+    "blur": {"size": 192, "steps": 100, "codebook_size": 256},
+}
 
 
 class UsageError(Exception):
@@ -65,14 +81,23 @@ def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
 
 def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True) -> None:
     g = p.add_argument_group("coding")
-    g.add_argument("--steps", "-T", type=int, default=DEFAULT_STEPS, help=f"diffusion steps T (default {DEFAULT_STEPS})")
-    g.add_argument("--codebook-size", "-K", type=int, default=DEFAULT_K,
-                   help=f"atoms per codebook K (default {DEFAULT_K})")  # fmt: skip
     if rules:
-        g.add_argument("--atoms", "-M", type=int, default=1, help="atoms per step M (matching pursuit or turbo)")
+        g.add_argument("--quality", "-Q", choices=list(QUALITY), default=None,
+                       help=f"operating point: coding size, steps and atoms (default {DEFAULT_QUALITY}; "
+                       + "; ".join(f"{k}: {v['size']} px, T {v['steps']}, M {v['atoms']}" for k, v in QUALITY.items())
+                       + "); explicit flags below override it")  # fmt: skip
+    g.add_argument("--steps", "-T", type=int, default=None,
+                   help="diffusion steps T (default: from --quality, or per task for restore, or "
+                   f"{DEFAULT_STEPS})")  # fmt: skip
+    g.add_argument("--codebook-size", "-K", type=int, default=None,
+                   help=f"atoms per codebook K (default {DEFAULT_K}; per task for restore)")  # fmt: skip
+    if rules:
+        g.add_argument("--atoms", "-M", type=int, default=None,
+                       help="atoms per step M (turbo: from --quality; ddcm: 1, more is matching pursuit)")
         g.add_argument("--coef-bits", "-C", type=int, default=1, help="matching-pursuit coefficient bits C")
-        g.add_argument("--rule", choices=["ddcm", "turbo"], default="ddcm",
-                       help="ddcm (matching pursuit when M > 1) or turbo")  # fmt: skip
+        g.add_argument("--rule", choices=["ddcm", "turbo"], default="turbo",
+                       help="turbo (default: M signed atoms per step, Turbo-DDCM) or ddcm (one atom per step; "
+                       "matching pursuit when M > 1)")  # fmt: skip
         g.add_argument("--t-range", type=int, nargs=2, metavar=("T_A", "T_B"),
                        help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="codebook and start-noise seed, 0..2^32-1")
@@ -81,15 +106,44 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                    help="how codebook atoms are drawn (recorded in the file); shift: the structured, "
                    "FFT-scored family (research)")  # fmt: skip
     if policy:
-        s = p.add_argument_group("size policy (inputs that are not the model's native square)")
+        s = p.add_argument_group("size policy (the decoded image always has the input's size)")
         m = s.add_mutually_exclusive_group()
+        m.add_argument("--fit", dest="policy", action="store_const", const="fit",
+                       help="the whole picture, its longer side scaled to --size (default; never enlarged), "
+                       "padded to the network's multiple; decoding scales back")  # fmt: skip
         m.add_argument("--crop", dest="policy", action="store_const", const="crop",
-                       help="centre crop to a square, resize to the native size (default, as the original)")  # fmt: skip
+                       help="centre square, resized to --size (default: the model's native size), as the original "
+                       "code; the output is that square")  # fmt: skip
         m.add_argument("--resize", dest="policy", action="store_const", const="resize",
-                       help="resize the whole image to the native square; decoding resizes back")  # fmt: skip
+                       help="the whole image squeezed to a --size square; decoding resizes back")  # fmt: skip
         m.add_argument("--pad", dest="policy", action="store_const", const="pad",
-                       help="code at the image's own resolution, padded to the network's multiple")  # fmt: skip
-        p.set_defaults(policy="crop")
+                       help="code at the image's own resolution, padded to the network's multiple (slow on big images)")
+        s.add_argument("--size", type=int, metavar="PX",
+                       help="coding resolution: fit's longer side (default: from --quality, "
+                       f"{QUALITY[DEFAULT_QUALITY]['size']}), crop's / resize's square side")  # fmt: skip
+        p.set_defaults(policy="fit")
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the coding flags left unset from the quality level (compress, roundtrip) or the task (restore)."""
+    if getattr(args, "task", None) is not None:
+        preset = dict(RESTORE_DEFAULTS[args.task])
+    elif hasattr(args, "quality"):
+        preset = dict(QUALITY[args.quality or DEFAULT_QUALITY])
+        preset["codebook_size"] = DEFAULT_K
+        if args.rule != "turbo":  # the levels are turbo's; DDCM / matching pursuit keep the classic defaults
+            if args.quality is not None:
+                raise UsageError("--quality sets turbo's operating points; with --rule ddcm give -T, -K, -M")
+            preset = {"steps": DEFAULT_STEPS, "codebook_size": DEFAULT_K, "atoms": 1}
+    else:
+        preset = {"steps": DEFAULT_STEPS, "codebook_size": DEFAULT_K}
+    for name in ("steps", "codebook_size", "atoms"):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, preset.get(name, 1 if name == "atoms" else None))
+    if getattr(args, "policy", None) is not None and getattr(args, "size", None) is None and args.policy == "fit":
+        args.size = preset.get("size")
+    if getattr(args, "size", None) is not None and args.size < 1:
+        raise UsageError("--size must be a positive number of pixels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +439,7 @@ def _settings(args: argparse.Namespace) -> Coding:
     """The coding flags as a `CodeSpec` (validated there, once) plus seed and policy; usage errors at once."""
     from ddcm_jax.spec import CodeSpec, SpecError
 
+    _resolve_defaults(args)
     t_range = getattr(args, "t_range", None)
     try:
         spec = CodeSpec.create(
@@ -410,7 +465,7 @@ def _settings(args: argparse.Namespace) -> Coding:
             raise UsageError(f"--blur-kernel must be odd, in 1..{LIMITS['kernel']}")
         if not (math.isfinite(args.blur_sigma) and args.blur_sigma > 0):
             raise UsageError("--blur-sigma must be a positive number")
-    return Coding(spec, args.seed, getattr(args, "policy", "crop"))
+    return Coding(spec, args.seed, getattr(args, "policy", "fit"))
 
 
 def _model_timesteps(model: Path | str | None) -> int | None:
@@ -446,14 +501,17 @@ def _load_model(path: Path) -> Any:
 
 def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, **extra: Any) -> dict[str, Any]:
     h = enc.header
+    # bpp over the pixels the user gets back: the input's (crop: its centre square).
+    out_pixels = min(h.original_size) ** 2 if h.size_policy == "crop" else h.original_size[0] * h.original_size[1]
     coded_pixels = h.size[0] * h.size[1]
     return {
         "file": None if source is None else str(source),
         "outputs": [str(p) for p in outputs],
         "bytes": len(enc.data),
         "payload_bits": enc.payload_bits,
-        "bpp": enc.payload_bits / coded_pixels,
-        "bpp_file": 8 * len(enc.data) / coded_pixels,
+        "bpp": enc.payload_bits / out_pixels,
+        "bpp_file": 8 * len(enc.data) / out_pixels,
+        "bpp_coded": enc.payload_bits / coded_pixels,
         "coded_size": list(h.size),
         "seconds": round(seconds, 3),
         **extra,
@@ -509,7 +567,8 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             memory.check_host("resample", h0, w0, what=str(job.source), budget=budget)
             if writes_png:
                 memory.check_host("png", h0, w0, what=str(job.source), budget=budget)
-            coded = images.coded_size(pixels.shape[:2], args.policy, arch.image_size, arch.size_multiple)
+            side = codec.coding_side(model, args.policy, args.size)
+            coded = images.coded_size(pixels.shape[:2], args.policy, side, arch.size_multiple)
             loaded.append(_Loaded(job, pixels, notes, coded, t0))
         except Exception as e:
             run.fail(job.source, e)
@@ -590,13 +649,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
         def encode(model: Any, pixel_list: list[Any], budget: int) -> Any:
             return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
-                                       budget=budget, task=args.task, factor=args.factor,
+                                       coding_size=args.size, budget=budget, task=args.task, factor=args.factor,
                                        blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask)  # fmt: skip
     else:
 
         def encode(model: Any, pixel_list: list[Any], budget: int) -> Any:
             return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
-                                       budget=budget)  # fmt: skip
+                                       coding_size=args.size, budget=budget)  # fmt: skip
 
     if jobs:
         _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
@@ -813,8 +872,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                   + (f", class {d['class_label']}" if d["class_label"] is not None else "") + "\n"
                   f"  payload {d['payload_bits']} bits over {d['coded_steps']} coded steps: "
                   f"{d['bpp']:.5f} bpp (payload), {d['bpp_file']:.5f} bpp (whole file), "
-                  f"over the {d['coded_size'][0]}x{d['coded_size'][1]} coded image\n"
-                  f"  image: {d['original_size'][0]}x{d['original_size'][1]} input, policy {d['size_policy']}\n"
+                  f"over the {d['coded_size'][1]}x{d['coded_size'][0]} (width x height) coded image\n"
+                  f"  image: {d['original_size'][1]}x{d['original_size'][0]} input, policy {d['size_policy']}\n"
                   f"  model {d['model']}… ({d['compute_dtype']}); jax {printable(d['jax_version'])}, {d['prng']} keys, "
                   f"{d['generator']} codebooks, "
                   f"threefry_partitionable={d['threefry_partitionable']}")  # fmt: skip
@@ -860,6 +919,33 @@ def _exit_interrupted(command: str) -> int:
     os._exit(130)
 
 
+def compile_cache_dir() -> Path | None:
+    """Where the command line keeps XLA's compiled programs: $DDCM_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/ddcm_jax/xla (~/.cache/ddcm_jax/xla); None when DDCM_COMPILE_CACHE=0."""
+    setting = os.environ.get("DDCM_COMPILE_CACHE", "")
+    if setting.lower() in ("0", "off", "no", "false"):
+        return None
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddcm_jax" / "xla"
+
+
+def _enable_compile_cache() -> None:
+    """JAX's persistent compilation cache, so that a second run skips XLA compilation (README)."""
+    import jax
+
+    path = compile_cache_dir()
+    if path is None or jax.config.jax_compilation_cache_dir:  # off, or the caller set up its own
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # an unwritable cache folder only costs speed
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -871,6 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ddcm_jax.train import run as run_train
 
         return run_train(args)
+    _enable_compile_cache()
     args.interrupted = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
     ours = threading.current_thread() is threading.main_thread() and previous is signal.default_int_handler

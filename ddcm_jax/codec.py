@@ -160,19 +160,27 @@ def _edge(budget: int | None, partitionable: bool | None) -> tuple[int, bool]:
     return budget, bool(jax.config.jax_threefry_partitionable) if partitionable is None else partitionable
 
 
-def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str,
-                  budget: int) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
+def coding_side(model: Any, policy: str, coding_size: int | None) -> int:
+    """The `native` side of `images.coded_size`: the fit policy's longer side, or crop / resize's square."""
+    if coding_size is not None:
+        return coding_size
+    return images.DEFAULT_CODING_SIZE if policy == "fit" else model.config.architecture.image_size
+
+
+def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str, budget: int,
+                  coding_size: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
     arch = model.config.architecture
-    sizes = {images.coded_size(p.shape[:2], policy, arch.image_size, arch.size_multiple) for p in pixel_list}
+    native = coding_side(model, policy, coding_size)
+    sizes = {images.coded_size(p.shape[:2], policy, native, arch.size_multiple) for p in pixel_list}
     if len(sizes) != 1:
         raise ValueError(f"a batch must share one coded size, got {sorted(sizes)}")
     check_fits(arch, *sizes.pop(), budget=budget)
-    coded = np.stack([images.prepare(p, policy, arch.image_size, arch.size_multiple) for p in pixel_list])
+    coded = np.stack([images.prepare(p, policy, native, arch.size_multiple) for p in pixel_list])
     return coded, [(int(p.shape[0]), int(p.shape[1])) for p in pixel_list]
 
 
 def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed: int = 0,
-                  size_policy: str = "crop", task: str = "compression",
+                  size_policy: str = "fit", coding_size: int | None = None, task: str = "compression",
                   notes: list[tuple[str, ...]] | None = None, mesh: Any = None, budget: int | None = None,
                   partitionable: bool | None = None, **op_args: Any) -> list[Encoded]:  # fmt: skip
     """Compress (or, with a restoration `task`, restore) uint8 RGB images that share a coded size.
@@ -184,7 +192,7 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     restored image without the measurement.
     """
     budget, partitionable = _edge(budget, partitionable)
-    coded, originals = _coded_inputs(model, pixel_list, size_policy, budget)
+    coded, originals = _coded_inputs(model, pixel_list, size_policy, budget, coding_size)
     mesh = mesh_for(len(pixel_list)) if mesh is None else mesh
     x = np.stack([images.to_model(c) for c in coded])
     extra: dict[str, Any] = {}

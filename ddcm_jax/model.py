@@ -553,9 +553,13 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
-    """None or "default" -> the packaged default model; anything else is a MODEL_DIR path."""
+    """None or "default" -> the packaged default model; the name of another packaged model
+    (`small-v1`, the default before 2026-11) -> that one; anything else is a MODEL_DIR path."""
     if spec is None or str(spec) == DEFAULT_MODEL:
         return default_model_dir()
+    packaged = Path(__file__).resolve().parent / "weights" / str(spec)
+    if not Path(spec).exists() and "/" not in str(spec) and (packaged / "model.json").is_file():
+        return packaged
     return Path(spec)
 
 

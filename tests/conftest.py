@@ -13,6 +13,8 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = Path(__file__).resolve().parent.parent
+# The command line's persistent XLA cache stays out of the tests (one test turns it on in a tmp folder).
+os.environ.setdefault("DDCM_COMPILE_CACHE", "0")
 SHARED = Path(os.environ.get("DDCM_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
 KODAK = SHARED / "data" / "kodak"

@@ -22,7 +22,7 @@ from PIL import Image
 from ddcm_jax import images, memory, metrics
 from ddcm_jax.cli import main
 
-CODING = ["-T", "3", "-K", "4"]
+CODING = ["-T", "3", "-K", "4", "--rule", "ddcm"]
 
 
 def run(capsys, *argv: object) -> tuple[int, str, str]:
@@ -176,7 +176,7 @@ def test_ctrl_c_exits_130_without_crash_or_partial_files(tiny_model_dir, tmp_pat
         out = tmp_path / f"out{attempt}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "ddcm_jax.cli", "compress", str(src), "-o", str(out), "--model",
-             str(tiny_model_dir), "-T", "200", "-K", "16", "--pad"],
+             str(tiny_model_dir), "-T", "200", "-K", "16", "--rule", "ddcm", "--pad"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         # Wait until sampling is under way (the step bar shows), then interrupt.

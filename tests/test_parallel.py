@@ -18,7 +18,7 @@ import pytest
 
 DDCM = [str(Path(sys.executable).with_name("ddcm"))] if Path(sys.executable).with_name("ddcm").exists() \
     else [sys.executable, "-m", "ddcm_jax.cli"]  # fmt: skip
-CODING = ["-T", "4", "-K", "24"]
+CODING = ["-T", "4", "-K", "24", "--rule", "ddcm", "--crop"]
 
 
 def run(cmd: list[str], devices: int = 1, **kw) -> subprocess.CompletedProcess:

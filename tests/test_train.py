@@ -15,6 +15,7 @@ from ddcm_jax.model import load_model
 from ddcm_jax.models.adm import ADMConfig, adm_init
 from ddcm_jax.schedule import beta_schedule
 from ddcm_jax.train import (
+    PIP_IMAGES,
     TrainConfig,
     _pyramid,
     batch_at,
@@ -28,7 +29,7 @@ TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2"
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(**{**dict(model=TINY, crop=16, batch_size=8, steps=30, learning_rate=2e-3, warmup=5,
+    return TrainConfig(**{**dict(model=TINY, images=PIP_IMAGES, max_side=None, crop=16, batch_size=8, steps=30, learning_rate=2e-3, warmup=5,
                                  checkpoint_every=10), **kw})  # fmt: skip
 
 
@@ -74,7 +75,8 @@ def test_resume_continues_the_step_count_and_reproduces_a_straight_run(tmp_path)
 def test_train_command_line(tmp_path, capsys):
     import json
 
-    (tmp_path / "cfg.json").write_text(json.dumps({"model": TINY, "crop": 16, "batch_size": 4, "warmup": 2}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"model": TINY, "crop": 16, "batch_size": 4, "warmup": 2,
+                                                   "images": list(PIP_IMAGES), "max_side": None}))
     code = main(["train", "-o", str(tmp_path / "m"), "--config", str(tmp_path / "cfg.json"), "--steps", "3", "-q"])
     assert code == 0
     assert "3 steps" in capsys.readouterr().out

@@ -17,13 +17,19 @@ from PIL import Image
 from ddcm_jax.cli import main
 
 # folder -> (command, its arguments after the input and "-o OUT"), as the README lists them
+# The defaults changed after version 1 (model, rule, size policy): the packaged model of that time
+# is `small-v1`, and the commands spell out what were then the defaults (--rule ddcm, --crop).
+V1 = ["--model", "small-v1"]
 COMMANDS = {
-    "default_ddcm": ("compress", ["kodim05.png"], ["-T", "20", "-K", "256"]),
-    "default_turbo": ("compress", ["kodim19.png"], ["-T", "16", "-K", "512", "-M", "4", "--rule", "turbo", "--resize"]),
-    "default_mp": ("compress", ["kodim23.png"], ["-T", "12", "-K", "64", "-M", "3", "-C", "2", "--pad"]),
-    "tiny_ddcm": ("compress", ["kodim23.png"], ["-T", "10", "-K", "64", "--model", "TINY"]),
-    "default_colorization": ("restore", ["kodim05.png"], ["--task", "colorization", "-T", "20", "-K", "64"]),
-    "default_generate": ("generate", [], ["-n", "1", "-T", "20", "-K", "16", "--seed", "7"]),
+    "default_ddcm": ("compress", ["kodim05.png"], ["-T", "20", "-K", "256", "--rule", "ddcm", "--crop", *V1]),
+    "default_turbo": ("compress", ["kodim19.png"], ["-T", "16", "-K", "512", "-M", "4", "--rule", "turbo", "--resize",
+                                                     *V1]),
+    "default_mp": ("compress", ["kodim23.png"], ["-T", "12", "-K", "64", "-M", "3", "-C", "2", "--rule", "ddcm", "--pad",
+                                                 *V1]),
+    "tiny_ddcm": ("compress", ["kodim23.png"], ["-T", "10", "-K", "64", "--rule", "ddcm", "--crop", "--model", "TINY"]),
+    "default_colorization": ("restore", ["kodim05.png"], ["--task", "colorization", "-T", "20", "-K", "64", "--crop",
+                                                          *V1]),
+    "default_generate": ("generate", [], ["-n", "1", "-T", "20", "-K", "16", "--seed", "7", *V1]),
 }  # fmt: skip
 
 
