@@ -178,6 +178,9 @@ def test_ctrl_c_exits_130_without_crash_or_partial_files(tiny_model_dir, tmp_pat
             [sys.executable, "-m", "ddcm_jax.cli", "compress", str(src), "-o", str(out), "--model",
              str(tiny_model_dir), "-T", "200", "-K", "16", "--rule", "ddcm", "--pad"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # A terminal's Ctrl-C: a runner started in the background (`cmd &`) hands its children
+            # SIGINT ignored, which would decide this test by how the suite was launched.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         # Wait until sampling is under way (the step bar shows), then interrupt.
         deadline = time.monotonic() + 120

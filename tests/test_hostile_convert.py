@@ -494,10 +494,14 @@ def test_config_fingerprint_is_stable_and_the_packaged_model_has_it(tiny_model_d
     fp = ddcm_jax.save_model(tmp_path / "again", model.config, model.params)
     again = json.loads((tmp_path / "again" / "model.json").read_text())
     assert fp == meta["fingerprint"] and again["config_fingerprint"] == meta["config_fingerprint"]
-    packaged = json.loads((model_mod.default_model_dir() / "model.json").read_text())
-    assert packaged["fingerprint"] == "sha256:168eee37d2d24ebf9d93b954f77f6fc8c9039253ae24c45cb1c9396559637c50"
-    config, fp = model_mod.read_model_json(model_mod.default_model_dir())
-    assert packaged["config_fingerprint"] == model_mod.config_fingerprint(config, fp)
+    # The previous default, which the version-1 files name, keeps its arrays; every packaged model has the field.
+    v1 = model_mod.resolve_model_dir("small-v1")
+    assert json.loads((v1 / "model.json").read_text())["fingerprint"] == (
+        "sha256:168eee37d2d24ebf9d93b954f77f6fc8c9039253ae24c45cb1c9396559637c50")
+    for folder in (model_mod.default_model_dir(), v1):
+        packaged = json.loads((folder / "model.json").read_text())
+        config, fp = model_mod.read_model_json(folder)
+        assert packaged["config_fingerprint"] == model_mod.config_fingerprint(config, fp)
 
 
 # --- finding 8: configs that would take the machine down ----------------------------------------
