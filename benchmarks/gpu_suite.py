@@ -280,30 +280,6 @@ def extrapolate(seconds: float, steps: int, target: int, half: tuple[float, int]
             "seconds": fixed + target * per_step}  # fmt: skip
 
 
-def torch_adm_forward(net: Any, x: Any, t: Any, y: Any = None) -> Any:
-    """`TorchADM.forward` with the timestep frequencies made on x's device (the test
-    module builds them on the CPU, which only works for a CPU model)."""
-    import torch
-
-    half = net.mc // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
-    if net.mc % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], -1)
-    emb = net.time_embed(emb)
-    if net.num_classes is not None:
-        emb = emb + net.label_emb(y)
-    hs, h = [], x
-    for m in net.input_blocks:
-        h = m(h, emb)
-        hs.append(h)
-    h = net.middle_block(h, emb)
-    for m in net.output_blocks:
-        h = m(torch.cat([h, hs.pop()], 1), emb)
-    return net.out(h)
-
-
 # ------------------------------------------------------------------------------------------------
 # One side of one case, in its own process.
 
@@ -588,11 +564,8 @@ def adm_forward_torch(part: Part, mode: str) -> None:
                 x = torch.randn(batch, 3, n, n, generator=g).to(dev)
                 t = torch.randint(0, 1000, (batch,), generator=g).to(dev)
                 y = torch.randint(0, 1000, (batch,), generator=g).to(dev)
-                if dev == "cpu" and batch == tf["batches"][0]:  # the copied forward is the module's
-                    diff = (torch_adm_forward(net, x, t, y) - net(x, t, y)).abs().max().item()
-                    part.doc["config"]["forward_vs_module_max_abs_diff"] = diff
                 _torch_reset_peak(torch, dev)
-                timing, _ = _timed(lambda x=x, t=t, y=y: torch_adm_forward(net, x, t, y), tf["repeats"], sync)
+                timing, _ = _timed(lambda x=x, t=t, y=y: net(x, t, y), tf["repeats"], sync)
                 row = {"impl": "torch", "dtype": "float32", "batch": batch, **timing,
                        "images_per_s": batch / timing["seconds"], "peak_bytes": _torch_peak(torch, dev)}  # fmt: skip
                 prev = part.add_row(row)
@@ -690,7 +663,7 @@ def ddcm_compress_torch(part: Part, mode: str) -> None:
     def loop(n_steps: int) -> list[Any]:
         x, chosen = x_T.clone(), []
         for j in range(n_steps):
-            eps = torch_adm_forward(net, x, ts[j], y)[:, :3]
+            eps = net(x, ts[j], y)[:, :3]
             x0 = (s[0][j] * x - s[1][j] * eps).clamp(-1, 1)
             eps = (s[0][j] * x - x0) / s[1][j]
             if j < steps - 1:

@@ -103,7 +103,6 @@ def test_adm_forward(reduced: dict) -> None:
     summary = reduced["cases"]["adm_forward"]["summary"]
     tr = _ran(reduced, "adm_forward", "torch")
     if tr is not None:
-        assert tr["config"]["forward_vs_module_max_abs_diff"] == 0.0  # the copied forward is TorchADM's
         assert [r["batch"] for r in tr["rows"]] == list(MODE["torch_forward"]["batches"])
         for r in tr["rows"]:
             _check_timing(r)

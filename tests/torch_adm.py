@@ -156,7 +156,7 @@ class TorchADM(nn.Module):
 
     def forward(self, x, t, y=None):
         half = self.mc // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
         if self.mc % 2:
