@@ -51,15 +51,18 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict
         from torch_adm import random_torch_adm
     except ImportError:
         torch = None
+    torch_call = None
     if torch is not None:
         net = random_torch_adm(ADMConfig.from_create_model(kwargs), seed=0)
         state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
         params = convert_state_dict(cfg, state)
         xt, tt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t)
-        with torch.inference_mode():
-            net(xt, tt)
-            times = _time(lambda: net(xt, tt), repeats)
-        row["torch_s"] = statistics.median(times)
+
+        def torch_call():
+            with torch.inference_mode():
+                net(xt, tt)
+
+        torch_call()
     else:
         from ddcm_jax.models import adm_init
 
@@ -69,8 +72,17 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict
     t0 = time.perf_counter()
     fwd(params, x, t).block_until_ready()
     row["jax_compile_s"] = time.perf_counter() - t0
-    times = _time(lambda: fwd(params, x, t).block_until_ready(), repeats)
-    row["jax_s"] = statistics.median(times)
+    jax_call = lambda: fwd(params, x, t).block_until_ready()  # noqa: E731
+    jax_call()
+    # Interleaved, so that a slow spell of a shared machine hits both sides alike.
+    times: dict[str, list[float]] = {"jax": [], "torch": []}
+    for _ in range(repeats):
+        times["jax"] += _time(jax_call, 1)
+        if torch_call is not None:
+            times["torch"] += _time(torch_call, 1)
+    row["jax_s"] = statistics.median(times["jax"])
+    if torch_call is not None:
+        row["torch_s"] = statistics.median(times["torch"])
     if "torch_s" in row:
         row["speedup_vs_torch"] = row["torch_s"] / row["jax_s"]
     return row
@@ -82,9 +94,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
     rows = []
-    for name, kwargs in CONFIGS.items():
+    for name in args.configs:
+        kwargs = CONFIGS[name]
         for batch in args.batches:
             for dtype in args.dtypes:
                 row = bench(name, kwargs, batch, args.repeats, dtype)

@@ -10,7 +10,9 @@ case runs in a fresh subprocess: after compiling and warming up, the kernel's
 peak-RSS counter is reset (/proc/self/clear_refs), so "peak extra MB" is what
 the selection itself adds. Throughput = K x D / seconds (median of repeats).
 Also times the parts of one philox chunk (bits, bits -> normal, full score) to
-show where the time goes. Needs the `bench` extra for the torch baseline.
+show where the time goes. `api:select_atoms` is the public
+`ddcm_jax.select_atoms(key, r, K)` called eagerly, as a researcher would.
+Needs the `bench` extra for the torch baseline.
 """
 
 from __future__ import annotations
@@ -68,6 +70,20 @@ def case(impl: str, k: int, d: int, repeats: int) -> dict:
 
         out = _measure(run, repeats)
         out["threads"] = torch.get_num_threads()
+    elif impl == "api:select_atoms":  # the research API as a researcher calls it: eagerly, no jax.jit around it
+        import jax
+
+        import ddcm_jax
+
+        key = jax.random.key(0)
+        r = np.asarray(r_np)
+
+        def run():
+            indices, _ = ddcm_jax.select_atoms(key, r, k)
+            return int(indices[0])
+
+        out = _measure(run, repeats)
+        out["chunk"] = None
     else:
         import jax
         import jax.numpy as jnp
@@ -133,7 +149,8 @@ def main() -> None:
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--d", type=int, default=D_DEFAULT)
     ap.add_argument("--k", type=int, nargs="+", default=[256, 1024, 4096])
-    ap.add_argument("--impls", nargs="+", default=["torch", "jax:philox", "jax:threefry", "jax:shift"])
+    ap.add_argument("--impls", nargs="+", default=["torch", "api:select_atoms", "jax:philox", "jax:threefry",
+                                                     "jax:shift"])  # fmt: skip
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()

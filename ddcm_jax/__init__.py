@@ -5,7 +5,7 @@ The public API, re-exported here from the modules that define it:
   sampler   `encode` / `decode` (take a spec), and their keyword forms
             `compress` / `decompress` / `restore` / `generate`; `sample`
   codec     `encode_image` / `decode_bytes` (pixels <-> `.ddcm` bytes)
-  selection the rules (`DDCM`, `MatchingPursuit`, `Turbo`, `MSE`, `Random`,
+  selection the rules (`DDCM`, `MatchingPursuit`, `Turbo`, `MSE`, `TurboMSE`, `Random`,
             `Soft`), `make_rule`, `select_atoms`
   model     `load_model` (an ADM `DiffusionModel`, or a Stable Diffusion
             `LatentDiffusionModel` for a folder from `ddcm convert --format diffusers`)
@@ -46,6 +46,7 @@ from ddcm_jax.selection import (
     Soft,
     StepContext,
     Turbo,
+    TurboMSE,
     make_rule,
     select_atoms,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "StepContext",
     "SuperResolution",
     "Turbo",
+    "TurboMSE",
     "__version__",
     "bits_per_image",
     "compress",

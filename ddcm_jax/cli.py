@@ -35,11 +35,13 @@ QUALITY = {
 DEFAULT_QUALITY = "medium"
 # `restore`: per task (coding size, steps, K), chosen so that the result agrees with the measurement.
 RESTORE_DEFAULTS = {
-    "colorization": {"size": 192, "steps": 100, "codebook_size": 256},
-    "super-resolution": {"size": 192, "steps": 100, "codebook_size": 256},
-    "inpainting": {"size": 192, "steps": 100, "codebook_size": 256},
-    "blur": {"size": 192, "steps": 100, "codebook_size": 256},
+    "colorization": {"size": 192, "steps": 30, "codebook_size": 1024, "atoms": 128},
+    "super-resolution": {"size": 192, "steps": 30, "codebook_size": 1024, "atoms": 128},
+    "inpainting": {"size": 192, "steps": 30, "codebook_size": 1024, "atoms": 128},
+    "blur": {"size": 192, "steps": 30, "codebook_size": 1024, "atoms": 128},
 }
+# `restore --rule ddcm`: one atom per step (the DDCM paper's rule) needs many steps.
+DDCM_RESTORE = {"steps": 100, "codebook_size": 256, "atoms": 1}
 
 
 class UsageError(Exception):
@@ -79,8 +81,14 @@ def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
                    if encodes else "default: the model the file names, looked up by fingerprint")  # fmt: skip
 
 
-def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True) -> None:
+def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True, restore: bool = False) -> None:
     g = p.add_argument_group("coding")
+    if restore:
+        g.add_argument("--rule", choices=["turbo", "ddcm"], default="turbo",
+                       help="turbo (default: M signed atoms per step, scored against the measurement's residual "
+                       "pulled back through the degradation, A^T(y - A(x0_hat))) or ddcm (one atom per step, "
+                       "DDCM's MSE rule)")  # fmt: skip
+        g.add_argument("--atoms", "-M", type=int, default=None, help="turbo's atoms per step M (default per task)")
     if rules:
         g.add_argument("--quality", "-Q", choices=list(QUALITY), default=None,
                        help=f"operating point: coding size, steps and atoms (default {DEFAULT_QUALITY}; "
@@ -128,6 +136,10 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     """Fill the coding flags left unset from the quality level (compress, roundtrip) or the task (restore)."""
     if getattr(args, "task", None) is not None:
         preset = dict(RESTORE_DEFAULTS[args.task])
+        if args.rule == "ddcm":  # DDCM's single-atom rule: its own (slower, weaker) operating point
+            if args.atoms not in (None, 1):
+                raise UsageError("restore --rule ddcm codes one atom per step; -M is turbo's")
+            preset.update(DDCM_RESTORE)
     elif hasattr(args, "quality"):
         preset = dict(QUALITY[args.quality or DEFAULT_QUALITY])
         preset["codebook_size"] = DEFAULT_K
@@ -194,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur-kernel", type=int, default=61, help="Gaussian blur kernel size (odd)")
     p.add_argument("--mask", type=Path, help="inpainting mask image, white = observed (default: centre hole)")
     _model_arg(p, True)
-    _coding(p, rules=False)
+    _coding(p, rules=False, restore=True)
     _common(p)
 
     p = sub.add_parser("info", help="describe .ddcm files", description="Print what a .ddcm file holds.")
@@ -248,6 +260,7 @@ class Run:
     def __init__(self, command: str, args: argparse.Namespace, total: int) -> None:
         self.command, self.args = command, args
         self.failed = 0
+        self._unfinished_failures = 0  # failed inputs whose done() has not come yet
         self.records: list[dict[str, Any]] = []
         self.claimed: dict[Path, Path] = {}
         self.protected: set[Path] = set()
@@ -291,6 +304,7 @@ class Run:
 
     def error(self, line: str) -> None:
         self.failed += 1
+        self._unfinished_failures += 1
         msg = f"ddcm {self.command}: {printable(line)}"
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
@@ -307,32 +321,42 @@ class Run:
         self.claimed[key] = source
 
     @contextlib.contextmanager
-    def steps(self, total: int) -> Iterator[None]:
-        """A per-step bar fed by the sampler's host callback, updated at most every 0.1 s."""
-        bar = self._bar(total, "steps", "step", leave=False)
+    def steps(self, what: str) -> Iterator[Any]:
+        """A per-step bar named `what` ("encode", "decode", ...): yields the codec's `progress(done, total)`.
+
+        The first step's call compiles the programs (or loads them from the
+        persistent cache): shown as such, and left out of the rate and ETA.
+        """
+        bar = self._bar(0, what, "step", leave=False)
         if bar is None:
-            yield
+            yield None
             return
-        from ddcm_jax.progress import on_step
 
-        seen: set[int] = set()  # every device reports every step: count distinct steps
-        state = {"last": 0.0}
-
-        def tick(i: int) -> None:
-            seen.add(i)
-            now = time.monotonic()
-            if now - state["last"] >= 0.1:
-                bar.update(len(seen) - bar.n)
-                state["last"] = now
+        def progress(done: int, total: int) -> None:
+            if done == 0:
+                bar.reset(total=total)
+                bar.set_postfix_str("compiling the first step", refresh=True)
+            elif done == 1:  # restart the clock: the rate counts the steps after the compiled one
+                bar.reset(total=total)
+                bar.initial = bar.n = 1
+                bar.set_postfix_str("", refresh=True)
+            else:
+                bar.update(done - bar.n)
 
         try:
-            with on_step(tick):
-                yield
+            yield progress
         finally:
             bar.close()
 
     def done(self) -> None:
-        if self.bar is not None:
+        """One input finished: counted in the bar, unless it failed (then it leaves the bar's total)."""
+        if self.bar is None:
+            return
+        if self._unfinished_failures:
+            self._unfinished_failures -= 1
+            self.bar.total -= 1
+            self.bar.set_postfix_str(f"{self.failed} failed", refresh=True)
+        else:
             self.bar.update(1)
 
     def finish(self) -> int:
@@ -559,6 +583,8 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             run.claim(job.stem.with_suffix(".ddcm"), job.source)
             if writes_png:
                 run.claim(job.stem.with_suffix(".png"), job.source)
+            if args.command == "restore":
+                run.claim(_degraded_path(job.stem), job.source)
             pixels, notes = images.load_image(job.source, budget=budget)
             for note in notes:
                 run.say(f"note: {job.source}: {note}")
@@ -575,13 +601,13 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             run.done()
     for group in _groups(loaded, lambda item: item.coded, jax.local_device_count()):
         try:
-            with run.steps(args.steps):
-                encs = encode(model, [item.pixels for item in group], budget)
+            with run.steps("restore" if args.command == "restore" else "encode") as progress:
+                encs = encode(model, [item.pixels for item in group], budget, progress)
             results = [enc.decoded for enc in encs]
             if decode_back:
                 streams = [bitstream.decode(enc.data, str(item.job.source)) for enc, item in zip(encs, group, strict=True)]
-                with run.steps(args.steps):
-                    results = codec.decode_streams(model, streams)
+                with run.steps("decode") as progress:
+                    results = codec.decode_streams(model, streams, progress=progress)
         except Exception as e:
             for item in group:
                 run.fail(item.job.source, e)
@@ -596,6 +622,8 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
                 files = {out_ddcm: enc.data}
                 if writes_png:
                     files[item.job.stem.with_suffix(".png")] = images.png_bytes(result)
+                if enc.degraded is not None:
+                    files[_degraded_path(item.job.stem)] = images.png_bytes(enc.degraded)
                 images.commit_files(files)
                 quality: dict[str, Any] = {}
                 if enc.reference is not None and enc.reference.shape == result.shape:
@@ -604,14 +632,31 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
                                "lpips": None if skip else _finite(metrics.lpips(enc.reference, result))}  # fmt: skip
                     if skip:
                         quality["lpips_skipped"] = skip
+                if enc.consistency_db is not None:
+                    quality["consistency_psnr"] = _finite(enc.consistency_db)
                 rec = _record(enc, item.job.source, list(files), time.perf_counter() - item.t0, **quality,
                               notes=list(item.notes))  # fmt: skip
                 run.records.append(rec)
-                if not decode_back:
+                if args.command == "restore":
+                    run.say(_restore_line(item.job.source, out_ddcm, rec))
+                elif not decode_back:
                     run.say(f"{item.job.source} -> {out_ddcm} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp)")
             except Exception as e:
                 run.fail(item.job.source, e)
             run.done()
+
+
+def _degraded_path(stem: Path) -> Path:
+    return stem.with_name(stem.name + "_degraded.png")
+
+
+def _restore_line(source: Path, out: Path, rec: dict[str, Any]) -> str:
+    """What `restore` prints per image: the files, the rate, agreement with the measurement and the original."""
+    c, p, lp = rec.get("consistency_psnr"), rec.get("psnr"), rec.get("lpips")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    return (f"{source} -> {out.with_suffix('.png')} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp); "
+            f"consistency with the measurement {fmt(c, '.2f')} dB; against the original: PSNR {fmt(p, '.2f')} dB, "
+            f"LPIPS {fmt(lp, '.3f')}; degraded input: {_degraded_path(out.with_suffix(''))}")  # fmt: skip
 
 
 def _table(run: Run) -> None:
@@ -647,15 +692,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.command == "restore":
         mask = _load_mask(args.mask) if args.mask is not None else None
 
-        def encode(model: Any, pixel_list: list[Any], budget: int) -> Any:
+        def encode(model: Any, pixel_list: list[Any], budget: int, progress: Any) -> Any:
             return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
                                        coding_size=args.size, budget=budget, task=args.task, factor=args.factor,
-                                       blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask)  # fmt: skip
+                                       blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask,
+                                       progress=progress)  # fmt: skip
     else:
 
-        def encode(model: Any, pixel_list: list[Any], budget: int) -> Any:
+        def encode(model: Any, pixel_list: list[Any], budget: int, progress: Any) -> Any:
             return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
-                                       coding_size=args.size, budget=budget)  # fmt: skip
+                                       coding_size=args.size, budget=budget, progress=progress)  # fmt: skip
 
     if jobs:
         _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
@@ -696,8 +742,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for group in _groups(seeds, lambda _: 0, jax.local_device_count()):
         t0 = time.perf_counter()
         try:
-            with run.steps(args.steps):
-                encs = codec.generate_images(model, base.spec, group, class_label=args.class_label, budget=budget)
+            with run.steps("generate") as progress:
+                encs = codec.generate_images(model, base.spec, group, class_label=args.class_label, budget=budget,
+                                             progress=progress)  # fmt: skip
         except Exception as e:
             for sd in group:
                 run.fail(args.output / f"gen_{sd - base.seed:0{width}d}", e)
@@ -708,7 +755,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             try:
                 files = {stem.with_suffix(".ddcm"): enc.data, stem.with_suffix(".png"): images.png_bytes(enc.decoded)}
                 images.commit_files(files)
-                run.records.append(_record(enc, None, list(files), (time.perf_counter() - t0) / len(group), seed=sd))
+                rec = _record(enc, None, list(files), (time.perf_counter() - t0) / len(group), seed=sd)
+                run.records.append(rec)
+                run.say(f"seed {sd} -> {stem.with_suffix('.png')}, {stem.with_suffix('.ddcm')} ({rec['bytes']} bytes)")
             except Exception as e:
                 run.fail(stem, e)
             run.done()
@@ -764,8 +813,8 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     signature = lambda item: (item[2], codec.decode_signature(item[1].header))  # noqa: E731
     for group in _groups(ready, signature, jax.local_device_count()):
         try:
-            with run.steps(group[0][1].header.steps):
-                outputs = codec.decode_streams(models[group[0][2]], [item[1] for item in group])
+            with run.steps("decode") as progress:
+                outputs = codec.decode_streams(models[group[0][2]], [item[1] for item in group], progress=progress)
         except Exception as e:
             for item in group:
                 run.fail(item[0].source, e)

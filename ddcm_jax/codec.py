@@ -11,9 +11,11 @@ The path: pixels -> coded geometry (`images.prepare`) -> `header_for(spec, ...)`
 and back: `bitstream.decode` -> `spec_of(header)` -> `parallel.decode_sharded`
 -> pixels. The encoder samples with the header's own spec (eta as stored in
 float32), so the decoder, which knows only the header, replays the same
-arithmetic. Both compile the per-step progress callback in (see
-`ddcm_jax.progress`), so the encoder's reconstruction is exactly what the
-decoder will produce on the same kind of machine.
+arithmetic. Both run their steps one call each (`sampler.run_steps`), with or
+without a `progress(done, total)` listener, so the encoder's reconstruction is
+exactly what the decoder will produce on the same kind of machine, whoever
+watches; and since no host callback sits in the programs, JAX's persistent
+compilation cache can keep them.
 
 Read at this edge, once per call, and passed down: the memory budget
 (`budget`, default `memory.budget_bytes()`) and JAX's threefry-partitionable
@@ -37,8 +39,8 @@ from ddcm_jax.codebook import AtomSource
 from ddcm_jax.memory import MemoryBudgetError, check_fits
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
 from ddcm_jax.parallel import decode_sharded, encode_sharded, make_mesh
-from ddcm_jax.sampler import PRNG_IMPL
-from ddcm_jax.selection import MSE, Random, replay_rule
+from ddcm_jax.sampler import PRNG_IMPL, Progress
+from ddcm_jax.selection import MSE, Random, Turbo, TurboMSE, replay_rule
 from ddcm_jax.shapes import Pixels
 from ddcm_jax.spec import CodeSpec
 
@@ -73,6 +75,8 @@ class Encoded:
     decoded: np.ndarray  # uint8 (H, W, 3) in the output geometry: decode_bytes returns exactly this
     reference: np.ndarray | None  # uint8, the input in the same geometry (None for generation)
     notes: tuple[str, ...] = ()
+    degraded: np.ndarray | None = None  # restoration: uint8 view of the measurement y (see `_degraded_view`)
+    consistency_db: float | None = None  # restoration: PSNR of A(decoded) vs y at the coded size, in dB
 
     @property
     def payload_bits(self) -> int:
@@ -145,6 +149,11 @@ def _finish(h: Header, x: Any, indices: Any, coeffs: Any, reference: np.ndarray 
     return Encoded(data, h, decoded, reference, tuple(notes))
 
 
+def _listener(progress: Progress | None) -> Progress:
+    """The codec always runs step by step (see the module docstring), listened to or not."""
+    return progress if progress is not None else (lambda done, total: None)
+
+
 def mesh_for(batch: int) -> Any:
     """The mesh a batch runs on: up to `batch` local devices on the data axis.
 
@@ -182,13 +191,15 @@ def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str, budget:
 def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed: int = 0,
                   size_policy: str = "fit", coding_size: int | None = None, task: str = "compression",
                   notes: list[tuple[str, ...]] | None = None, mesh: Any = None, budget: int | None = None,
-                  partitionable: bool | None = None, **op_args: Any) -> list[Encoded]:  # fmt: skip
+                  partitionable: bool | None = None, progress: Progress | None = None,
+                  **op_args: Any) -> list[Encoded]:  # fmt: skip
     """Compress (or, with a restoration `task`, restore) uint8 RGB images that share a coded size.
 
     The images run side by side, one per device of `mesh` (default `mesh_for`).
     Restoration degrades each coded input by the task and samples the
-    posterior with the rule `MSE(operator)` (the spec's rule and t_range are
-    not used); its file holds only the indices, and decoding it reproduces the
+    posterior with `TurboMSE(operator, M)` when the spec's rule is `Turbo(M)`,
+    else with DDCM's single-atom `MSE(operator)` (the spec's t_range is not
+    used); its file holds only the code, and decoding it reproduces the
     restored image without the measurement.
     """
     budget, partitionable = _edge(budget, partitionable)
@@ -198,7 +209,8 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     extra: dict[str, Any] = {}
     if task != "compression":
         op = make_operator(task, coded.shape[1:3], **op_args)
-        spec = spec.replace(rule=MSE(op), t_range=None)
+        rule = TurboMSE(op, spec.rule.num_atoms) if isinstance(spec.rule, Turbo) else MSE(op)
+        spec = spec.replace(rule=rule, t_range=None)
         extra["task"] = task
         if task == "super-resolution":
             extra["factor"] = op.factor
@@ -209,13 +221,37 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     run = spec_of(heads[0], spec.rule)
     with jax.threefry_partitionable(partitionable):
         if task == "compression":
-            res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads))
+            res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads), progress=_listener(progress))
         else:
             res = encode_sharded(model, run, mesh=mesh, key=_keys(heads), measurements=jax.vmap(op)(jnp.asarray(x)),
-                                 image_shape=(*heads[0].size, 3))  # fmt: skip
+                                 image_shape=(*heads[0].size, 3), progress=_listener(progress))  # fmt: skip
     notes = notes or [()] * len(pixel_list)
-    return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, size_policy), n)
-            for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
+    out = [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, size_policy), n)
+           for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
+    if task == "compression":
+        return out
+    y = np.asarray(jax.vmap(op)(jnp.asarray(x)))
+    # Consistency of what the user gets (the decoded uint8 pixels) with the measurement, at the coded size.
+    a_out = np.asarray(jax.vmap(op)(jnp.asarray(images.to_model(images.from_model(np.asarray(res.image))))))
+    return [dataclasses.replace(e, degraded=_degraded_view(y[b], hb), consistency_db=_psnr_pm1(a_out[b], y[b]))
+            for b, (e, hb) in enumerate(zip(out, heads, strict=True))]  # fmt: skip
+
+
+def _psnr_pm1(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of signals in [-1, 1] (peak-to-peak 2), as 8-bit PSNR is of [0, 255]."""
+    mse = float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(4.0 / mse))
+
+
+def _degraded_view(y: np.ndarray, h: Header) -> np.ndarray:
+    """The measurement as an image: grey (colorization), masked or blurred at the output's geometry;
+    super-resolution's low-resolution image as it is."""
+    if y.shape[-1] == 1:
+        y = np.repeat(y, 3, axis=-1)
+    view = images.from_model(y)
+    if view.shape[:2] != tuple(h.size):  # super-resolution: the small image itself
+        return view
+    return images.restore_geometry(view, h.size_policy, h.original_size)
 
 
 def encode_image(model: Any, pixels: Pixels, spec: CodeSpec, *, notes: tuple[str, ...] = (),
@@ -253,7 +289,8 @@ def restore_image(model: Any, pixels: Pixels, task: str, spec: CodeSpec, *, note
 
 
 def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label: int | None = None,
-                    mesh: Any = None, budget: int | None = None, partitionable: bool | None = None) -> list[Encoded]:  # fmt: skip
+                    mesh: Any = None, budget: int | None = None, partitionable: bool | None = None,
+                    progress: Progress | None = None) -> list[Encoded]:  # fmt: skip
     """Compressed generation at the model's native size, one image per seed (the spec's rule: `Random`)."""
     budget, partitionable = _edge(budget, partitionable)
     n = model.config.architecture.image_size
@@ -264,7 +301,8 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
     labels = None if class_label is None else jnp.full((len(seeds),), class_label, jnp.int32)
     with jax.threefry_partitionable(partitionable):
         res = encode_sharded(model, spec_of(heads[0], spec.rule), mesh=mesh_for(len(seeds)) if mesh is None else mesh,
-                             key=_keys(heads), image_shape=(n, n, 3), class_label=labels)  # fmt: skip
+                             key=_keys(heads), image_shape=(n, n, 3), class_label=labels,
+                             progress=_listener(progress))  # fmt: skip
     return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
 
 
@@ -319,7 +357,8 @@ def decode_signature(h: Header) -> tuple[Any, ...]:
             h.threefry_partitionable, h.fingerprint)  # fmt: skip
 
 
-def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) -> list[Pixels]:
+def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
+                   progress: Progress | None = None) -> list[Pixels]:  # fmt: skip
     """Decode parsed files that share a `decode_signature` (checked by `check_model` first).
 
     Returns uint8 pixels in each file's recorded geometry.
@@ -332,13 +371,14 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None) ->
     with jax.threefry_partitionable(h.threefry_partitionable):
         x = decode_sharded(model, spec_of(h), np.stack([st.indices for st in streams]),
                            np.stack([st.coeffs for st in streams]), mesh=mesh_for(len(streams)) if mesh is None
-                           else mesh, key=_keys(heads), image_shape=(*h.size, 3), class_label=labels)  # fmt: skip
+                           else mesh, key=_keys(heads), image_shape=(*h.size, 3), class_label=labels,
+                           progress=_listener(progress))  # fmt: skip
     return [images.restore_geometry(images.from_model(np.asarray(x[b])), hb.size_policy, hb.original_size)
             for b, hb in enumerate(heads)]  # fmt: skip
 
 
 def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None,
-                 budget: int | None = None) -> tuple[Pixels, Bitstream]:  # fmt: skip
+                 budget: int | None = None, progress: Progress | None = None) -> tuple[Pixels, Bitstream]:  # fmt: skip
     """uint8 pixels in the geometry the header records, and the parsed file.
 
     Raises BitstreamError (naming `source`) for a file this model cannot decode;
@@ -346,4 +386,4 @@ def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any 
     """
     check_model(bitstream.decode_header(data, source).header, model, source, budget=budget)
     stream = bitstream.decode(data, source)
-    return decode_streams(model, [stream], mesh=mesh)[0], stream
+    return decode_streams(model, [stream], mesh=mesh, progress=progress)[0], stream

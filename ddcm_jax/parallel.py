@@ -32,7 +32,16 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ddcm_jax.sampler import CompressResult, as_key, decode, encode_split
+from ddcm_jax.sampler import (
+    CompressResult,
+    Progress,
+    Window,
+    as_key,
+    decode,
+    encode_split,
+    run_steps,
+    start_noise,
+)
 from ddcm_jax.selection import replay_rule
 from ddcm_jax.spec import CodeSpec
 
@@ -59,36 +68,40 @@ def make_mesh(data: int | None = None, codebook: int = 1, devices: Sequence[Any]
     return Mesh(np.array(devices[: data * codebook]).reshape(data, codebook), (DATA, CODEBOOK))
 
 
-def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis: str | None) -> Any:
-    """What one device runs on its rows: the sampler's batch path, nothing else."""
+def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis: str | None, n: int,
+               final: bool) -> Any:  # fmt: skip
+    """What one device runs on its rows: the sampler's batch path over steps [lo, lo + n), nothing else."""
 
-    def run(model: Any, spec: CodeSpec, x: Any, keys: jax.Array, extra: Any) -> Any:
+    def run(model: Any, spec: CodeSpec, x: Any, keys: jax.Array, extra: Any, lo: Any) -> Any:
         x_T, weights, labels = extra
+        window = Window(lo, n, spec.steps, final)
         if mode == "decode":
             return decode(model, spec, x[0], x[1], key=keys, image_shape=image_shape, x_T=x_T, class_label=labels,
-                          progress=True)  # fmt: skip
+                          window=window)  # fmt: skip
         batch_shape = (keys.shape[0], *image_shape)
         return encode_split(model, spec, x if mode == "compress" else None, key=keys,
-                       measurement=x if mode == "restore" else None, image_shape=batch_shape, x_T=x_T,
-                       weights=weights, class_label=labels, codebook_chunk=chunk, codebook_axis=axis,
-                       progress=True)  # fmt: skip
+                            measurement=x if mode == "restore" else None, image_shape=batch_shape, x_T=x_T,
+                            weights=weights, class_label=labels, codebook_chunk=chunk, codebook_axis=axis,
+                            window=window)  # fmt: skip
 
     return run
 
 
 @functools.lru_cache(maxsize=64)
-def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | None, has: tuple[bool, ...]) -> Any:
-    """The jitted program for a mesh (arguments: model, spec, x, keys (B,), (x_T, weights, labels)).
+def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | None, has: tuple[bool, ...],
+             n: int, final: bool) -> Any:  # fmt: skip
+    """The jitted program for a mesh and a window of n steps (arguments: model, spec, x, keys (B,),
+    (x_T, weights, labels), lo).
 
     One device: the batch function itself. Several: it under `shard_map`, rows
     over the data axis, each codebook split over the codebook axis.
     """
+    axis = CODEBOOK if mesh.size > 1 and mesh.shape[CODEBOOK] > 1 else None
+    fn = _device_fn(mode, image_shape, chunk, axis, n, final)
     if mesh.size == 1:
-        return jax.jit(_device_fn(mode, image_shape, chunk, None))
-    axis = CODEBOOK if mesh.shape[CODEBOOK] > 1 else None
+        return jax.jit(fn)
     data = P(DATA)
-    specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]))
-    fn = _device_fn(mode, image_shape, chunk, axis)
+    specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]), P())
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
 
 
@@ -114,14 +127,31 @@ def _keys(key: Any, batch: int) -> jax.Array:
 
 def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, *, key: Any,
          image_shape: tuple[int, ...], x_T: Any = None, weights: Any = None, class_label: Any = None,
-         codebook_chunk: int | None = None) -> Any:  # fmt: skip
+         codebook_chunk: int | None = None, progress: Progress | None = None) -> Any:  # fmt: skip
     n = mesh.shape[DATA]
     padded = -(-batch // n) * n
-    extra = tuple(None if v is None else _pad_rows(jnp.asarray(v), padded) for v in (x_T, weights, class_label))
     shape = tuple(int(v) for v in image_shape)[-3:]
-    fn = _program(mesh, mode, shape, codebook_chunk, (x is not None, *(v is not None for v in extra)))
-    out = fn(model, spec, _pad_rows(x, padded), _pad_rows(_keys(key, batch), padded), extra)
+    x = _pad_rows(x, padded)
+    keys = _pad_rows(_keys(key, batch), padded)
+    weights, labels = (None if v is None else _pad_rows(jnp.asarray(v), padded) for v in (weights, class_label))
+    x_T = None if x_T is None else _pad_rows(jnp.asarray(x_T, jnp.float32), padded)
+    if x_T is None and progress is not None:  # a step-by-step run starts from x_T drawn here
+        x_T = _start_noise(keys, shape)
+
+    def call(x_t: Any, w: Window) -> tuple[Any, Any]:
+        extra = (x_t, weights, labels)
+        has = (x is not None, *(v is not None for v in extra))
+        out = _program(mesh, mode, shape, codebook_chunk, has, w.n, w.final)(model, spec, x, keys, extra, w.lo)
+        return (out, None) if mode == "decode" else (out.image, (out.indices, out.coeffs))
+
+    image, code = run_steps(call, x_T, spec.steps, progress)
+    out = image if mode == "decode" else CompressResult(*code, image)
     return jax.tree_util.tree_map(lambda a: a[:batch], out)
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _start_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda k: start_noise(k, shape))(keys)
 
 
 def encode_sharded(model: Any, spec: CodeSpec, images: Any = None, *, mesh: Mesh, key: Any,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.codebook import AtomSource
-from ddcm_jax.progress import report_step
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import Random, StepContext, replay_rule
 from ddcm_jax.shapes import Coeffs, Image, Indices, Key, Label, Measurement, Weights
@@ -42,7 +42,9 @@ from ddcm_jax.spec import CodeSpec
 __all__ = [
     "PRNG_IMPL",
     "CompressResult",
+    "Progress",
     "SchedT",
+    "Window",
     "as_key",
     "bits_per_image",
     "compress",
@@ -53,8 +55,10 @@ __all__ = [
     "generate",
     "predict_x0",
     "restore",
+    "run_steps",
     "sample",
     "schedule_xs",
+    "start_noise",
     "step",
 ]
 
@@ -185,43 +189,82 @@ class _Books:
                           step=s.i).with_base()  # fmt: skip
 
 
-def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, progress):
-    """The scan over the noise-adding steps, then the final sigma = 0 step (zero noise)."""
-    noisy, last = _split_last(xs)
+def _rows(tree: Any, lo: Any, n: int, total: int) -> Any:
+    """Rows [lo, lo + n) of each leaf's leading axis (length `total`); `lo` may be traced.
+
+    The whole axis passes through untouched, so a one-call run is the plain scan.
+    """
+    if tree is None or n == total:
+        return tree
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, n), tree)
+
+
+def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, final):
+    """The scan over the noise-adding steps of `xs`; with `final`, the last row
+    of `xs` is the sigma = 0 step, run after them with zero noise.
+
+    Returns (x, ys); ys is None when no noise-adding step ran.
+    """
+    noisy, last = _split_last(xs) if final else (xs, None)
 
     def body(x_t, inp):
         s, rows, extra = inp
         eps_hat = _denoise(model, x_t, s, y)
         noise, ys = noise_fn(x_t, eps_hat, s, rows, extra)
-        x_prev = step(x_t, eps_hat, s, noise, clip)
-        if progress:
-            # Unordered: ordered effects cannot span several devices, and the program must
-            # be the same whatever the device count. Every device reports every step.
-            jax.debug.callback(report_step, s.i)
-        return x_prev, ys
+        return step(x_t, eps_hat, s, noise, clip), ys
 
-    x_1, ys = jax.lax.scan(body, x_T, (noisy, codebook, chosen))
-    x_0 = step(x_1, _denoise(model, x_1, last, y), last, jnp.zeros_like(x_1), clip)
-    if progress:
-        jax.debug.callback(report_step, last.i)
-    return x_0, ys
+    x, ys = x_T, None
+    if noisy.i.shape[0]:
+        x, ys = jax.lax.scan(body, x_T, (noisy, codebook, chosen))
+    if final:
+        x = step(x, _denoise(model, x, last, y), last, jnp.zeros_like(x), clip)
+    return x, ys
 
 
-@functools.partial(jax.jit, static_argnames=("clip", "progress"))
-def _sample_one(model, x_T, xs, y, key, *, clip, progress=False):
+class Window(NamedTuple):
+    """Steps [lo, lo + n) of `total`; `final` when it ends with the last (sigma = 0) step.
+
+    What one compiled call runs. A whole run is one window (one scan). Run step
+    by step (to report progress between calls, with no host callback in the
+    program, so that XLA's persistent cache can keep it), `lo` is traced and
+    every step but the last reuses one program.
+    """
+
+    lo: Any
+    n: int
+    total: int
+    final: bool
+
+    @property
+    def noisy(self) -> int:  # noise-adding steps in the window
+        return self.n - int(self.final)
+
+    def schedule(self, xs: SchedT) -> SchedT:
+        return _rows(xs, self.lo, self.n, self.total)
+
+    def code_rows(self, a: Any) -> Any:  # rows of a (total - 1, ...) per-step array
+        return _rows(a, self.lo, self.noisy, self.total - 1)
+
+
+def _whole(steps: int) -> Window:
+    return Window(0, steps, steps, True)
+
+
+@functools.partial(jax.jit, static_argnames=("clip", "n", "total", "final"))
+def _sample_one(model, x_T, xs, y, key, lo, *, clip, n, total, final):
     noise_key = jax.random.fold_in(key, 3)
 
     def noise_fn(x_t, eps_hat, s, rows, extra):
         return jax.random.normal(jax.random.fold_in(noise_key, s.i), x_t.shape, jnp.float32), None
 
-    x_0, _ = _run(model, x_T, xs, None, y, None, noise_fn, clip, progress)
-    return x_0
+    return _run(model, x_T, Window(lo, n, total, final).schedule(xs), None, y, None, noise_fn, clip, final)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("books", "progress"))
-def _encode_one(model, spec, image, measurement, x_T, xs, codebook, weights, y, key, *, books, progress):
+@functools.partial(jax.jit, static_argnames=("books", "n", "final"))
+def _encode_one(model, spec, image, measurement, x_T, xs, codebook, weights, y, key, lo, *, books, n, final):
     shape, rule, t_range = tuple(x_T.shape), spec.rule, spec.t_range
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    window = Window(lo, n, spec.steps, final)
 
     def noise_fn(x_t, eps_hat, s, rows, _):
         x0_hat, _ = predict_x0(x_t, eps_hat, s, spec.clip)
@@ -235,20 +278,56 @@ def _encode_one(model, spec, image, measurement, x_T, xs, codebook, weights, y, 
         idx, co = jax.lax.cond(active, lambda: tuple(rule.select(ctx, book)[1:]), rule.idle_code)
         return rule.noise(book, idx, co), (idx, co)
 
-    return _run(model, x_T, xs, codebook, y, None, noise_fn, spec.clip, progress)
+    x, ys = _run(model, x_T, window.schedule(xs), window.code_rows(codebook), y, None, noise_fn, spec.clip, final)
+    if ys is None:  # the window holds only the last step, which carries no bits
+        (_, mi), (_, mc) = spec.code_shape
+        ys = (jnp.zeros((0, mi), jnp.int32), jnp.zeros((0, mc), jnp.int32))
+    return x, ys
 
 
-@functools.partial(jax.jit, static_argnames=("books", "progress"))
-def _decode_one(model, spec, indices, coeffs, x_T, xs, codebook, y, key, *, books, progress):
+@functools.partial(jax.jit, static_argnames=("books", "n", "final"))
+def _decode_one(model, spec, indices, coeffs, x_T, xs, codebook, y, key, lo, *, books, n, final):
     shape, rule = tuple(x_T.shape), spec.rule
     cb_root = jax.random.fold_in(key, 1)
+    window = Window(lo, n, spec.steps, final)
 
     def noise_fn(x_t, eps_hat, s, rows, chosen):
         idx, co = chosen
         return rule.noise(books.at(shape, cb_root, s, rows), idx, co), None
 
-    x_0, _ = _run(model, x_T, xs, codebook, y, (indices, coeffs), noise_fn, spec.clip, progress)
-    return x_0
+    chosen = window.code_rows((indices, coeffs)) if window.noisy else None
+    return _run(model, x_T, window.schedule(xs), window.code_rows(codebook), y, chosen, noise_fn, spec.clip,
+                final)[0]  # fmt: skip
+
+
+Progress = Callable[[int, int], None]
+"""Called as `progress(done, total)` with the steps run so far: (0, T) before the first, whose call compiles."""
+
+
+def run_steps(call: Callable[[Any, Window], tuple[Any, Any]], x_T: Any, steps: int,
+              progress: Progress | None) -> tuple[Any, Any]:  # fmt: skip
+    """`call(x, window) -> (x, ys)` over all steps: one call, or one per step reporting `progress`.
+
+    The ys of the calls (per-step codes, steps on axis -2) are joined; the
+    step-by-step run computes what the one call computes (the same step
+    function, in the same order).
+    """
+    if progress is None:
+        return call(x_T, _whole(steps))
+    x, parts = x_T, []
+    progress(0, steps)
+    for i in range(steps):
+        x, ys = call(x, Window(np.int32(i), 1, steps, i == steps - 1))
+        x = jax.block_until_ready(x)
+        parts.append(ys)
+        progress(i + 1, steps)
+    ys = None if parts[0] is None else jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=-2), *parts)
+    return x, ys
+
+
+def start_noise(key: Key, shape: tuple[int, ...]) -> jax.Array:
+    """x_T of one image: normal(fold_in(key, 0)) in `shape`."""
+    return jax.random.normal(jax.random.fold_in(as_key(key), 0), tuple(shape), jnp.float32)
 
 
 def _schedule(model: Any, steps: int, respacing: str, schedule: Schedule | None) -> Schedule:
@@ -264,7 +343,7 @@ def _prepare(model: Any, spec: CodeSpec, image_shape: tuple[int, ...], key: Any,
              schedule: Schedule | None) -> tuple[jax.Array, jax.Array, SchedT]:  # fmt: skip
     key = as_key(key)
     if x_T is None:
-        x_T = jax.random.normal(jax.random.fold_in(key, 0), image_shape, jnp.float32)
+        x_T = start_noise(key, image_shape)
     xs = schedule_xs(_schedule(model, spec.steps, spec.respacing, schedule), spec.eta)
     return key, jnp.asarray(x_T, jnp.float32), xs
 
@@ -317,7 +396,7 @@ def encode(model: Any, spec: CodeSpec, image: Image | None = None, *, key: Key,
            measurement: Measurement | None = None, image_shape: tuple[int, ...] | None = None,
            x_T: Image | None = None, codebook: jax.Array | None = None, weights: Weights | None = None,
            class_label: Label | None = None, schedule: Schedule | None = None,
-           codebook_chunk: int | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+           codebook_chunk: int | None = None, progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Choose the code of `image` (H, W, 3) or a batch (B, H, W, 3) under `spec`.
 
     With `image`: compression (rules `DDCM`, `MatchingPursuit`, `Turbo`, ...);
@@ -333,10 +412,13 @@ def encode(model: Any, spec: CodeSpec, image: Image | None = None, *, key: Key,
 def encode_split(model: Any, spec: CodeSpec, image: Any, *, key: Any, measurement: Any = None,
             image_shape: Any = None, x_T: Any = None, codebook: Any = None, weights: Any = None,
             class_label: Any = None, schedule: Schedule | None = None, codebook_chunk: int | None = None,
-            codebook_axis: str | None = None, progress: bool = False) -> CompressResult:  # fmt: skip
+            codebook_axis: str | None = None, progress: Progress | None = None,
+            window: Window | None = None) -> CompressResult:  # fmt: skip
     """`encode` with each codebook split over the mesh axis `codebook_axis` (inside `shard_map`).
 
     For `ddcm_jax.parallel` only: the public calls never name a device axis.
+    With `window` it runs only those steps from `x_T` (the state before them)
+    and returns their codes; the caller drives the steps.
     """
     if image is not None:
         image = jnp.asarray(image, jnp.float32)
@@ -356,28 +438,37 @@ def encode_split(model: Any, spec: CodeSpec, image: Any, *, key: Any, measuremen
         measurement = jnp.asarray(measurement, jnp.float32)
     books = _Books(spec.codebook_size, spec.generator, codebook_chunk, codebook_axis)
 
-    def one(image: Any = None, measurement: Any = None, x_T: Any = None, weights: Any = None,
-            class_label: Any = None, key: Any = None) -> CompressResult:  # fmt: skip
-        shape = image_shape[-3:]
-        k, x_T, xs = _prepare(model, spec, shape, key, x_T, schedule)
-        w = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), shape)
-        out, (indices, coeffs) = _encode_one(model, spec, image, measurement, x_T, xs,
-                                             _check_codebook(codebook, spec, shape), w,
-                                             _label(model, class_label), k, books=books, progress=progress)  # fmt: skip
-        return CompressResult(indices, coeffs, out)
+    shape = image_shape[-3:]
+    rows = _check_codebook(codebook, spec, shape)
 
-    args = dict(image=image, measurement=measurement, x_T=x_T, weights=weights, class_label=class_label, key=key)
+    def one(w: Window, image: Any = None, measurement: Any = None, x_T: Any = None, weights: Any = None,
+            class_label: Any = None, key: Any = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:  # fmt: skip
+        k, x_T, xs = _prepare(model, spec, shape, key, x_T, schedule)
+        wt = None if weights is None else jnp.broadcast_to(jnp.asarray(weights, jnp.float32), shape)
+        return _encode_one(model, spec, image, measurement, x_T, xs, rows, wt, _label(model, class_label), k, w.lo,
+                           books=books, n=w.n, final=w.final)  # fmt: skip
+
+    args = dict(image=image, measurement=measurement, weights=weights, class_label=class_label, key=key)
     if image is None and measurement is None:  # generation: B keys and/or labels make a batch
         batch = as_key(key).ndim == 1 or np.ndim(class_label) == 1
     else:
         batch = len(image_shape) == 4
-    return _per_image(one, args, batch)
+
+    def call(x: Any, w: Window) -> tuple[jax.Array, Any]:
+        return _per_image(functools.partial(one, w), {**args, "x_T": x}, batch)
+
+    if window is not None:
+        x, (indices, coeffs) = call(x_T, window)
+    else:
+        x0 = x_T if progress is None or x_T is not None else _start(key, shape)
+        x, (indices, coeffs) = run_steps(call, x0, spec.steps, progress)
+    return CompressResult(indices, coeffs, x)
 
 
 def decode(model: Any, spec: CodeSpec, indices: Indices, coeffs: Coeffs | None = None, *, key: Key,
            image_shape: tuple[int, ...], x_T: Image | None = None, codebook: jax.Array | None = None,
            class_label: Label | None = None, schedule: Schedule | None = None,
-           progress: bool = False) -> Image:  # fmt: skip
+           progress: Progress | None = None, window: Window | None = None) -> Image:  # fmt: skip
     """Rebuild the image from its code, regenerating only the chosen atoms.
 
     `indices` (steps-1, M) or a `CompressResult`; (B, steps-1, M) decodes a
@@ -394,17 +485,33 @@ def decode(model: Any, spec: CodeSpec, indices: Indices, coeffs: Coeffs | None =
     books = _Books(spec.codebook_size, spec.generator)
     shape = tuple(int(v) for v in image_shape)[-3:]
 
-    def one(indices: Any, coeffs: Any, x_T: Any = None, class_label: Any = None, key: Any = None) -> jax.Array:
+    rows = _check_codebook(codebook, spec, shape)
+
+    def one(w: Window, indices: Any, coeffs: Any, x_T: Any = None, class_label: Any = None,
+            key: Any = None) -> tuple[jax.Array, None]:  # fmt: skip
         want_i, want_c = spec.code_shape
         if indices.shape != want_i or coeffs.shape != want_c:
             raise ValueError(f"indices must be {want_i} and coeffs {want_c} for this rule, got {indices.shape} "
                              f"and {coeffs.shape}")  # fmt: skip
         k, x_T, xs = _prepare(model, spec, shape, key, x_T, schedule)
-        return _decode_one(model, spec, indices, coeffs, x_T, xs, _check_codebook(codebook, spec, shape),
-                           _label(model, class_label), k, books=books, progress=progress)  # fmt: skip
+        return _decode_one(model, spec, indices, coeffs, x_T, xs, rows, _label(model, class_label), k, w.lo,
+                           books=books, n=w.n, final=w.final), None  # fmt: skip
 
-    args = dict(indices=indices, coeffs=coeffs, x_T=x_T, class_label=class_label, key=key)
-    return _per_image(one, args, indices.ndim == 3)
+    args = dict(indices=indices, coeffs=coeffs, class_label=class_label, key=key)
+
+    def call(x: Any, w: Window) -> tuple[jax.Array, None]:
+        return _per_image(functools.partial(one, w), {**args, "x_T": x}, indices.ndim == 3)
+
+    if window is not None:
+        return call(x_T, window)[0]
+    x0 = x_T if progress is None or x_T is not None else _start(key, shape)
+    return run_steps(call, x0, spec.steps, progress)[0]
+
+
+def _start(key: Any, shape: tuple[int, ...]) -> jax.Array:
+    """x_T for one key or each of (B,) keys (a step-by-step run draws it before the first step)."""
+    key = as_key(key)
+    return start_noise(key, shape) if key.ndim == 0 else jax.vmap(lambda k: start_noise(k, shape))(key)
 
 
 def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_atoms: int = 1,
@@ -413,7 +520,7 @@ def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_at
              t_range: tuple[int, int] | None = None, class_label: Label | None = None,
              schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
              generator: str = "philox", codebook_chunk: int | None = None,
-             progress: bool = False) -> CompressResult:  # fmt: skip
+             progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices.
 
     The keyword form of `encode(model, CodeSpec.create(steps=, codebook_size=, rule=, ...), image, key=)`.
@@ -430,8 +537,8 @@ def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_at
 
     Codebooks: `generator` "philox" (default), "threefry" or "shift" (see
     `ddcm_jax.codebook`); `codebook_chunk` atoms are generated and scored at a
-    time (default: from a 64 MB budget). `progress=True` compiles in the
-    per-step callback (`ddcm_jax.progress`).
+    time (default: from a 64 MB budget). `progress(done, total)`, if
+    given, runs the steps one call each and reports after each (same result).
 
     `model`: what `load_model` returns, or any object with `.params`,
     `.apply(params, x (B,H,W,C), t (B,), y) -> (B,H,W,C or 2C)` and
@@ -453,7 +560,7 @@ def restore(model: Any, measurement: Measurement, operator: Any, *, steps: int, 
             x_T: Image | None = None, codebook: jax.Array | None = None,
             class_label: Label | None = None, schedule: Schedule | None = None, eta: float = 1.0,
             clip: bool = True, generator: str = "philox", codebook_chunk: int | None = None,
-            progress: bool = False) -> CompressResult:  # fmt: skip
+            progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Compressed posterior sampling for y = operator(x): indices + restored image.
 
     `operator`: an operator from `ddcm_jax.operators` or its name
@@ -472,7 +579,7 @@ def restore(model: Any, measurement: Measurement, operator: Any, *, steps: int, 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Key, class_label: Label | None = None,
              image_shape: tuple[int, ...] | None = None, eta: float = 1.0, clip: bool = True,
              schedule: Schedule | None = None, generator: str = "philox",
-             progress: bool = False) -> CompressResult:  # fmt: skip
+             progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Compressed generation: uniformly random atoms; the indices encode the sample.
 
     `image_shape` defaults to the model's native (size, size, 3). For B samples
@@ -485,7 +592,7 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Key, class_labe
 
 def sample(model: Any, *, steps: int, key: Key, image_shape: tuple[int, ...] | None = None,
            class_label: Label | None = None, x_T: Image | None = None, schedule: Schedule | None = None,
-           eta: float = 1.0, clip: bool = True, progress: bool = False) -> Image:  # fmt: skip
+           eta: float = 1.0, clip: bool = True, progress: Progress | None = None) -> Image:  # fmt: skip
     """Plain (non-DDCM) DDIM sampling: fresh Gaussian noise each step, the same scan and step.
 
     The noise of step i is normal(fold_in(fold_in(key, 3), i)); x_T as in
@@ -500,8 +607,12 @@ def sample(model: Any, *, steps: int, key: Key, image_shape: tuple[int, ...] | N
     if schedule is None and steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
     xs = schedule_xs(_schedule(model, steps, "", schedule), eta)
-    return _sample_one(model, jnp.asarray(x_T, jnp.float32), xs, _label(model, class_label), key, clip=clip,
-                       progress=progress)  # fmt: skip
+    y = _label(model, class_label)
+
+    def call(x: Any, w: Window) -> tuple[jax.Array, None]:
+        return _sample_one(model, x, xs, y, key, w.lo, clip=clip, n=w.n, total=steps, final=w.final), None
+
+    return run_steps(call, jnp.asarray(x_T, jnp.float32), xs.i.shape[0], progress)[0]
 
 
 def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps: int, codebook_size: int,
@@ -509,7 +620,7 @@ def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps:
                rule: Any = "ddcm", key: Key, x_T: Image | None = None,
                codebook: jax.Array | None = None, class_label: Label | None = None,
                schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
-               generator: str = "philox", progress: bool = False) -> Image:  # fmt: skip
+               generator: str = "philox", progress: Progress | None = None) -> Image:  # fmt: skip
     """The keyword form of `decode`: rebuild the image from indices (steps-1, M) or (B, steps-1, M).
 
     `rule` only decides how indices become noise: single-atom rules (ddcm,

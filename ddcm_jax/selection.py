@@ -26,6 +26,7 @@ methods read them so that sampler and bitstream cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -46,6 +47,7 @@ __all__ = [
     "Soft",
     "StepContext",
     "Turbo",
+    "TurboMSE",
     "make_rule",
     "replay_rule",
     "select_atoms",
@@ -233,15 +235,49 @@ class Turbo(Code):
         return self.num_atoms
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
-        top, scores = book.top_abs(_residual(ctx), self.num_atoms)  # a running top-M
-        order = jnp.argsort(top)  # the bitstream codes the set, in index order
-        idx = top[order].astype(jnp.int32)
-        signs = (scores[order] < 0).astype(jnp.int32)  # sign bit: 1 = negative
-        return Selection(self.noise(book, idx, signs), idx, signs)
+        return _turbo_select(book, _residual(ctx), self.num_atoms)
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         s = 1.0 - 2.0 * coeffs.astype(jnp.float32)
         return _unit_std(jnp.einsum("m,m...->...", s, book.get(indices)))
+
+
+def _turbo_select(book: AtomSource, r: jax.Array, num_atoms: int) -> Selection:
+    top, scores = book.top_abs(r, num_atoms)  # a running top-M of |<z_k, r>|
+    order = jnp.argsort(top)  # the bitstream codes the set, in index order
+    idx = top[order].astype(jnp.int32)
+    signs = (scores[order] < 0).astype(jnp.int32)  # sign bit: 1 = negative
+    return Selection(Turbo(num_atoms).noise(book, idx, signs), idx, signs)
+
+
+@_rule
+class TurboMSE(Code):
+    """Turbo-DDCM's code for restoration, y = A(x): the M atoms with the largest
+    |<A(z_k), y - A(x0_hat)>| = |<z_k, A^T(y - A(x0_hat))>|, signed, summed, unit std.
+
+    The measurement residual is pulled back through the operator's adjoint (its
+    VJP; the operators are linear), so the atoms are scored as Turbo scores
+    them, streaming. Files store it as `turbo` (the decoder replays `Turbo(M)`).
+    """
+
+    operator: Any  # a linear pytree callable from `ddcm_jax.operators`
+    num_atoms: int = static_field()
+    code_name = "turbo"
+
+    @property
+    def coeff_width(self) -> int:
+        return self.num_atoms
+
+    def replay(self) -> Code:
+        return Turbo(self.num_atoms)
+
+    def select(self, ctx: StepContext, book: AtomSource) -> Selection:
+        y_res, adjoint = jax.vjp(self.operator, ctx.x0_hat)
+        (r,) = adjoint(ctx.measurement - y_res)
+        return _turbo_select(book, r, self.num_atoms)
+
+    def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
+        return Turbo(self.num_atoms).noise(book, indices, coeffs)
 
 
 @_rule
@@ -356,12 +392,21 @@ def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, ste
     `residual` (a step's `target - x0_hat`) and returns (indices (M,), noise).
     The codebooks of a `compress(..., key=k)` call have the root
     `fold_in(k, 1)` and steps numbered by the respaced index.
+
+    Compiled once per (residual shape, K, rule settings, generator): an eager
+    call with a new key, step or residual reuses the program.
     """
     rule = make_rule(rule, num_atoms, coef_bits)
-    residual = jnp.asarray(residual, jnp.float32)
+    return _select_atoms(key, jnp.asarray(residual, jnp.float32), jnp.asarray(step, jnp.int32), rule,
+                         codebook_size=int(codebook_size), generator=generator)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("codebook_size", "generator"))
+def _select_atoms(key: jax.Array, residual: jax.Array, step: jax.Array, rule: Any, *, codebook_size: int,
+                  generator: str) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     zero = jnp.zeros_like(residual)
     ctx = StepContext(zero, zero, jnp.float32(0), jnp.float32(1), target=residual)
-    book = AtomSource(codebook_size, tuple(residual.shape), generator, root=key, step=jnp.int32(step))
+    book = AtomSource(codebook_size, tuple(residual.shape), generator, root=key, step=step)
     sel = rule.select(ctx, book)
     return sel.indices, sel.noise
 

@@ -188,9 +188,13 @@ def test_generate_restore_and_their_files_decode(tiny_model_dir, kodak_image, tm
                        *CODING, "--seed", "7", "-q")  # fmt: skip
     assert code == 0, err
     code, _, err = run(capsys, "restore", kodak_image, "--task", "colorization", "-o", tmp_path / "r",
-                       "--model", tiny_model_dir, *CODING, "--crop", "-q")  # fmt: skip
+                       "--model", tiny_model_dir, *CODING, "--rule", "ddcm", "--crop", "-q")  # fmt: skip
     assert code == 0, err
-    for made in (tmp_path / "g" / "gen_0001.ddcm", tmp_path / "r" / "kodim23.ddcm"):
+    code, _, err = run(capsys, "restore", kodak_image, "--task", "super-resolution", "-o", tmp_path / "t",
+                       "--model", tiny_model_dir, *CODING, "-M", "4", "-q")  # fmt: skip
+    assert code == 0, err
+    made_all = (tmp_path / "g" / "gen_0001.ddcm", tmp_path / "r" / "kodim23.ddcm", tmp_path / "t" / "kodim23.ddcm")
+    for made in made_all:
         out = tmp_path / "dec" / made.parent.name
         assert main(["decompress", str(made), "-o", str(out), "--model", str(tiny_model_dir), "-q"]) == 0
         np.testing.assert_array_equal(np.asarray(Image.open(out / made.with_suffix(".png").name)),
@@ -199,6 +203,8 @@ def test_generate_restore_and_their_files_decode(tiny_model_dir, kodak_image, tm
     assert (h.task, h.rule, h.seed) == ("generation", "random", 8)
     h = bs.decode((tmp_path / "r" / "kodim23.ddcm").read_bytes()).header
     assert (h.task, h.rule) == ("colorization", "mse")
+    h = bs.decode((tmp_path / "t" / "kodim23.ddcm").read_bytes()).header
+    assert (h.task, h.rule, h.num_atoms, h.factor) == ("super-resolution", "turbo", 4, 4)
 
 
 def test_console_script_exit_code_and_one_line(tmp_path):

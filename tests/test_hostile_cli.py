@@ -182,10 +182,10 @@ def test_ctrl_c_exits_130_without_crash_or_partial_files(tiny_model_dir, tmp_pat
             # SIGINT ignored, which would decide this test by how the suite was launched.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
-        # Wait until sampling is under way (the step bar shows), then interrupt.
+        # Wait until sampling is under way (the encode step bar shows), then interrupt.
         deadline = time.monotonic() + 120
         seen = ""
-        while time.monotonic() < deadline and "steps" not in seen:
+        while time.monotonic() < deadline and "encode:" not in seen:
             seen += proc.stderr.read(1)
         time.sleep(0.5 * attempt)
         proc.send_signal(signal.SIGINT)

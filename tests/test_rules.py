@@ -20,7 +20,7 @@ from ddcm_jax.operators import (
 )
 from ddcm_jax.sampler import predict_x0, schedule_xs, step
 from ddcm_jax.schedule import Schedule
-from ddcm_jax.selection import DDCM, MSE, AtomSource, Soft, StepContext, Turbo
+from ddcm_jax.selection import DDCM, MSE, AtomSource, Soft, StepContext, Turbo, TurboMSE
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -220,7 +220,8 @@ def test_select_atoms_is_the_argmax_over_key_atoms():
     root = jax.random.key(3)
     r = jax.random.normal(jax.random.key(4), (8, 8, 3))
     idx, noise = ddcm_jax.select_atoms(root, r, 100, step=2)
-    z = AtomSource(100, (8, 8, 3), root=root, step=jnp.int32(2)).get(jnp.arange(100))
+    # Compiled, as select_atoms and the sampler draw atoms (eager op-by-op Box-Muller may differ by an ulp).
+    z = jax.jit(lambda: AtomSource(100, (8, 8, 3), root=root, step=jnp.int32(2)).get(jnp.arange(100)))()
     scores = np.asarray(jnp.einsum("k...,...->k", z, r))
     assert int(idx[0]) == int(np.argmax(scores))
     np.testing.assert_array_equal(noise, z[int(idx[0])])
@@ -341,3 +342,51 @@ def test_straight_through_forward_equals_hard_choice(model, image):
         jnp.asarray(image)
     )
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+
+
+def test_step_by_step_equals_one_scan_and_reports_progress(model, image):
+    """`progress=` runs one compiled call per step: the same codes and pixels, batched or not."""
+    kw = dict(steps=5, codebook_size=16, num_atoms=2, rule="turbo", key=jax.random.split(jax.random.key(8), 2))
+    ims = jnp.stack([jnp.asarray(image), -jnp.asarray(image)])
+    seen = []
+    stepped = ddcm_jax.compress(model, ims, progress=lambda done, total: seen.append((done, total)), **kw)
+    whole = ddcm_jax.compress(model, ims, **kw)
+    assert seen == [(i, 5) for i in range(6)]
+    np.testing.assert_array_equal(stepped.indices, whole.indices)
+    np.testing.assert_array_equal(stepped.coeffs, whole.coeffs)
+    np.testing.assert_array_equal(stepped.image, whole.image)
+    dec = dict(steps=5, codebook_size=16, num_atoms=2, rule="turbo", image_shape=ims.shape, key=kw["key"])
+    seen.clear()
+    out = ddcm_jax.decompress(model, whole, progress=lambda done, total: seen.append(done), **dec)
+    assert seen == list(range(6))
+    np.testing.assert_array_equal(out, whole.image)
+
+
+def test_turbo_restoration_scores_atoms_against_the_pulled_back_residual():
+    """TurboMSE picks the M largest |<A(z_k), y - A(x0_hat)>|, with their signs."""
+    shape, op = (8, 8, 3), SuperResolution(2)
+    book = AtomSource(64, shape, root=jax.random.key(9), step=jnp.int32(1))
+    g = rng(10)
+    x0, truth = (jnp.asarray(g.uniform(-1, 1, shape), jnp.float32) for _ in range(2))
+    y = op(truth)
+    z = np.asarray(jax.vmap(op)(book.get(jnp.arange(64))), np.float64).reshape(64, -1)
+    scores = z @ np.asarray(y - op(x0), np.float64).ravel()
+    ctx = StepContext(jnp.zeros(shape), x0, jnp.float32(0.3), jnp.float32(0.9), measurement=y)
+    sel = TurboMSE(op, 5).select(ctx, book)
+    want = np.sort(np.argsort(-np.abs(scores))[:5])
+    np.testing.assert_array_equal(sel.indices, want)
+    np.testing.assert_array_equal(sel.coeffs, (scores[want] < 0).astype(np.int32))
+    np.testing.assert_array_equal(sel.noise, Turbo(5).noise(book, sel.indices, sel.coeffs))
+    assert TurboMSE(op, 5).replay() == Turbo(5) and TurboMSE(op, 5).code_name == "turbo"
+
+
+def test_select_atoms_called_eagerly_compiles_once():
+    """A new key, step or residual of the same shape reuses the compiled selection."""
+    from ddcm_jax.selection import _select_atoms
+
+    r = jax.random.normal(jax.random.key(4), (8, 8, 3))
+    ddcm_jax.select_atoms(jax.random.key(0), r, 32, step=1)
+    before = _select_atoms._cache_size()
+    for i in range(3):
+        ddcm_jax.select_atoms(jax.random.key(i + 1), r * (i + 2), 32, step=i + 2)
+    assert _select_atoms._cache_size() == before

@@ -28,7 +28,7 @@ COMMANDS = {
                                                  *V1]),
     "tiny_ddcm": ("compress", ["kodim23.png"], ["-T", "10", "-K", "64", "--rule", "ddcm", "--crop", "--model", "TINY"]),
     "default_colorization": ("restore", ["kodim05.png"], ["--task", "colorization", "-T", "20", "-K", "64", "--crop",
-                                                          *V1]),
+                                                          "--rule", "ddcm", *V1]),
     "default_generate": ("generate", [], ["-n", "1", "-T", "20", "-K", "16", "--seed", "7", *V1]),
 }  # fmt: skip
 
