@@ -4,7 +4,9 @@
         --figure docs/kodak_figure.png
 
 Images: the centre --crop x --crop square of each Kodak image at its own
-resolution (no resampling). Each operating point compresses every crop to a
+resolution (no resampling); with `--whole`, the whole images at the command
+line's defaults (the `fit` policy at 192 px, point "default"), bpp and JPEG /
+WebP budgets over the whole picture. Each operating point compresses every crop to a
 real .ddcm file through `ddcm_jax.codec` (the command line's path); its size is
 the whole file (header, payload, CRC) and its bpp is reported both ways. JPEG
 and WebP (Pillow) are then given the same byte budget: the highest quality
@@ -41,6 +43,8 @@ POINTS = {  # name -> CodeSpec.create keywords; bpp over a 128 x 128 crop in the
     "ddcm K=1024 T=83": dict(steps=83, codebook_size=1024),  # 82 x 10 bits = 0.050 bpp
     "turbo K=1024 M=4 T=62": dict(steps=62, codebook_size=1024, num_atoms=4, rule="turbo"),  # 61 x 40 = 0.149
     "turbo K=1024 M=16 T=51": dict(steps=51, codebook_size=1024, num_atoms=16, rule="turbo"),  # 50 x 132 = 0.403
+    # The command line's default (quality "medium"), for --whole: fit at 192 px.
+    "default": dict(steps=30, codebook_size=1024, num_atoms=128, rule="turbo"),
 }
 
 
@@ -91,11 +95,12 @@ def random_weights(model: DiffusionModel) -> DiffusionModel:
     return DiffusionModel(model.config, jax.tree_util.tree_unflatten(tree, fixed), "sha256:" + "0" * 64)
 
 
-def run_point(model: DiffusionModel, crops: list[np.ndarray], settings: CodeSpec, label: str) -> list[dict]:
+def run_point(model: DiffusionModel, crops: list[np.ndarray], settings: CodeSpec, label: str,
+              **coding: object) -> list[dict]:  # fmt: skip
     rows = []
     for i, px in enumerate(crops):
         t0 = time.perf_counter()
-        enc = codec.encode_image(model, px, settings)
+        enc = codec.encode_image(model, px, settings, **coding)
         seconds = time.perf_counter() - t0
         out = enc.decoded
         n = px.shape[0] * px.shape[1]
@@ -152,26 +157,38 @@ def main() -> None:
     ap.add_argument("--random-baseline", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--figure", type=Path)
+    ap.add_argument("--whole", action="store_true", help="whole images, fit at --size (default point: default)")
+    ap.add_argument("--size", type=int, default=192, help="--whole: the fit policy's coding size")
     args = ap.parse_args()
+    if args.whole and args.figure:
+        ap.error("--figure tiles centre crops; it does not take --whole")
     from ddcm_jax.model import default_model_dir
 
     model = load_model(args.model or default_model_dir())
-    crops = [centre_crop(args.kodak / f"kodim{i:02d}.png", args.crop) for i in range(1, args.limit + 1)]
-    results: dict = {"points": {}, "rows": []}
-    for label in args.points:
+    paths = [args.kodak / f"kodim{i:02d}.png" for i in range(1, args.limit + 1)]
+    if args.whole:
+        crops = [images.load_image(p)[0] for p in paths]
+        coding = {"size_policy": "fit", "coding_size": args.size}
+        points = ["default"] if args.points == list(POINTS) else args.points
+    else:
+        crops = [centre_crop(p, args.crop) for p in paths]
+        coding, points = {}, [p for p in args.points if p != "default"] if args.points == list(POINTS) else args.points
+    results: dict = {"points": {}, "rows": [], "whole": args.whole, "coding": coding}
+    for label in points:
         settings = CodeSpec.create(**POINTS[label])
-        rows = run_point(model, crops, settings, label)
+        rows = run_point(model, crops, settings, label, **coding)
         results["rows"] += rows
         results["points"][label] = summarise(rows)
         print(label, json.dumps(results["points"][label]), flush=True)
     if args.random_baseline:
-        label = args.points[0]
-        rows = run_point(random_weights(model), crops, CodeSpec.create(**POINTS[label]), "random weights, " + label)
+        label = points[0]
+        rows = run_point(random_weights(model), crops, CodeSpec.create(**POINTS[label]), "random weights, " + label,
+                         **coding)  # fmt: skip
         results["random_weights"] = {"point": label, **summarise(rows)}
         print("random weights", json.dumps(results["random_weights"]), flush=True)
     if args.figure:
         figure(model, crops, [22, 3, 18][: len(crops)] if len(crops) > 22 else [0],
-               CodeSpec.create(**POINTS[args.points[len(args.points) // 2]]), args.figure)  # fmt: skip
+               CodeSpec.create(**POINTS[points[len(points) // 2]]), args.figure)  # fmt: skip
     if args.json:
         results["meta"] = {"model": str(args.model or "default"), "crop": args.crop, "machine": platform.machine(),
                            "cpus": os.cpu_count(), "jax": jax.__version__,

@@ -191,7 +191,7 @@ def test_generate_restore_and_their_files_decode(tiny_model_dir, kodak_image, tm
                        "--model", tiny_model_dir, *CODING, "--rule", "ddcm", "--crop", "-q")  # fmt: skip
     assert code == 0, err
     code, _, err = run(capsys, "restore", kodak_image, "--task", "super-resolution", "-o", tmp_path / "t",
-                       "--model", tiny_model_dir, *CODING, "-M", "4", "-q")  # fmt: skip
+                       "--model", tiny_model_dir, *CODING, "-M", "4", "--crop", "-q")  # fmt: skip
     assert code == 0, err
     made_all = (tmp_path / "g" / "gen_0001.ddcm", tmp_path / "r" / "kodim23.ddcm", tmp_path / "t" / "kodim23.ddcm")
     for made in made_all:
