@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax import latent
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import Random, StepContext, replay_rule
 from ddcm_jax.shapes import Coeffs, Image, Indices, Key, Label, Measurement, Weights
 from ddcm_jax.spec import CodeSpec
+from ddcm_jax.stepping import PRNG_IMPL, Progress, Window, as_key, run_steps
 
 __all__ = [
     "PRNG_IMPL",
@@ -143,23 +144,6 @@ def bits_per_image(steps: int, codebook_size: int, num_atoms: int = 1, coef_bits
                            coef_bits=coef_bits).payload_bits()  # fmt: skip
 
 
-PRNG_IMPL = "threefry2x32"
-
-
-def as_key(key: Any) -> jax.Array:
-    """A typed key (or a (B,) array of them) from a key or an int seed; never a default."""
-    if key is None:
-        raise ValueError("a key (typed jax.random.key or an int seed) is required; there is no default")
-    if isinstance(key, int | np.integer):
-        # Named explicitly: a global jax_default_prng_impl must not change the codebooks.
-        return jax.random.key(int(key), impl=PRNG_IMPL)
-    if not (hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
-        raise TypeError("key must be a typed key (jax.random.key) or an int seed, not a raw uint32 PRNGKey")
-    if key.ndim > 1:
-        raise ValueError(f"key must be one typed key or a (B,) array of them, got shape {key.shape}")
-    return key
-
-
 def _denoise(model: Any, x_t: jax.Array, s: SchedT, y: jax.Array | None) -> jax.Array:
     out = model.apply(model.params, x_t[None], s.t[None], None if y is None else y[None])[0]
     return out[..., : x_t.shape[-1]]  # learned-sigma channels are not used by DDIM
@@ -189,16 +173,6 @@ class _Books:
                           step=s.i).with_base()  # fmt: skip
 
 
-def _rows(tree: Any, lo: Any, n: int, total: int) -> Any:
-    """Rows [lo, lo + n) of each leaf's leading axis (length `total`); `lo` may be traced.
-
-    The whole axis passes through untouched, so a one-call run is the plain scan.
-    """
-    if tree is None or n == total:
-        return tree
-    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, lo, n), tree)
-
-
 def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, final):
     """The scan over the noise-adding steps of `xs`; with `final`, the last row
     of `xs` is the sigma = 0 step, run after them with zero noise.
@@ -219,35 +193,6 @@ def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, final):
     if final:
         x = step(x, _denoise(model, x, last, y), last, jnp.zeros_like(x), clip)
     return x, ys
-
-
-class Window(NamedTuple):
-    """Steps [lo, lo + n) of `total`; `final` when it ends with the last (sigma = 0) step.
-
-    What one compiled call runs. A whole run is one window (one scan). Run step
-    by step (to report progress between calls, with no host callback in the
-    program, so that XLA's persistent cache can keep it), `lo` is traced and
-    every step but the last reuses one program.
-    """
-
-    lo: Any
-    n: int
-    total: int
-    final: bool
-
-    @property
-    def noisy(self) -> int:  # noise-adding steps in the window
-        return self.n - int(self.final)
-
-    def schedule(self, xs: SchedT) -> SchedT:
-        return _rows(xs, self.lo, self.n, self.total)
-
-    def code_rows(self, a: Any) -> Any:  # rows of a (total - 1, ...) per-step array
-        return _rows(a, self.lo, self.noisy, self.total - 1)
-
-
-def _whole(steps: int) -> Window:
-    return Window(0, steps, steps, True)
 
 
 @functools.partial(jax.jit, static_argnames=("clip", "n", "total", "final"))
@@ -298,31 +243,6 @@ def _decode_one(model, spec, indices, coeffs, x_T, xs, codebook, y, key, lo, *, 
     chosen = window.code_rows((indices, coeffs)) if window.noisy else None
     return _run(model, x_T, window.schedule(xs), window.code_rows(codebook), y, chosen, noise_fn, spec.clip,
                 final)[0]  # fmt: skip
-
-
-Progress = Callable[[int, int], None]
-"""Called as `progress(done, total)` with the steps run so far: (0, T) before the first, whose call compiles."""
-
-
-def run_steps(call: Callable[[Any, Window], tuple[Any, Any]], x_T: Any, steps: int,
-              progress: Progress | None) -> tuple[Any, Any]:  # fmt: skip
-    """`call(x, window) -> (x, ys)` over all steps: one call, or one per step reporting `progress`.
-
-    The ys of the calls (per-step codes, steps on axis -2) are joined; the
-    step-by-step run computes what the one call computes (the same step
-    function, in the same order).
-    """
-    if progress is None:
-        return call(x_T, _whole(steps))
-    x, parts = x_T, []
-    progress(0, steps)
-    for i in range(steps):
-        x, ys = call(x, Window(np.int32(i), 1, steps, i == steps - 1))
-        x = jax.block_until_ready(x)
-        parts.append(ys)
-        progress(i + 1, steps)
-    ys = None if parts[0] is None else jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=-2), *parts)
-    return x, ys
 
 
 def start_noise(key: Key, shape: tuple[int, ...]) -> jax.Array:
@@ -520,8 +440,13 @@ def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_at
              t_range: tuple[int, int] | None = None, class_label: Label | None = None,
              schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
              generator: str = "philox", codebook_chunk: int | None = None,
-             progress: Progress | None = None) -> CompressResult:  # fmt: skip
+             progress: Progress | None = None, no_bits_steps: int | None = None, prompt: str | None = None,
+             guidance: float = 0.0) -> CompressResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices.
+
+    A latent (Stable Diffusion) model runs `ddcm_jax.latent.compress` (its
+    `schedule` is "ddcm" or "turbo", with `no_bits_steps`, `prompt`, `guidance`;
+    it returns a `LatentResult`).
 
     The keyword form of `encode(model, CodeSpec.create(steps=, codebook_size=, rule=, ...), image, key=)`.
     `rule`: "ddcm" (M = 1; with num_atoms > 1, matching pursuit with coef_bits C),
@@ -549,6 +474,14 @@ def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_at
     per image, otherwise one is shared by all. With a shared key the indices
     equal B single calls.
     """
+    if latent.is_latent_model(model):
+        _pixel_only(class_label=class_label, eta=eta != 1.0, clip=not clip, schedule=not _named(schedule))
+        return latent.compress(model, image, steps=steps, codebook_size=codebook_size, num_atoms=num_atoms,
+                               coef_bits=coef_bits, rule=rule, key=key, x_T=x_T, codebook=codebook,
+                               schedule=schedule, no_bits_steps=no_bits_steps, t_range=t_range, weights=weights,
+                               prompt=prompt, guidance=guidance, generator=generator,
+                               codebook_chunk=codebook_chunk, progress=progress)  # fmt: skip
+    _latent_only(no_bits_steps=no_bits_steps, prompt=prompt, guidance=guidance, schedule=schedule)
     spec = CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, num_atoms=num_atoms,
                            coef_bits=coef_bits, generator=generator, eta=eta, t_range=t_range, clip=clip)  # fmt: skip
     return encode(model, spec, image, key=key, x_T=x_T, codebook=codebook, weights=weights,
@@ -579,12 +512,22 @@ def restore(model: Any, measurement: Measurement, operator: Any, *, steps: int, 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Key, class_label: Label | None = None,
              image_shape: tuple[int, ...] | None = None, eta: float = 1.0, clip: bool = True,
              schedule: Schedule | None = None, generator: str = "philox",
-             progress: Progress | None = None) -> CompressResult:  # fmt: skip
+             progress: Progress | None = None, prompt: str | None = None,
+             guidance: float = 0.0) -> CompressResult:  # fmt: skip
     """Compressed generation: uniformly random atoms; the indices encode the sample.
+
+    A latent model runs `ddcm_jax.latent.generate` (`schedule` "ddcm" or
+    "turbo", `prompt` and `guidance` for classifier-free guidance).
 
     `image_shape` defaults to the model's native (size, size, 3). For B samples
     pass B keys (e.g. `jax.random.split(key, B)`) and/or B class labels.
     """
+    if latent.is_latent_model(model):
+        _pixel_only(class_label=class_label, eta=eta != 1.0, clip=not clip, schedule=not _named(schedule))
+        return latent.generate(model, steps=steps, codebook_size=codebook_size, key=key, image_shape=image_shape,
+                               schedule=schedule or "ddcm", prompt=prompt, guidance=guidance, generator=generator,
+                               progress=progress)  # fmt: skip
+    _latent_only(prompt=prompt, guidance=guidance, schedule=schedule)
     spec = CodeSpec(steps, codebook_size, Random(), generator, eta, clip=clip)
     return encode(model, spec, None, key=key, class_label=class_label, image_shape=image_shape,
                   schedule=schedule, progress=progress)  # fmt: skip
@@ -620,12 +563,49 @@ def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps:
                rule: Any = "ddcm", key: Key, x_T: Image | None = None,
                codebook: jax.Array | None = None, class_label: Label | None = None,
                schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
-               generator: str = "philox", progress: Progress | None = None) -> Image:  # fmt: skip
+               generator: str = "philox", progress: Progress | None = None, no_bits_steps: int | None = None,
+               t_range: tuple[int, int] | None = None, prompt: str | None = None,
+               guidance: float = 0.0) -> Image:  # fmt: skip
     """The keyword form of `decode`: rebuild the image from indices (steps-1, M) or (B, steps-1, M).
+
+    A latent model runs `ddcm_jax.latent.decompress` (the keywords of its
+    `compress`; it returns a `LatentResult`). Pixel codes carry t_range in
+    their indices (idle steps hold the idle code), so it is not needed here.
 
     `rule` only decides how indices become noise: single-atom rules (ddcm,
     mse, random, soft) replay atom[index]; "mp" and "turbo" need M (and C).
     """
+    if latent.is_latent_model(model):
+        _pixel_only(class_label=class_label, eta=eta != 1.0, clip=not clip, schedule=not _named(schedule))
+        return latent.decompress(model, indices, coeffs, steps=steps, codebook_size=codebook_size,
+                                 image_shape=image_shape, num_atoms=num_atoms, coef_bits=coef_bits, rule=rule,
+                                 key=key, x_T=x_T, codebook=codebook, schedule=schedule,
+                                 no_bits_steps=no_bits_steps, t_range=t_range, prompt=prompt, guidance=guidance,
+                                 generator=generator, progress=progress)  # fmt: skip
+    _latent_only(no_bits_steps=no_bits_steps, prompt=prompt, guidance=guidance, schedule=schedule,
+                 t_range=t_range)  # a pixel code's idle steps are in its indices
     spec = CodeSpec(steps, codebook_size, replay_rule(rule, num_atoms, coef_bits), generator, eta, clip=clip)
     return decode(model, spec, indices, coeffs, key=key, image_shape=image_shape, x_T=x_T, codebook=codebook,
                   class_label=class_label, schedule=schedule, progress=progress)  # fmt: skip
+
+
+def _named(schedule: Any) -> bool:
+    return schedule is None or isinstance(schedule, str)
+
+
+def _pixel_only(**given: Any) -> None:
+    """Refuse, in one line, a pixel-model option given for a latent model."""
+    bad = [name for name, v in given.items() if v is not None and v is not False]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: not an option of latent (Stable Diffusion) models")
+
+
+def _latent_only(no_bits_steps: Any = None, prompt: Any = None, guidance: float = 0.0, schedule: Any = None,
+                 t_range: Any = None) -> None:  # fmt: skip
+    """Refuse a latent-model option given for a pixel model (a named schedule, a prompt, ...)."""
+    named = ("schedule", schedule if isinstance(schedule, str) else None)
+    given = (("no_bits_steps", no_bits_steps), ("prompt", prompt), ("t_range", t_range), named)
+    bad = [n for n, v in given if v is not None]
+    bad += ["guidance"] if guidance else []
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: options of latent (Stable Diffusion) models only")

@@ -55,3 +55,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, reference: Path) ->
                  "--config", str(reference / "adm_tiny" / "config.json")])  # fmt: skip
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def sd_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, reference: Path) -> Path:
+    """The sd_tiny pipeline converted once per session through the public converter."""
+    from ddcm_jax.convert import main
+
+    out = tmp_path_factory.mktemp("models") / "sd_tiny"
+    assert main([str(reference / "sd_tiny"), "-o", str(out), "--format", "diffusers"]) == 0
+    return out

@@ -1,0 +1,499 @@
+"""DDCM and Turbo-DDCM on latent diffusion (Stable Diffusion), as the originals compute them.
+
+The reverse process runs on the VAE's latents x_t (h, w, 4), NHWC, no clipping
+(latents are unbounded). Per step, with a_t = alphas_cumprod[t]:
+
+  (1) x0_hat  = sqrt(a_t) x_t - sqrt(1 - a_t) v             v-prediction
+              = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)         epsilon-prediction
+  (2) eps_hat = sqrt(a_t) v + sqrt(1 - a_t) x_t               (v; the network's eps otherwise)
+  (3) sigma^2 = eta^2 (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)             DDIM, eq. 16
+  (4) x_prev  = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z
+
+The first `coded_steps` steps add codebook noise z chosen by the rule (eta 1);
+the others ("no-bits" steps, and the last) add none (eta 0). The target of the
+rules is the VAE encoding of the image, mode x scaling_factor, and the
+residual they score is target - x0_hat, exactly as on pixels, so `DDCM`,
+`MatchingPursuit` and `Turbo` of `ddcm_jax.selection` serve both.
+
+Two timestep schedules (the `schedule` argument):
+  "ddcm"   the original DDCM's: t = linspace(0, N - 1, T).round()[::-1], and a_prev
+           at t - N // T, or `final_alpha_cumprod` where that is negative. That is
+           the original's quirk, kept: a_prev is not taken at the next entry
+           (T = 20: step 53 looks back to 3, not 0).
+  "turbo"  Turbo-DDCM's: `TURBO_TIMESTEPS` (162 entries) sampled evenly to T with
+           Python's round (half to even), a_prev at the next entry, and
+           alphas_cumprod[0] after the last.
+
+Keys, as in the pixel sampler: fold_in(key, 0) x_T, fold_in(key, 1) the codebook
+root (step i's atoms addressed by (i, k)), fold_in(key, 2) the rule's own keys.
+
+Conditioning: the model's stored null-prompt embedding, or a prompt with
+classifier-free guidance g: out = out(null) + g (out(prompt) - out(null)), on
+the raw network output as the originals do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddcm_jax.codebook import AtomSource
+from ddcm_jax.selection import Random, StepContext, Turbo, replay_rule
+from ddcm_jax.spec import CodeSpec
+from ddcm_jax.stepping import Progress, as_key
+
+__all__ = [
+    "SCHEDULES",
+    "TURBO_TIMESTEPS",
+    "LatentResult",
+    "LatentSchedT",
+    "compress",
+    "ddcm_timesteps",
+    "decompress",
+    "generate",
+    "is_latent_model",
+    "latent_schedule",
+    "no_bits_steps_heuristic",
+    "payload_bits",
+    "predict",
+    "step",
+    "turbo_timesteps",
+]
+
+Latent = Annotated[jax.Array, "*B h w 4 float32"]
+LatentImage = Annotated[jax.Array, "*B H W 3 float32 in [-1, 1]"]
+
+SCHEDULES = ("ddcm", "turbo")
+
+# Turbo-DDCM's fixed timestep list (from Vonderfecht 2025, as the Turbo-DDCM code lists it).
+TURBO_TIMESTEPS = (
+    999, 972, 949, 929, 897, 869, 834, 805, 780, 751, 726, 704, 688, 670, 648, 627, 608, 591, 578, 561,
+    546, 530, 520, 510, 498, 491, 480, 465, 455, 447, 438, 429, 419, 410, 402, 390, 380, 371, 361, 353,
+    345, 336, 326, 319, 313, 305, 296, 289, 282, 276, 269, 261, 254, 247, 242, 237, 231, 224, 219, 213,
+    209, 204, 200, 194, 189, 185, 181, 175, 170, 167, 163, 160, 156, 153, 149, 146, 143, 139, 135, 132,
+    129, 125, 121, 118, 116, 113, 110, 107, 104, 101, 99, 96, 94, 92, 90, 87, 85, 82, 80, 78, 76, 74, 72,
+    70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38, 37, 36, 35,
+    34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10,
+    9, 8, 7, 6, 5, 4, 3, 2, 1,
+)  # fmt: skip
+
+
+def is_latent_model(model: Any) -> bool:
+    """A Stable Diffusion model (`LatentDiffusionModel`), as opposed to a pixel-space ADM."""
+    return getattr(model, "family", None) == "sd"
+
+
+# --- schedules ------------------------------------------------------------------------------------
+
+
+def ddcm_timesteps(steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(t, t_prev) (T,) int64 of the original latent DDCM; t_prev < 0 means `final_alpha_cumprod`."""
+    t = np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64)
+    return t, t - num_train_timesteps // steps
+
+
+def turbo_timesteps(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(t, t_prev) (T,) int64 of Turbo-DDCM: `TURBO_TIMESTEPS` evenly sampled; t_prev 0 after the last."""
+    n = len(TURBO_TIMESTEPS)
+    if not 2 <= steps <= n:
+        raise ValueError(f"the turbo schedule has 2..{n} steps, got {steps}")
+    stride = (n - 1) / (steps - 1)
+    t = np.array([TURBO_TIMESTEPS[round(i * stride)] for i in range(steps)], np.int64)  # round: half to even
+    return t, np.append(t[1:], 0)
+
+
+class LatentSchedT(NamedTuple):
+    """One step's values (scalars in the scan; (T,) arrays for a schedule), float32."""
+
+    i: jax.Array  # step index in run order, 0 .. T-1 (addresses the step's codebook)
+    t: jax.Array  # timestep fed to the network
+    sqrt_a: jax.Array  # sqrt(a_t)
+    sqrt_1ma: jax.Array  # sqrt(1 - a_t)
+    sqrt_a_prev: jax.Array  # sqrt(a_prev)
+    dir_coef: jax.Array  # sqrt(1 - a_prev - sigma^2)
+    sigma: jax.Array
+    alpha_prev: jax.Array
+    coded: jax.Array  # bool: a selecting step inside t_range (outside: the rule's idle code)
+
+
+def latent_schedule(alphas_cumprod: np.ndarray, final_alpha_cumprod: float, steps: int, schedule: str,
+                    coded_steps: int, t_range: tuple[int, int] | None = None) -> LatentSchedT:  # fmt: skip
+    """Per-step values in run order; steps < `coded_steps` have eta 1, the others eta 0.
+
+    Computed in float32 from the float32 alphas_cumprod, in the originals' order
+    of operations (they run in torch float32).
+    """
+    n = len(alphas_cumprod)
+    if schedule == "ddcm":
+        t, t_prev = ddcm_timesteps(steps, n)
+    elif schedule == "turbo":
+        t, t_prev = turbo_timesteps(steps)
+    else:
+        raise ValueError(f"unknown latent schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    ac = np.asarray(alphas_cumprod, np.float32)
+    a = ac[t]
+    a_prev = np.where(t_prev >= 0, ac[np.maximum(t_prev, 0)], np.float32(final_alpha_cumprod)).astype(np.float32)
+    one = np.float32(1)
+    variance = ((one - a_prev) / (one - a)) * (one - a / a_prev)  # (3), float32
+    eta = (np.arange(steps) < coded_steps).astype(np.float32)
+    sigma = eta * np.sqrt(variance)
+    lo, hi = (0, n - 1) if t_range is None else t_range
+    return LatentSchedT(
+        i=np.arange(steps, dtype=np.int32),
+        t=t.astype(np.int32),
+        sqrt_a=np.sqrt(a),
+        sqrt_1ma=np.sqrt(one - a),
+        sqrt_a_prev=np.sqrt(a_prev),
+        dir_coef=np.sqrt(np.maximum(one - a_prev - sigma * sigma, 0)).astype(np.float32),
+        sigma=sigma.astype(np.float32),
+        alpha_prev=a_prev,
+        coded=(np.arange(steps) < coded_steps) & (t >= lo) & (t <= hi),
+    )
+
+
+# --- the step ---------------------------------------------------------------------------------------
+
+
+def predict(x_t: Latent, out: Latent, s: LatentSchedT, prediction_type: str) -> tuple[Latent, Latent]:
+    """(1)-(2): x0_hat and eps_hat from the network's raw output (v or eps)."""
+    if prediction_type == "v_prediction":
+        return s.sqrt_a * x_t - s.sqrt_1ma * out, s.sqrt_a * out + s.sqrt_1ma * x_t
+    return (x_t - s.sqrt_1ma * out) / s.sqrt_a, out
+
+
+def step(x_t: Latent, out: Latent, s: LatentSchedT, noise: Latent, prediction_type: str) -> Latent:
+    """(4): x_prev. Codebook, random and zero noise all take this path."""
+    x0_hat, eps_hat = predict(x_t, out, s, prediction_type)
+    return s.sqrt_a_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise
+
+
+# --- rate ---------------------------------------------------------------------------------------------
+
+
+def payload_bits(spec: CodeSpec, coded_steps: int) -> int:
+    """Bits of one image's code: coded_steps x the rule's bits per step (exact)."""
+    return coded_steps * spec.rule.bits_per_step(spec.codebook_size)
+
+
+def _torch_logspace_f32(start: np.float32, end: np.float32, steps: int) -> np.ndarray:
+    """`torch.logspace(start, end, steps)` for float32 start/end on CPU: exponents in float32, pow in double."""
+    step_ = np.float32((end - start) / np.float32(steps - 1))
+    half = steps // 2
+    out = np.empty(steps, np.float32)
+    for i in range(steps):
+        e = np.float32(start + step_ * np.float32(i)) if i < half else np.float32(end - step_ * np.float32(steps - i - 1))
+        out[i] = np.float32(10.0 ** float(e))
+    return out
+
+
+def no_bits_steps_heuristic(steps: int, codebook_size: int, num_atoms: int, height: int, width: int) -> int:
+    """Turbo-DDCM's `get_no_bits_steps`: the more bits per pixel all T-1 steps would carry, the
+    fewer steps go without bits (0 <= NBS <= T - 2), by log-spaced bpp bins over 0.01..0.15."""
+    bits = (steps - 1) * (math.ceil(math.log2(math.comb(codebook_size, num_atoms))) + num_atoms)
+    bpp = round(bits / (height * width), 8)
+    param = 70 if height * width <= 768**2 else 20
+    bins = _torch_logspace_f32(np.log10(np.float32(0.01)), np.log10(np.float32(0.15)), param)
+    bucket = int(np.searchsorted(bins.astype(np.float64), bpp, side="left"))  # torch.bucketize, right=False
+    return max(0, min(steps - 2, param - bucket - 1))
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LatentResult:
+    """What a latent run returns (a pytree): the code, the final latent and the decoded image."""
+
+    indices: jax.Array  # (S, M) int32, S = the steps that carry bits; (B, S, M) for a batch
+    coeffs: jax.Array  # matching pursuit: (S, M-1) coefficient indices; turbo: (S, M) signs +-1; else (S, 0)
+    latent: jax.Array  # (h, w, 4) the final latent
+    image: jax.Array  # (H, W, 3) clamp(decode(latent), -1, 1)
+
+
+class _Cond(NamedTuple):
+    context: jax.Array  # (1, L, C) one prompt, or (2, L, C) [null, prompt] with guidance
+    guidance: jax.Array  # scalar float32 (unused with one context)
+
+
+def _denoise(model: Any, x_t: jax.Array, t: jax.Array, cond: _Cond) -> jax.Array:
+    n = cond.context.shape[0]
+    out = model(jnp.broadcast_to(x_t, (n, *x_t.shape)), jnp.full((n,), t, jnp.int32), cond.context)
+    if n == 1:
+        return out[0]
+    return out[0] + cond.guidance * (out[1] - out[0])
+
+
+def _book(spec: CodeSpec, shape: tuple[int, ...], root: jax.Array, i: jax.Array, rows: Any,
+          chunk: int | None) -> AtomSource:  # fmt: skip
+    if rows is not None:
+        return AtomSource.from_array(rows, chunk=chunk)
+    return AtomSource(spec.codebook_size, shape, spec.generator, chunk, root=root, step=i).with_base()
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "chunk"))
+def _run(model, spec, x, xs, rows, code, target, cond, key, *, mode, chunk):
+    """Scan the steps of `xs` from x: mode "encode" (choose), "decode" (replay `code`) or "quiet" (z = 0).
+
+    `target` = (the encoded image or None, residual weights or None).
+    """
+    ptype, shape = model.prediction_type, tuple(x.shape)
+    cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    rule = spec.rule
+
+    def body(x_t, inp):
+        s, book_rows, chosen = inp
+        out = _denoise(model, x_t, s.t, cond)
+        if mode == "quiet":
+            return step(x_t, out, s, jnp.zeros_like(x_t), ptype), None
+        book = _book(spec, shape, cb_root, s.i, book_rows, chunk)
+        if mode == "decode":
+            idx, co = chosen
+            return step(x_t, out, s, rule.noise(book, idx, co), ptype), None
+        x0_hat, _ = predict(x_t, out, s, ptype)
+        ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_prev, target[0], None, target[1],
+                          jax.random.fold_in(rule_root, s.i))  # fmt: skip
+        if spec.t_range is None:
+            sel = rule.select(ctx, book)
+            return step(x_t, out, s, sel.noise, ptype), (sel.indices, sel.coeffs)
+        idx, co = jax.lax.cond(s.coded, lambda: tuple(rule.select(ctx, book)[1:]), rule.idle_code)
+        return step(x_t, out, s, rule.noise(book, idx, co), ptype), (idx, co)
+
+    return jax.lax.scan(body, x, (xs, rows, code))
+
+
+def _rows(tree: Any, lo: int, hi: int) -> Any:
+    return None if tree is None else jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
+
+
+def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: int, *, mode: str,
+           rows: Any = None, code: Any = None, target: Any = None, cond: _Cond, key: jax.Array,
+           chunk: int | None = None, progress: Progress | None = None) -> tuple[jax.Array, Any]:  # fmt: skip
+    """All T steps of one image: the `coded` noise-adding steps in `mode`, then the quiet ones.
+
+    Without `progress`, two compiled calls (one scan each); with it, one call per
+    step (the same step function, so the same result), reporting in between.
+    """
+    total = int(xs.i.shape[0])
+    spans = [(0, coded, mode), (coded, total, "quiet")]
+    if progress is not None:
+        progress(0, total)
+        spans = [(i, i + 1, mode if i < coded else "quiet") for i in range(total)]
+    x, parts = x_T, []
+    for lo, hi, m in spans:
+        if hi <= lo:
+            continue
+        noisy = m != "quiet"  # the codebooks and codes cover the noise-adding steps only
+        x, ys = _run(model, spec, x, _rows(xs, lo, hi), _rows(rows, lo, hi) if noisy else None,
+                     _rows(code, lo, hi) if noisy else None, target, cond, key, mode=m, chunk=chunk)  # fmt: skip
+        if ys is not None:
+            parts.append(ys)
+        if progress is not None:
+            progress(hi, total)
+    if not parts:
+        return x, None
+    return x, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
+# --- the public functions --------------------------------------------------------------------------------
+
+
+def _settings(model: Any, steps: int, codebook_size: int, num_atoms: int, coef_bits: int, rule: Any,
+              schedule: str | None, no_bits_steps: int | None, generator: str, t_range: Any,
+              image_hw: tuple[int, int]) -> tuple[CodeSpec, str, int]:  # fmt: skip
+    """(spec, schedule name, coded steps) from the keywords; every setting validated once."""
+    spec = CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, num_atoms=num_atoms,
+                           coef_bits=coef_bits, generator=generator, t_range=t_range, clip=False)  # fmt: skip
+    turbo = isinstance(spec.rule, Turbo)
+    schedule = schedule or ("turbo" if turbo else "ddcm")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown latent schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    if schedule == "turbo" and steps > len(TURBO_TIMESTEPS):
+        raise ValueError(f"the turbo schedule has at most {len(TURBO_TIMESTEPS)} steps, got {steps}")
+    if no_bits_steps is None:
+        no_bits_steps = no_bits_steps_heuristic(steps, codebook_size, spec.num_atoms, *image_hw) if turbo else 0
+    if not (isinstance(no_bits_steps, int | np.integer) and 0 <= no_bits_steps <= steps - 2):
+        raise ValueError(f"no_bits_steps must be an integer in 0..steps-2 = {steps - 2}, got {no_bits_steps!r}")
+    if turbo and t_range is not None:
+        raise ValueError("turbo codes its first steps; give no_bits_steps instead of t_range")
+    return spec, schedule, steps - 1 - int(no_bits_steps)
+
+
+def _conditioning(model: Any, prompt: str | None, guidance: float) -> _Cond:
+    null = jnp.asarray(model.null_prompt, jnp.float32)
+    if not prompt:
+        return _Cond(null, jnp.float32(0))
+    text = jnp.asarray(model.encode_prompt([prompt]), jnp.float32)
+    return _Cond(jnp.concatenate([null, text]), jnp.float32(guidance))
+
+
+def _latent_shape(model: Any, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+    f = model.config.downsampling_factor
+    h, w = image_hw
+    if h % f or w % f:
+        raise ValueError(f"image sides must be multiples of {f} for this model, got {h}x{w}")
+    return h // f, w // f, model.config.latent_channels
+
+
+def _signs_out(spec: CodeSpec, coeffs: jax.Array) -> jax.Array:
+    """Turbo's sign bits (1 = negative) -> signs +-1; other rules' coefficient indices unchanged."""
+    return 1 - 2 * coeffs if isinstance(spec.rule, Turbo) else coeffs
+
+
+def _signs_in(spec: CodeSpec, coeffs: jax.Array) -> jax.Array:
+    if not isinstance(spec.rule, Turbo):
+        return jnp.asarray(coeffs, jnp.int32)
+    c = np.asarray(coeffs)
+    if c.size and not np.all(np.abs(c) == 1):
+        raise ValueError("turbo coeffs are signs, +1 or -1")
+    return jnp.asarray(c < 0, jnp.int32)
+
+
+def _decoded(model: Any, latent: jax.Array) -> jax.Array:
+    return jnp.clip(model.decode(latent[None])[0], -1.0, 1.0)
+
+
+def _batched(fn: Any, batch: bool, args: Sequence[Any], per_image: Sequence[bool]) -> Any:
+    """fn(*args) for one image, or for each image of a batch (args marked per_image have a B axis)."""
+    if not batch:
+        return fn(*args)
+    n = next(len(a) for a, p in zip(args, per_image, strict=True) if p)
+    outs = [fn(*[a[b] if p else a for a, p in zip(args, per_image, strict=True)]) for b in range(n)]
+    return jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
+
+
+def compress(model: Any, image: LatentImage, *, steps: int, codebook_size: int, num_atoms: int = 1,
+             coef_bits: int = 1, rule: Any = "ddcm", key: Any, x_T: Latent | None = None,
+             codebook: jax.Array | None = None, schedule: str | None = None,
+             no_bits_steps: int | None = None, t_range: tuple[int, int] | None = None,
+             weights: jax.Array | None = None, prompt: str | None = None, guidance: float = 0.0,
+             generator: str = "philox", codebook_chunk: int | None = None,
+             progress: Progress | None = None) -> LatentResult:  # fmt: skip
+    """Encode `image` (H, W, 3) in [-1, 1] (or (B, H, W, 3)) with a latent model.
+
+    `rule` "ddcm" (M = 1; M > 1 is matching pursuit with C = `coef_bits`), "mp"
+    or "turbo" (M atoms with signs); `schedule` "ddcm" or "turbo" (default: the
+    rule's own); `no_bits_steps` the last steps that carry no bits (turbo:
+    default from Turbo-DDCM's heuristic for this image size; ddcm: 0).
+    `x_T` (h, w, 4) overrides the key's start latent and `codebook` (S, K, h, w, 4)
+    the key's codebooks, S being the steps that carry bits (T - 1 - NBS).
+    `weights` (h, w, 1 or 4) weight the residual. `prompt` and `guidance`:
+    classifier-free guidance on the network output (no prompt: the model's null
+    prompt, no guidance). `key` (required) fixes x_T and every codebook.
+
+    Returns `.indices` (S, M), `.coeffs` (matching pursuit: coefficient indices
+    (S, M-1); turbo: signs +-1 (S, M)), `.latent`, `.image` (decoded, clamped).
+    """
+    image = jnp.asarray(image, jnp.float32)
+    batch = image.ndim == 4
+    hw = tuple(image.shape[-3:-1])
+    spec, sched, coded = _settings(model, steps, codebook_size, num_atoms, coef_bits, rule, schedule,
+                                   no_bits_steps, generator, t_range, hw)  # fmt: skip
+    shape = _latent_shape(model, hw)
+    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, sched, coded, spec.t_range)
+    rows = _explicit_codebook(codebook, coded, spec, shape)
+    cond = _conditioning(model, prompt, guidance)
+    key = as_key(key)
+
+    def one(img: jax.Array, k: jax.Array, x0: Any, w: Any) -> LatentResult:
+        target = model.encode(img[None])[0]
+        start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
+        w = None if w is None else jnp.asarray(w, jnp.float32)
+        lat, (idx, co) = _drive(model, spec, start, xs, coded, mode="encode", rows=rows, target=(target, w),
+                                cond=cond, key=k, chunk=codebook_chunk, progress=progress)  # fmt: skip
+        return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
+
+    return _batched(one, batch, [image, key, x_T, weights],
+                    [True, key.ndim == 1, x_T is not None and np.ndim(x_T) == 4,
+                     weights is not None and np.ndim(weights) == 4])  # fmt: skip
+
+
+def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, codebook_size: int,
+               image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1, rule: Any = "ddcm",
+               key: Any, x_T: Latent | None = None, codebook: jax.Array | None = None,
+               schedule: str | None = None, no_bits_steps: int | None = None,
+               t_range: tuple[int, int] | None = None, prompt: str | None = None, guidance: float = 0.0,
+               generator: str = "philox", progress: Progress | None = None) -> LatentResult:  # fmt: skip
+    """Rebuild a latent model's image from `compress`'s `.indices` / `.coeffs` (mirrors its keywords).
+
+    `image_shape` (H, W, 3) of the coded image (it fixes the latent's shape and
+    turbo's default no-bits steps). Returns `.latent` and `.image`; `.indices`
+    and `.coeffs` are the code given.
+    """
+    hw = tuple(image_shape[-3:-1])
+    spec, sched, coded = _settings(model, steps, codebook_size, num_atoms, coef_bits, rule, schedule,
+                                   no_bits_steps, generator, t_range, hw)  # fmt: skip
+    spec = spec.replace(rule=replay_rule(spec.rule))
+    shape = _latent_shape(model, hw)
+    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, sched, coded, spec.t_range)
+    rows = _explicit_codebook(codebook, coded, spec, shape)
+    cond = _conditioning(model, prompt, guidance)
+    key = as_key(key)
+    indices = jnp.asarray(indices, jnp.int32)
+    batch = indices.ndim == 3
+    (_, m), (_, cw) = spec.code_shape
+    if indices.shape[-2:] != (coded, m):
+        raise ValueError(f"indices must be ({coded}, {m}) per image for this code, got {indices.shape}")
+    if coeffs is None:
+        coeffs = jnp.zeros((*indices.shape[:-1], cw), jnp.int32)
+    coeffs = _signs_in(spec, coeffs)
+    if coeffs.shape[-2:] != (coded, cw):
+        raise ValueError(f"coeffs must be ({coded}, {cw}) per image for this code, got {coeffs.shape}")
+
+    def one(idx: jax.Array, co: jax.Array, k: jax.Array, x0: Any) -> LatentResult:
+        start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
+        lat, _ = _drive(model, spec, start, xs, coded, mode="decode", rows=rows, code=(idx, co), cond=cond, key=k,
+                        progress=progress)  # fmt: skip
+        return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
+
+    return _batched(one, batch, [indices, coeffs, key, x_T],
+                    [True, True, key.ndim == 1, x_T is not None and np.ndim(x_T) == 4])  # fmt: skip
+
+
+def generate(model: Any, *, steps: int, codebook_size: int, key: Any, image_shape: tuple[int, ...] | None = None,
+             schedule: str = "ddcm", prompt: str | None = None, guidance: float = 0.0, generator: str = "philox",
+             progress: Progress | None = None) -> LatentResult:  # fmt: skip
+    """Compressed generation: a uniformly random atom per step (from the key); the indices are its code.
+
+    `image_shape` (H, W, 3) defaults to the UNet's native size. `decompress` with
+    rule "ddcm" and the same settings rebuilds it. For B samples pass B keys.
+    """
+    if image_shape is None:
+        side = model.config.unet.sample_size * model.config.downsampling_factor
+        image_shape = (side, side, 3)
+    hw = tuple(image_shape[:2])
+    spec, sched, coded = _settings(model, steps, codebook_size, 1, 1, Random(), schedule, 0, generator, None, hw)
+    shape = _latent_shape(model, hw)
+    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, sched, coded)
+    cond = _conditioning(model, prompt, guidance)
+    key = as_key(key)
+
+    def one(k: jax.Array) -> LatentResult:
+        lat, (idx, co) = _drive(model, spec, _start(k, shape), xs, coded, mode="encode", target=(None, None),
+                                cond=cond, key=k, progress=progress)  # fmt: skip
+        return LatentResult(idx, co, lat, _decoded(model, lat))
+
+    return _batched(one, key.ndim == 1, [key], [True])
+
+
+def _start(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x_T: normal(fold_in(key, 0)), as the pixel sampler draws it."""
+    return jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+
+
+def _explicit_codebook(codebook: Any, coded: int, spec: CodeSpec, shape: tuple[int, ...]) -> Any:
+    """Explicit codebooks (S, K, h, w, 4) -> per-step rows for the coded steps (None: from the key)."""
+    if codebook is None:
+        return None
+    cb = jnp.asarray(codebook, jnp.float32)
+    want = (coded, spec.codebook_size, *shape)
+    if cb.shape != want:
+        raise ValueError(f"codebook must be (steps that carry bits, K, h, w, C) = {want}, got {cb.shape}")
+    return cb

@@ -1,0 +1,218 @@
+"""Latent DDCM, matching pursuit and Turbo-DDCM on Stable Diffusion (sd_tiny), against the
+original PyTorch codes' step-by-step traces, and the properties of the latent sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddcm_jax
+from ddcm_jax import bitstream, latent
+
+TOL = 1e-4  # the fixtures' README: a float32 port lands within ~1e-4 of every array
+
+
+def nhwc(a) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(np.asarray(a), -3, -1))
+
+
+def load(reference: Path, name: str) -> tuple[dict, dict]:
+    meta = json.loads((reference / name / "trace.json").read_text())
+    with np.load(reference / name / "trace.npz") as z:
+        return meta, {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def model(sd_tiny_model_dir: Path):
+    return ddcm_jax.load_model(sd_tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def image(reference: Path) -> np.ndarray:
+    return nhwc(load(reference, "ddcm_latent_trace")[1]["image"])
+
+
+def trace_kwargs(meta: dict, z: dict) -> dict:
+    kw = dict(steps=meta["T"], codebook_size=meta["K"], num_atoms=meta["M"], coef_bits=meta["C"], key=0,
+              x_T=nhwc(z["x_T"]), codebook=nhwc(z["codebook"]))  # fmt: skip
+    if "no_bits_steps" in meta:
+        kw.update(rule="turbo", no_bits_steps=meta["no_bits_steps"])
+    return kw
+
+
+# -- schedules ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ddcm_latent_trace", "ddcm_latent_mp_trace", "turbo_ddcm_trace"])
+def test_schedule_values_are_the_originals(reference, model, name):
+    meta, z = load(reference, name)
+    turbo = name.startswith("turbo")
+    t, t_prev = (latent.turbo_timesteps if turbo else latent.ddcm_timesteps)(meta["T"])
+    np.testing.assert_array_equal(t, z["timesteps"])
+    np.testing.assert_array_equal(t_prev, z["prev_timesteps"])  # ddcm: t - 1000 // T, negative at the end
+    coded = meta["T"] - 1 - meta.get("no_bits_steps", 0)
+    xs = latent.latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, meta["T"],
+                                "turbo" if turbo else "ddcm", coded)  # fmt: skip
+    np.testing.assert_allclose(xs.sqrt_a, np.sqrt(z["alpha_prod_t"]), rtol=1e-7)
+    np.testing.assert_allclose(xs.alpha_prev, z["alpha_prod_t_prev"], rtol=1e-7)
+    eta = z["eta"] if turbo else np.ones(meta["T"])
+    np.testing.assert_allclose(xs.sigma, eta * np.sqrt(z["variance"]), rtol=1e-6, atol=1e-7)
+
+
+def test_turbo_evenly_spaced_schedules(reference):
+    meta, _ = load(reference, "turbo_ddcm_trace")
+    for steps, expected in meta["evenly_spaced_schedule"].items():
+        assert latent.turbo_timesteps(int(steps))[0].tolist() == expected
+    assert list(latent.TURBO_TIMESTEPS) == meta["scheduler_list"]
+    with pytest.raises(ValueError, match=r"2\.\.162"):
+        latent.turbo_timesteps(163)
+
+
+def test_no_bits_steps_heuristic(reference):
+    meta, _ = load(reference, "turbo_ddcm_trace")
+    examples = meta["no_bits_steps_heuristic_examples"]
+    assert len(examples) >= 5
+    for name, want in examples.items():
+        d = dict(kv.split("=") for kv in name.replace("H=W", "HW").split(","))
+        t, k, m, hw = (int(d[f]) for f in ("T", "K", "M", "HW"))
+        assert latent.no_bits_steps_heuristic(t, k, m, hw, hw) == want["no_bits_steps"], name
+    assert latent.no_bits_steps_heuristic(10, 64, 4, 128, 128) == meta["no_bits_steps_heuristic"]
+
+
+# -- the step formula, network out of the loop -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ddcm_latent_trace", "turbo_ddcm_trace"])
+def test_step_reproduces_each_traced_step(reference, model, name):
+    meta, z = load(reference, name)
+    turbo = name.startswith("turbo")
+    coded = meta["T"] - 1 - meta.get("no_bits_steps", 0)
+    xs = latent.latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, meta["T"],
+                                "turbo" if turbo else "ddcm", coded)  # fmt: skip
+    x = nhwc(z["x_t"])
+    for i in range(meta["T"]):
+        s = jax.tree_util.tree_map(lambda a, i=i: jnp.asarray(a[i]), xs)
+        if turbo:  # the trace stores eps; as an epsilon-prediction output it is its own eps_hat
+            out, ptype = nhwc(z["eps"][i]), "epsilon"
+        else:
+            out, ptype = nhwc(z["model_out"][i]), model.prediction_type
+        noise = nhwc(z["best_noise"][i]) if i < coded else np.zeros_like(x[i])
+        x0_hat, _ = latent.predict(x[i], out, s, ptype)
+        if i < coded:
+            np.testing.assert_allclose(x0_hat, nhwc(z["x_0_hat"][i]), atol=TOL)
+        np.testing.assert_allclose(latent.step(x[i], out, s, noise, ptype), x[i + 1], atol=TOL)
+
+
+# -- whole runs against the traces --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ddcm_latent_trace", "ddcm_latent_mp_trace", "turbo_ddcm_trace"])
+def test_compress_replays_the_original(reference, model, name):
+    meta, z = load(reference, name)
+    kw = trace_kwargs(meta, z)
+    res = ddcm_jax.compress(model, nhwc(z["image"]), **kw)  # the public keyword API dispatches on the model
+    assert isinstance(res, latent.LatentResult)
+    np.testing.assert_allclose(model.encode(jnp.asarray(nhwc(z["image"]))[None])[0], nhwc(z["enc_im"]), atol=TOL)
+    if name.startswith("turbo"):
+        np.testing.assert_array_equal(res.indices, z["sorted_indices"])
+        np.testing.assert_array_equal(res.coeffs, 2 * z["sorted_coeff_bits"] - 1)  # signs +-1
+        assert sorted(set(np.asarray(res.coeffs).ravel().tolist())) == [-1, 1]
+    else:
+        np.testing.assert_array_equal(res.indices, np.asarray(meta["indices"]).reshape(res.indices.shape))
+        np.testing.assert_array_equal(res.coeffs, np.asarray(meta["coeff_indices"]).reshape(res.coeffs.shape))
+    np.testing.assert_allclose(res.latent, nhwc(z["final_latent"]), atol=TOL)
+    np.testing.assert_allclose(res.image, nhwc(z["decoded"]), atol=TOL)
+    back = ddcm_jax.decompress(model, res.indices, res.coeffs, image_shape=(128, 128, 3), **kw)
+    np.testing.assert_array_equal(back.latent, res.latent)  # the decoder replays the encoder exactly
+    np.testing.assert_array_equal(back.image, res.image)
+
+
+def test_turbo_code_is_the_originals_bitstream(reference):
+    """Each step's rank of the sorted atom set and its sign bits are the original's step bit string."""
+    meta, z = load(reference, "turbo_ddcm_trace")
+    k, m = meta["K"], meta["M"]
+    n_rank = meta["bits_for_rank"]
+    assert bitstream.bits_per_step("turbo", k, m) == n_rank + m
+    for i, bits in enumerate(meta["step_bitstrings"]):
+        idx = z["sorted_indices"][i].tolist()
+        rank = bitstream.rank_subset(idx, k)
+        assert rank == meta["ranks"][i]
+        signs = "".join(str(int(b)) for b in z["sorted_coeff_bits"][i])  # the original's bit: 1 = positive
+        assert format(rank, f"0{n_rank}b") + signs == bits
+        assert bitstream.unrank_subset(rank, k, m) == idx
+
+
+@pytest.mark.parametrize("name", ["ddcm_latent_trace", "ddcm_latent_mp_trace", "turbo_ddcm_trace"])
+def test_payload_bits_match_the_originals_bpp(reference, name):
+    meta, _ = load(reference, name)
+    turbo = name.startswith("turbo")
+    spec = ddcm_jax.CodeSpec.create(steps=meta["T"], codebook_size=meta["K"], rule="turbo" if turbo else "ddcm",
+                                    num_atoms=meta["M"], coef_bits=meta["C"])  # fmt: skip
+    coded = meta["T"] - 1 - meta.get("no_bits_steps", 0)
+    assert latent.payload_bits(spec, coded) / 128**2 == pytest.approx(meta["bpp"], abs=1e-8)
+
+
+# -- properties with key-derived codebooks --------------------------------------------------------------------
+
+
+def test_key_codebooks_roundtrip_batch_and_progress(model, image):
+    kw = dict(steps=6, codebook_size=64, rule="turbo", num_atoms=3, no_bits_steps=1)
+    key = jax.random.split(jax.random.key(7), 2)
+    pair = np.stack([image, image[:, ::-1]])
+    batch = ddcm_jax.compress(model, pair, key=key, **kw)
+    assert batch.indices.shape == (2, 4, 3) and batch.latent.shape == (2, 16, 16, 4)
+    calls = []
+    one = ddcm_jax.compress(model, pair[1], key=key[1], progress=lambda d, t: calls.append((d, t)), **kw)
+    assert calls == [(i, 6) for i in range(7)]
+    np.testing.assert_array_equal(one.indices, batch.indices[1])
+    np.testing.assert_allclose(one.latent, batch.latent[1], atol=1e-6)
+    back = ddcm_jax.decompress(model, batch.indices, batch.coeffs, image_shape=(128, 128, 3), key=key, **kw)
+    np.testing.assert_allclose(back.latent, batch.latent, atol=1e-6)
+    # Another key, other codebooks: another code.
+    other = ddcm_jax.compress(model, image, key=8, **kw)
+    assert not np.array_equal(other.indices, batch.indices[0])
+
+
+def test_ddcm_t_range_idles_outside(model, image):
+    kw = dict(steps=8, codebook_size=32, key=3)
+    full = ddcm_jax.compress(model, image, **kw)
+    part = ddcm_jax.compress(model, image, t_range=(400, 999), **kw)
+    t, _ = latent.ddcm_timesteps(8)
+    outside = t[:-1] < 400
+    assert outside.any() and (~outside).any()
+    np.testing.assert_array_equal(np.asarray(part.indices)[outside], 0)  # the idle code: atom 0
+    back = ddcm_jax.decompress(model, part.indices, image_shape=(128, 128, 3), t_range=(400, 999), **kw)
+    np.testing.assert_array_equal(back.latent, part.latent)
+    assert not np.array_equal(full.latent, part.latent)
+
+
+def test_generate_is_decodable(model):
+    gen = ddcm_jax.generate(model, steps=5, codebook_size=16, key=11)
+    assert gen.indices.shape == (4, 1) and gen.image.shape == (128, 128, 3)
+    assert np.abs(np.asarray(gen.image)).max() <= 1.0
+    back = ddcm_jax.decompress(model, gen.indices, steps=5, codebook_size=16, image_shape=(128, 128, 3), key=11)
+    np.testing.assert_array_equal(back.latent, gen.latent)
+
+
+def test_refusals(model, image):
+    kw = dict(steps=6, codebook_size=16, key=0)
+    with pytest.raises(ValueError, match="no_bits_steps"):
+        ddcm_jax.compress(model, image, rule="turbo", num_atoms=2, no_bits_steps=5, **kw)
+    with pytest.raises(ValueError, match="t_range"):
+        ddcm_jax.compress(model, image, rule="turbo", num_atoms=2, t_range=(0, 500), **kw)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ddcm_jax.compress(model, image[:100], **kw)
+    with pytest.raises(ValueError, match="class_label"):
+        ddcm_jax.compress(model, image, class_label=3, **kw)
+    with pytest.raises(ValueError, match="unknown latent schedule"):
+        ddcm_jax.compress(model, image, schedule="cosine", **kw)
+    with pytest.raises(ValueError, match="signs"):
+        ddcm_jax.decompress(model, np.zeros((4, 2), np.int32), np.zeros((4, 2), np.int32), rule="turbo",
+                            num_atoms=2, no_bits_steps=1, image_shape=(128, 128, 3), **kw)  # fmt: skip
+    with pytest.raises(ddcm_jax.SpecError, match="codebook size"):
+        ddcm_jax.compress(model, image, steps=6, codebook_size=0, key=0)
