@@ -32,8 +32,18 @@ hold the header against a model before paying for the code. Layout, version 1
     prng            1 byte    0 threefry2x32 (the key x_T and the codebook root come from)
     generator       1 byte    0 threefry, 1 philox, 2 shift (how atoms are drawn, `ddcm_jax.codebook`)
     codebook check  4 bytes   CRC-32 of a coarse probe of the atoms (`codebook_check`)
+  version 2 only (a latent diffusion code, `ddcm_jax.latent`):
+    latent schedule 1 byte    0 ddcm, 1 turbo (see `ddcm_jax.respacing.latent_timesteps`)
+    no-bits steps   varint    NBS: the last NBS steps before the final one add no noise
+    prompt flags    1 byte    bit 0: a prompt conditioned the code
+    prompt hash     16 bytes  if bit 0: the first 128 bits of SHA-256(prompt, UTF-8)
+    guidance        4 bytes   if bit 0: float32, classifier-free guidance scale
   payload           ceil(bits / 8) bytes, MSB first, zero padding at the end
   crc               4 bytes   CRC-32 (big-endian) of every byte before it
+
+A writer uses version 1 for pixel-space codes (so their bytes never change)
+and version 2 for latent ones; the code has `steps - 1 - no_bits_steps` rows
+(the noise-adding steps; NBS is 0 in version 1).
 
 Payload, for each *coded* step (a noise-adding step whose original timestep
 lies in t_range; all of them without one), in the order the sampler runs:
@@ -69,6 +79,7 @@ __all__ = [
     "FileHeader",
     "Header",
     "bits_per_step",
+    "code_mask",
     "coded_steps",
     "decode",
     "decode_header",
@@ -81,11 +92,13 @@ __all__ = [
 ]
 
 MAGIC = b"DDCM"
-VERSION = 1
+VERSION = 1  # pixel-space codes
+LATENT_VERSION = 2  # latent diffusion codes: version 1 + the latent block
 FINGERPRINT_BYTES = 16
 RULES = ("ddcm", "mp", "turbo", "random", "mse", "mse_inner")
 TASKS = ("compression", "generation", "colorization", "super-resolution", "inpainting", "blur")
-NOISE_SCHEDULES = ("linear", "cosine")
+NOISE_SCHEDULES = ("linear", "cosine", "scaled_linear")  # scaled_linear: Stable Diffusion's
+PROMPT_HASH_BYTES = 16
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SIZE_POLICIES = ("none", "crop", "resize", "pad", "fit")
 PRNG_IMPLS = ("threefry2x32",)
@@ -153,6 +166,10 @@ class Header:
     generator: str = "philox"
     threefry_partitionable: bool = True
     codebook_check: int = 0
+    latent_schedule: str | None = None  # "ddcm" / "turbo" for a latent code (format version 2)
+    no_bits_steps: int = 0
+    prompt_hash: bytes | None = None  # SHA-256 prefix of the prompt that conditioned the code
+    guidance: float = 0.0
 
     def __post_init__(self) -> None:
         # Canonical form: what the file can hold. eta is stored as float32, so an
@@ -161,11 +178,21 @@ class Header:
         fix(self, "size", tuple(int(v) for v in self.size))
         fix(self, "original_size", tuple(int(v) for v in (self.original_size or self.size)))
         fix(self, "eta", _f32(float(self.eta)))
+        fix(self, "guidance", _f32(float(self.guidance)))
         if self.blur_sigma is not None:
             fix(self, "blur_sigma", _f32(float(self.blur_sigma)))
         if self.t_range is not None:
             fix(self, "t_range", tuple(int(v) for v in self.t_range))
         _validate(self)
+
+    @property
+    def version(self) -> int:
+        return VERSION if self.latent_schedule is None else LATENT_VERSION
+
+    @property
+    def code_rows(self) -> int:
+        """Rows of the code: the noise-adding steps, steps - 1 - no_bits_steps."""
+        return self.steps - 1 - self.no_bits_steps
 
     @property
     def respacing_or_steps(self) -> str:
@@ -238,13 +265,42 @@ def _validate(h: Header) -> None:
     need(h.prng_impl in PRNG_IMPLS, f"unknown PRNG {h.prng_impl!r}")
     need(h.generator in CODEBOOK_GENERATORS, f"unknown codebook generator {h.generator!r}")
     need(0 <= h.codebook_check < 2**32, "codebook check out of range")
-    rows = h.steps - 1
+    _validate_latent(h)
+    rows = h.code_rows
     need(rows * h.num_atoms <= lim["code_symbols"],
          f"(steps - 1) x M = {rows * h.num_atoms} atoms is more than {lim['code_symbols']}")  # fmt: skip
     if h.rule == "turbo":
         work = rows * h.num_atoms * _rank_bits(h.codebook_size, h.num_atoms)
         need(work <= lim["rank_work"], f"turbo code too costly to decode: (steps - 1) x M x rank bits = "
                                        f"{work} > {lim['rank_work']}")  # fmt: skip
+
+
+def _validate_latent(h: Header) -> None:
+    """A latent code's block, and the pixel-only settings it must leave at their neutral values."""
+    if h.latent_schedule is None:
+        if h.no_bits_steps or h.prompt_hash is not None or h.guidance:
+            raise ValueError("no-bits steps and prompts belong to latent codes (format version 2)")
+        return
+    from ddcm_jax.respacing import LATENT_SCHEDULES, TURBO_TIMESTEPS
+
+    if h.latent_schedule not in LATENT_SCHEDULES:
+        raise ValueError(f"unknown latent schedule {h.latent_schedule!r}")
+    if h.latent_schedule == "turbo" and h.steps > len(TURBO_TIMESTEPS):
+        raise ValueError(f"the turbo schedule has at most {len(TURBO_TIMESTEPS)} steps, not {h.steps}")
+    if not 0 <= h.no_bits_steps <= h.steps - 2:
+        raise ValueError(f"no-bits steps {h.no_bits_steps} outside 0..steps-2")
+    if h.task not in ("compression", "generation") or h.class_label is not None:
+        raise ValueError(f"a latent code is a compression or generation without class label, not {h.task}")
+    if h.respacing or h.clip or h.eta != 1.0:
+        raise ValueError("a latent code has no respacing, no x0 clipping and eta 1")
+    if h.rule == "turbo" and h.t_range is not None:
+        raise ValueError("a latent turbo code has no t_range")
+    if h.prompt_hash is not None and len(h.prompt_hash) != PROMPT_HASH_BYTES:
+        raise ValueError("prompt hash must be 16 bytes")
+    if not (math.isfinite(h.guidance) and 0 <= h.guidance <= 100):
+        raise ValueError(f"guidance {h.guidance} outside [0, 100]")
+    if h.prompt_hash is None and h.guidance:
+        raise ValueError("guidance without a prompt")
 
 
 def _validate_geometry(h: Header) -> None:
@@ -284,16 +340,27 @@ def bits_per_step(rule: str, codebook_size: int, num_atoms: int = 1, coef_bits: 
     return num_atoms * _ceil_log2(codebook_size) + (num_atoms - 1) * c
 
 
-def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | None) -> np.ndarray:
-    """Mask over the noise-adding steps (the sampler's order, last step excluded) that are stored."""
-    t = np.asarray(timesteps_run_order[:-1])
+def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | None,
+                rows: int | None = None) -> np.ndarray:  # fmt: skip
+    """Mask over the `rows` noise-adding steps (default all but the last, in the sampler's order)
+    that are stored."""
+    t = np.asarray(timesteps_run_order[: len(timesteps_run_order) - 1 if rows is None else rows])
     if t_range is None:
         return np.ones(t.shape, bool)
     return (t >= t_range[0]) & (t <= t_range[1])
 
 
+def code_mask(h: Header) -> np.ndarray:
+    """Over the code's `code_rows` rows: which are stored (inside t_range)."""
+    return coded_steps(schedule_timesteps(h), h.t_range, h.code_rows)
+
+
 def schedule_timesteps(h: Header) -> np.ndarray:
     """Original timesteps in the order the sampler runs them (the last one adds no noise)."""
+    if h.latent_schedule is not None:
+        from ddcm_jax.respacing import latent_timesteps
+
+        return latent_timesteps(h.latent_schedule, h.steps, h.num_timesteps)[0]
     return _timesteps(h.noise_schedule, h.num_timesteps, h.respacing_or_steps, h.steps)
 
 
@@ -314,7 +381,7 @@ def _timesteps(noise_schedule: str, num_timesteps: int, respacing: str, steps: i
 
 def payload_bits(h: Header) -> int:
     """Exact payload length in bits: coded steps x `bits_per_step`."""
-    n = int(coded_steps(schedule_timesteps(h), h.t_range).sum())
+    n = int(code_mask(h).sum())
     return n * bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
 
 
@@ -480,7 +547,7 @@ def _f32(v: float) -> float:
 
 def _header_bytes(h: Header) -> bytes:
     out = bytearray(MAGIC)
-    out.append(VERSION)
+    out.append(h.version)
     flags = ((h.t_range is not None) << 0 | (h.class_label is not None) << 1
              | bool(h.clip) << 2 | bool(h.threefry_partitionable) << 3)  # fmt: skip
     out += bytes([flags, RULES.index(h.rule), TASKS.index(h.task)])
@@ -503,6 +570,13 @@ def _header_bytes(h: Header) -> bytes:
     out += bytes([SIZE_POLICIES.index(h.size_policy)]) + _varint(len(jv)) + jv
     out += bytes([PRNG_IMPLS.index(h.prng_impl), CODEBOOK_GENERATORS.index(h.generator)])
     out += struct.pack(">I", h.codebook_check)
+    if h.latent_schedule is not None:
+        from ddcm_jax.respacing import LATENT_SCHEDULES
+
+        out += bytes([LATENT_SCHEDULES.index(h.latent_schedule)]) + _varint(h.no_bits_steps)
+        out.append(int(h.prompt_hash is not None))
+        if h.prompt_hash is not None:
+            out += h.prompt_hash + struct.pack("<f", h.guidance)
     return bytes(out)
 
 
@@ -510,8 +584,8 @@ def _read_header(r: _Reader) -> Header:
     if r.take(4, "magic") != MAGIC:
         raise ValueError("not a .ddcm file (wrong magic)")
     version = r.byte("version")
-    if version != VERSION:
-        raise ValueError(f"unsupported format version {version} (this reader knows {VERSION})")
+    if version not in (VERSION, LATENT_VERSION):
+        raise ValueError(f"unsupported format version {version} (this reader knows {VERSION} and {LATENT_VERSION})")
     flags = r.byte("flags")
     if flags >> 4:
         raise ValueError(f"unknown flags 0x{flags:02x}")
@@ -536,6 +610,18 @@ def _read_header(r: _Reader) -> Header:
     prng_impl = r.enum(PRNG_IMPLS, "prng")
     generator = r.enum(CODEBOOK_GENERATORS, "codebook generator")
     check = struct.unpack(">I", r.take(4, "codebook check"))[0]
+    latent: dict[str, Any] = {}
+    if version == LATENT_VERSION:
+        from ddcm_jax.respacing import LATENT_SCHEDULES
+
+        latent["latent_schedule"] = r.enum(LATENT_SCHEDULES, "latent schedule")
+        latent["no_bits_steps"] = r.varint("no-bits steps")
+        prompt_flags = r.byte("prompt flags")
+        if prompt_flags >> 1:
+            raise ValueError(f"unknown prompt flags 0x{prompt_flags:02x}")
+        if prompt_flags & 1:
+            latent["prompt_hash"] = r.take(PROMPT_HASH_BYTES, "prompt hash")
+            latent["guidance"] = r.f32("guidance")
     return Header(
         rule=rule, steps=steps, codebook_size=k, fingerprint=fingerprint, size=size,
         num_atoms=m, coef_bits=c, task=task, factor=factor, blur_kernel=blur_kernel,
@@ -543,7 +629,7 @@ def _read_header(r: _Reader) -> Header:
         noise_schedule=noise_schedule, num_timesteps=num_timesteps, respacing=respacing,
         clip=bool(flags & 4), compute_dtype=compute_dtype, original_size=original,
         size_policy=size_policy, jax_version=jax_version, prng_impl=prng_impl, generator=generator,
-        threefry_partitionable=bool(flags & 8), codebook_check=check,
+        threefry_partitionable=bool(flags & 8), codebook_check=check, **latent,
     )  # fmt: skip
 
 
@@ -647,7 +733,7 @@ class FileHeader:
 class Bitstream(FileHeader):
     """A decoded file: the header and the code for every noise-adding step.
 
-    `indices` (steps-1, M) and `coeffs` (steps-1, coeff_width), in the order
+    `indices` (code_rows, M) and `coeffs` (code_rows, coeff_width), in the order
     the sampler runs; steps outside t_range hold their implied defaults.
     """
 
@@ -662,12 +748,13 @@ def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
     turbo sets not sorted and distinct, defaults outside t_range).
     """
     indices = np.asarray(indices, np.int64)
-    coeffs = np.asarray(coeffs, np.int64).reshape(header.steps - 1, header.coeff_width)
-    if indices.shape != (header.steps - 1, header.num_atoms):
-        raise ValueError(f"indices must be {(header.steps - 1, header.num_atoms)}, got {indices.shape}")
+    rows = header.code_rows
+    coeffs = np.asarray(coeffs, np.int64).reshape(rows, header.coeff_width)
+    if indices.shape != (rows, header.num_atoms):
+        raise ValueError(f"indices must be {(rows, header.num_atoms)}, got {indices.shape}")
     if indices.size and (indices.min() < 0 or indices.max() >= header.codebook_size):
         raise ValueError("atom index outside 0..K-1")
-    coded = coded_steps(schedule_timesteps(header), header.t_range)
+    coded = code_mask(header)
     top = 2 if header.rule == "turbo" else 2**header.coef_bits
     if coeffs.size and (coeffs.min() < 0 or coeffs.max() >= top):
         raise ValueError("coefficient outside its bit width")
@@ -724,6 +811,6 @@ def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
     head = decode_header(data, source)
     h, start = head.header, head.header_bytes
     with _naming(source):
-        coded = coded_steps(schedule_timesteps(h), h.t_range)
+        coded = code_mask(h)
         indices, coeffs = _unpack(h, data[start : start + head.payload_bytes], coded)
     return Bitstream(h, head.header_bytes, head.payload_bytes, indices=indices, coeffs=coeffs)

@@ -45,8 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.codebook import AtomSource
+from ddcm_jax.respacing import (
+    LATENT_SCHEDULES,
+    TURBO_TIMESTEPS,
+    ddcm_timesteps,
+    latent_timesteps,
+    turbo_timesteps,
+)
 from ddcm_jax.selection import Random, StepContext, Turbo, replay_rule
-from ddcm_jax.spec import CodeSpec
+from ddcm_jax.spec import CodeSpec, SpecError
 from ddcm_jax.stepping import Progress, as_key
 
 __all__ = [
@@ -56,13 +63,19 @@ __all__ = [
     "LatentSchedT",
     "compress",
     "ddcm_timesteps",
+    "decode",
     "decompress",
+    "encode",
     "generate",
     "is_latent_model",
     "latent_schedule",
+    "latent_shape",
+    "make_spec",
+    "native_size",
     "no_bits_steps_heuristic",
     "payload_bits",
     "predict",
+    "size_multiple",
     "step",
     "turbo_timesteps",
 ]
@@ -70,43 +83,14 @@ __all__ = [
 Latent = Annotated[jax.Array, "*B h w 4 float32"]
 LatentImage = Annotated[jax.Array, "*B H W 3 float32 in [-1, 1]"]
 
-SCHEDULES = ("ddcm", "turbo")
-
-# Turbo-DDCM's fixed timestep list (from Vonderfecht 2025, as the Turbo-DDCM code lists it).
-TURBO_TIMESTEPS = (
-    999, 972, 949, 929, 897, 869, 834, 805, 780, 751, 726, 704, 688, 670, 648, 627, 608, 591, 578, 561,
-    546, 530, 520, 510, 498, 491, 480, 465, 455, 447, 438, 429, 419, 410, 402, 390, 380, 371, 361, 353,
-    345, 336, 326, 319, 313, 305, 296, 289, 282, 276, 269, 261, 254, 247, 242, 237, 231, 224, 219, 213,
-    209, 204, 200, 194, 189, 185, 181, 175, 170, 167, 163, 160, 156, 153, 149, 146, 143, 139, 135, 132,
-    129, 125, 121, 118, 116, 113, 110, 107, 104, 101, 99, 96, 94, 92, 90, 87, 85, 82, 80, 78, 76, 74, 72,
-    70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38, 37, 36, 35,
-    34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10,
-    9, 8, 7, 6, 5, 4, 3, 2, 1,
-)  # fmt: skip
-
+SCHEDULES = LATENT_SCHEDULES
 
 def is_latent_model(model: Any) -> bool:
     """A Stable Diffusion model (`LatentDiffusionModel`), as opposed to a pixel-space ADM."""
     return getattr(model, "family", None) == "sd"
 
 
-# --- schedules ------------------------------------------------------------------------------------
-
-
-def ddcm_timesteps(steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """(t, t_prev) (T,) int64 of the original latent DDCM; t_prev < 0 means `final_alpha_cumprod`."""
-    t = np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64)
-    return t, t - num_train_timesteps // steps
-
-
-def turbo_timesteps(steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(t, t_prev) (T,) int64 of Turbo-DDCM: `TURBO_TIMESTEPS` evenly sampled; t_prev 0 after the last."""
-    n = len(TURBO_TIMESTEPS)
-    if not 2 <= steps <= n:
-        raise ValueError(f"the turbo schedule has 2..{n} steps, got {steps}")
-    stride = (n - 1) / (steps - 1)
-    t = np.array([TURBO_TIMESTEPS[round(i * stride)] for i in range(steps)], np.int64)  # round: half to even
-    return t, np.append(t[1:], 0)
+# --- schedules (the timesteps live in `ddcm_jax.respacing`, JAX-free for the bitstream) -------------
 
 
 class LatentSchedT(NamedTuple):
@@ -131,12 +115,7 @@ def latent_schedule(alphas_cumprod: np.ndarray, final_alpha_cumprod: float, step
     of operations (they run in torch float32).
     """
     n = len(alphas_cumprod)
-    if schedule == "ddcm":
-        t, t_prev = ddcm_timesteps(steps, n)
-    elif schedule == "turbo":
-        t, t_prev = turbo_timesteps(steps)
-    else:
-        raise ValueError(f"unknown latent schedule {schedule!r} ({', '.join(SCHEDULES)})")
+    t, t_prev = latent_timesteps(schedule, steps, n)
     ac = np.asarray(alphas_cumprod, np.float32)
     a = ac[t]
     a_prev = np.where(t_prev >= 0, ac[np.maximum(t_prev, 0)], np.float32(final_alpha_cumprod)).astype(np.float32)
@@ -177,9 +156,9 @@ def step(x_t: Latent, out: Latent, s: LatentSchedT, noise: Latent, prediction_ty
 # --- rate ---------------------------------------------------------------------------------------------
 
 
-def payload_bits(spec: CodeSpec, coded_steps: int) -> int:
-    """Bits of one image's code: coded_steps x the rule's bits per step (exact)."""
-    return coded_steps * spec.rule.bits_per_step(spec.codebook_size)
+def payload_bits(spec: CodeSpec) -> int:
+    """Bits of one image's code (no t_range): code_rows x the rule's bits per step (exact)."""
+    return spec.payload_bits()
 
 
 def _torch_logspace_f32(start: np.float32, end: np.float32, steps: int) -> np.ndarray:
@@ -305,36 +284,44 @@ def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: 
 # --- the public functions --------------------------------------------------------------------------------
 
 
-def _settings(model: Any, steps: int, codebook_size: int, num_atoms: int, coef_bits: int, rule: Any,
-              schedule: str | None, no_bits_steps: int | None, generator: str, t_range: Any,
-              image_hw: tuple[int, int]) -> tuple[CodeSpec, str, int]:  # fmt: skip
-    """(spec, schedule name, coded steps) from the keywords; every setting validated once."""
-    spec = CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, num_atoms=num_atoms,
-                           coef_bits=coef_bits, generator=generator, t_range=t_range, clip=False)  # fmt: skip
-    turbo = isinstance(spec.rule, Turbo)
-    schedule = schedule or ("turbo" if turbo else "ddcm")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown latent schedule {schedule!r} ({', '.join(SCHEDULES)})")
-    if schedule == "turbo" and steps > len(TURBO_TIMESTEPS):
-        raise ValueError(f"the turbo schedule has at most {len(TURBO_TIMESTEPS)} steps, got {steps}")
+def make_spec(*, steps: int, codebook_size: int, image_hw: tuple[int, int], num_atoms: int = 1,
+              coef_bits: int = 1, rule: Any = "ddcm", schedule: str | None = None,
+              no_bits_steps: int | None = None, generator: str = "philox",
+              t_range: tuple[int, int] | None = None) -> CodeSpec:  # fmt: skip
+    """The `CodeSpec` of a latent code from the keywords; every setting validated once.
+
+    `schedule` defaults to the rule's own ("turbo" for turbo, else "ddcm");
+    `no_bits_steps` to Turbo-DDCM's heuristic for an (H, W) = `image_hw` image
+    (turbo) or 0.
+    """
+    probe = CodeSpec.create(steps=steps, codebook_size=codebook_size, rule=rule, num_atoms=num_atoms,
+                            coef_bits=coef_bits, generator=generator, clip=False)  # fmt: skip
+    turbo = isinstance(probe.rule, Turbo)
     if no_bits_steps is None:
-        no_bits_steps = no_bits_steps_heuristic(steps, codebook_size, spec.num_atoms, *image_hw) if turbo else 0
-    if not (isinstance(no_bits_steps, int | np.integer) and 0 <= no_bits_steps <= steps - 2):
-        raise ValueError(f"no_bits_steps must be an integer in 0..steps-2 = {steps - 2}, got {no_bits_steps!r}")
+        no_bits_steps = no_bits_steps_heuristic(steps, codebook_size, probe.num_atoms, *image_hw) if turbo else 0
     if turbo and t_range is not None:
-        raise ValueError("turbo codes its first steps; give no_bits_steps instead of t_range")
-    return spec, schedule, steps - 1 - int(no_bits_steps)
+        raise SpecError("t_range", "turbo codes its first steps; give no_bits_steps instead of t_range")
+    return probe.replace(schedule=schedule or ("turbo" if turbo else "ddcm"), no_bits_steps=no_bits_steps,
+                         t_range=t_range)  # fmt: skip
+
+
+def _check_spec(spec: CodeSpec) -> None:
+    if spec.schedule is None or spec.clip or spec.eta != 1.0 or spec.respacing:
+        raise ValueError("a latent code needs a named schedule ('ddcm' or 'turbo'), clip=False, eta 1, no respacing")
 
 
 def _conditioning(model: Any, prompt: str | None, guidance: float) -> _Cond:
     null = jnp.asarray(model.null_prompt, jnp.float32)
     if not prompt:
+        if guidance:
+            raise ValueError("guidance needs a prompt")
         return _Cond(null, jnp.float32(0))
     text = jnp.asarray(model.encode_prompt([prompt]), jnp.float32)
     return _Cond(jnp.concatenate([null, text]), jnp.float32(guidance))
 
 
-def _latent_shape(model: Any, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+def latent_shape(model: Any, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+    """(h, w, C) of the latent of an (H, W) image; H and W must be multiples of the VAE's factor."""
     f = model.config.downsampling_factor
     h, w = image_hw
     if h % f or w % f:
@@ -347,7 +334,7 @@ def _signs_out(spec: CodeSpec, coeffs: jax.Array) -> jax.Array:
     return 1 - 2 * coeffs if isinstance(spec.rule, Turbo) else coeffs
 
 
-def _signs_in(spec: CodeSpec, coeffs: jax.Array) -> jax.Array:
+def _signs_in(spec: CodeSpec, coeffs: Any) -> jax.Array:
     if not isinstance(spec.rule, Turbo):
         return jnp.asarray(coeffs, jnp.int32)
     c = np.asarray(coeffs)
@@ -361,12 +348,89 @@ def _decoded(model: Any, latent: jax.Array) -> jax.Array:
 
 
 def _batched(fn: Any, batch: bool, args: Sequence[Any], per_image: Sequence[bool]) -> Any:
-    """fn(*args) for one image, or for each image of a batch (args marked per_image have a B axis)."""
+    """fn(*args) for one image, or for each image of a batch (args marked per_image have a B axis).
+
+    Images run one after another (the UNet batches nothing across them), each
+    through the same compiled programs: a batch's codes equal single calls'.
+    """
     if not batch:
         return fn(*args)
     n = next(len(a) for a, p in zip(args, per_image, strict=True) if p)
     outs = [fn(*[a[b] if p else a for a, p in zip(args, per_image, strict=True)]) for b in range(n)]
     return jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
+
+
+def _per_image(a: Any, single_ndim: int) -> bool:
+    return a is not None and np.ndim(a) == single_ndim + 1
+
+
+def encode(model: Any, spec: CodeSpec, image: LatentImage | None, *, key: Any, x_T: Latent | None = None,
+           codebook: jax.Array | None = None, weights: jax.Array | None = None,
+           image_shape: tuple[int, ...] | None = None, prompt: str | None = None, guidance: float = 0.0,
+           codebook_chunk: int | None = None, progress: Progress | None = None) -> LatentResult:  # fmt: skip
+    """The one latent encoding path: compression (an image), or generation (`spec.rule` `Random`,
+    no image, `image_shape` (H, W, 3)). Keywords as `compress`."""
+    _check_spec(spec)
+    key = as_key(key)
+    if image is not None:
+        image = jnp.asarray(image, jnp.float32)
+        image_shape = tuple(image.shape[-3:])
+    hw = tuple(image_shape[-3:-1])
+    shape = latent_shape(model, hw)
+    coded = spec.code_rows
+    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, spec.steps, spec.schedule, coded,
+                         spec.t_range)  # fmt: skip
+    rows = _explicit_codebook(codebook, spec, shape)
+    cond = _conditioning(model, prompt, guidance)
+
+    def one(img: Any, k: jax.Array, x0: Any, w: Any) -> LatentResult:
+        target = None if img is None else model.encode(img[None])[0]
+        start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
+        w = None if w is None else jnp.asarray(w, jnp.float32)
+        lat, ys = _drive(model, spec, start, xs, coded, mode="encode", rows=rows, target=(target, w), cond=cond,
+                         key=k, chunk=codebook_chunk, progress=progress)  # fmt: skip
+        (_, m), (_, cw) = spec.code_shape
+        idx, co = ys if ys is not None else (jnp.zeros((0, m), jnp.int32), jnp.zeros((0, cw), jnp.int32))
+        return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
+
+    batch = (image is not None and image.ndim == 4) or key.ndim == 1
+    return _batched(one, batch, [image, key, x_T, weights],
+                    [image is not None and image.ndim == 4, key.ndim == 1, _per_image(x_T, 3),
+                     _per_image(weights, 3)])  # fmt: skip
+
+
+def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key: Any,
+           image_shape: tuple[int, ...], x_T: Latent | None = None, codebook: jax.Array | None = None,
+           prompt: str | None = None, guidance: float = 0.0, progress: Progress | None = None) -> LatentResult:  # fmt: skip
+    """The one latent decoding path: the code (indices, coeffs as `encode` returns them) -> latent, image."""
+    _check_spec(spec)
+    spec = spec.replace(rule=replay_rule(spec.rule))
+    key = as_key(key)
+    shape = latent_shape(model, tuple(image_shape[-3:-1]))
+    coded = spec.code_rows
+    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, spec.steps, spec.schedule, coded,
+                         spec.t_range)  # fmt: skip
+    rows = _explicit_codebook(codebook, spec, shape)
+    cond = _conditioning(model, prompt, guidance)
+    indices = jnp.asarray(indices, jnp.int32)
+    batch = indices.ndim == 3
+    (_, m), (_, cw) = spec.code_shape
+    if indices.shape[-2:] != (coded, m):
+        raise ValueError(f"indices must be ({coded}, {m}) per image for this code, got {indices.shape}")
+    coeffs = jnp.zeros((*indices.shape[:-1], cw), jnp.int32) if coeffs is None else _signs_in(spec, coeffs)
+    if coeffs.shape[-2:] != (coded, cw):
+        raise ValueError(f"coeffs must be ({coded}, {cw}) per image for this code, got {coeffs.shape}")
+    if int(indices.size) and (int(indices.min()) < 0 or int(indices.max()) >= spec.codebook_size):
+        raise ValueError(f"atom indices must lie in 0..K-1 = {spec.codebook_size - 1}")
+
+    def one(idx: jax.Array, co: jax.Array, k: jax.Array, x0: Any) -> LatentResult:
+        start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
+        lat, _ = _drive(model, spec, start, xs, coded, mode="decode", rows=rows, code=(idx, co), cond=cond, key=k,
+                        progress=progress)  # fmt: skip
+        return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
+
+    return _batched(one, batch or key.ndim == 1, [indices, coeffs, key, x_T],
+                    [batch, batch, key.ndim == 1, _per_image(x_T, 3)])  # fmt: skip
 
 
 def compress(model: Any, image: LatentImage, *, steps: int, codebook_size: int, num_atoms: int = 1,
@@ -378,41 +442,27 @@ def compress(model: Any, image: LatentImage, *, steps: int, codebook_size: int, 
              progress: Progress | None = None) -> LatentResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1] (or (B, H, W, 3)) with a latent model.
 
+    The keyword form of `encode(model, make_spec(...), image, key=)`.
     `rule` "ddcm" (M = 1; M > 1 is matching pursuit with C = `coef_bits`), "mp"
     or "turbo" (M atoms with signs); `schedule` "ddcm" or "turbo" (default: the
-    rule's own); `no_bits_steps` the last steps that carry no bits (turbo:
-    default from Turbo-DDCM's heuristic for this image size; ddcm: 0).
-    `x_T` (h, w, 4) overrides the key's start latent and `codebook` (S, K, h, w, 4)
-    the key's codebooks, S being the steps that carry bits (T - 1 - NBS).
-    `weights` (h, w, 1 or 4) weight the residual. `prompt` and `guidance`:
-    classifier-free guidance on the network output (no prompt: the model's null
-    prompt, no guidance). `key` (required) fixes x_T and every codebook.
+    rule's own); `no_bits_steps` the last steps before the final one that carry
+    no bits (turbo: default from Turbo-DDCM's heuristic for this image size;
+    ddcm: 0). `x_T` (h, w, 4) overrides the key's start latent and `codebook`
+    (S, K, h, w, 4) the key's codebooks, S = steps - 1 - no_bits_steps being
+    the steps that carry bits. `weights` (h, w, 1 or 4) weight the residual.
+    `prompt` and `guidance`: classifier-free guidance on the network output
+    (no prompt: the model's null prompt, no guidance). `key` (required) fixes
+    x_T and every codebook; a (B,) array of keys gives one per image.
 
     Returns `.indices` (S, M), `.coeffs` (matching pursuit: coefficient indices
     (S, M-1); turbo: signs +-1 (S, M)), `.latent`, `.image` (decoded, clamped).
     """
-    image = jnp.asarray(image, jnp.float32)
-    batch = image.ndim == 4
-    hw = tuple(image.shape[-3:-1])
-    spec, sched, coded = _settings(model, steps, codebook_size, num_atoms, coef_bits, rule, schedule,
-                                   no_bits_steps, generator, t_range, hw)  # fmt: skip
-    shape = _latent_shape(model, hw)
-    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, sched, coded, spec.t_range)
-    rows = _explicit_codebook(codebook, coded, spec, shape)
-    cond = _conditioning(model, prompt, guidance)
-    key = as_key(key)
-
-    def one(img: jax.Array, k: jax.Array, x0: Any, w: Any) -> LatentResult:
-        target = model.encode(img[None])[0]
-        start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
-        w = None if w is None else jnp.asarray(w, jnp.float32)
-        lat, (idx, co) = _drive(model, spec, start, xs, coded, mode="encode", rows=rows, target=(target, w),
-                                cond=cond, key=k, chunk=codebook_chunk, progress=progress)  # fmt: skip
-        return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
-
-    return _batched(one, batch, [image, key, x_T, weights],
-                    [True, key.ndim == 1, x_T is not None and np.ndim(x_T) == 4,
-                     weights is not None and np.ndim(weights) == 4])  # fmt: skip
+    hw = tuple(np.shape(image)[-3:-1])
+    spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=hw, num_atoms=num_atoms,
+                     coef_bits=coef_bits, rule=rule, schedule=schedule, no_bits_steps=no_bits_steps,
+                     generator=generator, t_range=t_range)  # fmt: skip
+    return encode(model, spec, image, key=key, x_T=x_T, codebook=codebook, weights=weights, prompt=prompt,
+                  guidance=guidance, codebook_chunk=codebook_chunk, progress=progress)  # fmt: skip
 
 
 def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, codebook_size: int,
@@ -427,34 +477,11 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
     turbo's default no-bits steps). Returns `.latent` and `.image`; `.indices`
     and `.coeffs` are the code given.
     """
-    hw = tuple(image_shape[-3:-1])
-    spec, sched, coded = _settings(model, steps, codebook_size, num_atoms, coef_bits, rule, schedule,
-                                   no_bits_steps, generator, t_range, hw)  # fmt: skip
-    spec = spec.replace(rule=replay_rule(spec.rule))
-    shape = _latent_shape(model, hw)
-    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, sched, coded, spec.t_range)
-    rows = _explicit_codebook(codebook, coded, spec, shape)
-    cond = _conditioning(model, prompt, guidance)
-    key = as_key(key)
-    indices = jnp.asarray(indices, jnp.int32)
-    batch = indices.ndim == 3
-    (_, m), (_, cw) = spec.code_shape
-    if indices.shape[-2:] != (coded, m):
-        raise ValueError(f"indices must be ({coded}, {m}) per image for this code, got {indices.shape}")
-    if coeffs is None:
-        coeffs = jnp.zeros((*indices.shape[:-1], cw), jnp.int32)
-    coeffs = _signs_in(spec, coeffs)
-    if coeffs.shape[-2:] != (coded, cw):
-        raise ValueError(f"coeffs must be ({coded}, {cw}) per image for this code, got {coeffs.shape}")
-
-    def one(idx: jax.Array, co: jax.Array, k: jax.Array, x0: Any) -> LatentResult:
-        start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
-        lat, _ = _drive(model, spec, start, xs, coded, mode="decode", rows=rows, code=(idx, co), cond=cond, key=k,
-                        progress=progress)  # fmt: skip
-        return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
-
-    return _batched(one, batch, [indices, coeffs, key, x_T],
-                    [True, True, key.ndim == 1, x_T is not None and np.ndim(x_T) == 4])  # fmt: skip
+    spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=tuple(image_shape[-3:-1]),
+                     num_atoms=num_atoms, coef_bits=coef_bits, rule=rule, schedule=schedule,
+                     no_bits_steps=no_bits_steps, generator=generator, t_range=t_range)  # fmt: skip
+    return decode(model, spec, indices, coeffs, key=key, image_shape=image_shape, x_T=x_T, codebook=codebook,
+                  prompt=prompt, guidance=guidance, progress=progress)  # fmt: skip
 
 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Any, image_shape: tuple[int, ...] | None = None,
@@ -466,21 +493,22 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Any, image_shap
     rule "ddcm" and the same settings rebuilds it. For B samples pass B keys.
     """
     if image_shape is None:
-        side = model.config.unet.sample_size * model.config.downsampling_factor
-        image_shape = (side, side, 3)
-    hw = tuple(image_shape[:2])
-    spec, sched, coded = _settings(model, steps, codebook_size, 1, 1, Random(), schedule, 0, generator, None, hw)
-    shape = _latent_shape(model, hw)
-    xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, sched, coded)
-    cond = _conditioning(model, prompt, guidance)
-    key = as_key(key)
+        image_shape = (*native_size(model), 3)
+    spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=tuple(image_shape[:2]), rule=Random(),
+                     schedule=schedule, no_bits_steps=0, generator=generator)  # fmt: skip
+    return encode(model, spec, None, key=key, image_shape=image_shape, prompt=prompt, guidance=guidance,
+                  progress=progress)  # fmt: skip
 
-    def one(k: jax.Array) -> LatentResult:
-        lat, (idx, co) = _drive(model, spec, _start(k, shape), xs, coded, mode="encode", target=(None, None),
-                                cond=cond, key=k, progress=progress)  # fmt: skip
-        return LatentResult(idx, co, lat, _decoded(model, lat))
 
-    return _batched(one, key.ndim == 1, [key], [True])
+def native_size(model: Any) -> tuple[int, int]:
+    """(H, W) of the images the UNet was trained on (sample_size x the VAE's factor)."""
+    side = model.config.unet.sample_size * model.config.downsampling_factor
+    return side, side
+
+
+def size_multiple(model: Any) -> int:
+    """Image sides must be multiples of this: the VAE's factor x the UNet's downsampling."""
+    return model.config.downsampling_factor * 2 ** (len(model.config.unet.block_out_channels) - 1)
 
 
 def _start(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -488,12 +516,12 @@ def _start(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
 
 
-def _explicit_codebook(codebook: Any, coded: int, spec: CodeSpec, shape: tuple[int, ...]) -> Any:
-    """Explicit codebooks (S, K, h, w, 4) -> per-step rows for the coded steps (None: from the key)."""
+def _explicit_codebook(codebook: Any, spec: CodeSpec, shape: tuple[int, ...]) -> Any:
+    """Explicit codebooks (S, K, h, w, 4) for the S = code_rows noise-adding steps (None: from the key)."""
     if codebook is None:
         return None
     cb = jnp.asarray(codebook, jnp.float32)
-    want = (coded, spec.codebook_size, *shape)
+    want = (spec.code_rows, spec.codebook_size, *shape)
     if cb.shape != want:
         raise ValueError(f"codebook must be (steps that carry bits, K, h, w, C) = {want}, got {cb.shape}")
     return cb

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["beta_schedule", "space_timesteps"]
+__all__ = ["LATENT_SCHEDULES", "TURBO_TIMESTEPS", "beta_schedule", "ddcm_timesteps", "latent_timesteps",
+           "space_timesteps", "turbo_timesteps"]
 
 
 def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
@@ -66,3 +67,45 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             cur += stride
         start += size
     return sorted(steps)
+
+
+# --- latent diffusion (Stable Diffusion) timesteps: see `ddcm_jax.latent` ---------------------------
+
+LATENT_SCHEDULES = ("ddcm", "turbo")
+
+# Turbo-DDCM's fixed timestep list (from Vonderfecht 2025, as the Turbo-DDCM code lists it).
+TURBO_TIMESTEPS = (
+    999, 972, 949, 929, 897, 869, 834, 805, 780, 751, 726, 704, 688, 670, 648, 627, 608, 591, 578, 561,
+    546, 530, 520, 510, 498, 491, 480, 465, 455, 447, 438, 429, 419, 410, 402, 390, 380, 371, 361, 353,
+    345, 336, 326, 319, 313, 305, 296, 289, 282, 276, 269, 261, 254, 247, 242, 237, 231, 224, 219, 213,
+    209, 204, 200, 194, 189, 185, 181, 175, 170, 167, 163, 160, 156, 153, 149, 146, 143, 139, 135, 132,
+    129, 125, 121, 118, 116, 113, 110, 107, 104, 101, 99, 96, 94, 92, 90, 87, 85, 82, 80, 78, 76, 74, 72,
+    70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 47, 46, 45, 44, 43, 42, 41, 40, 39, 38, 37, 36, 35,
+    34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10,
+    9, 8, 7, 6, 5, 4, 3, 2, 1,
+)  # fmt: skip
+
+
+def ddcm_timesteps(steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(t, t_prev) (T,) int64 of the original latent DDCM; t_prev < 0 means `final_alpha_cumprod`."""
+    t = np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64)
+    return t, t - num_train_timesteps // steps
+
+
+def turbo_timesteps(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(t, t_prev) (T,) int64 of Turbo-DDCM: `TURBO_TIMESTEPS` evenly sampled; t_prev 0 after the last."""
+    n = len(TURBO_TIMESTEPS)
+    if not 2 <= steps <= n:
+        raise ValueError(f"the turbo schedule has 2..{n} steps, got {steps}")
+    stride = (n - 1) / (steps - 1)
+    t = np.array([TURBO_TIMESTEPS[round(i * stride)] for i in range(steps)], np.int64)  # round: half to even
+    return t, np.append(t[1:], 0)
+
+
+def latent_timesteps(schedule: str, steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(t, t_prev) of a named latent schedule, in run order."""
+    if schedule == "ddcm":
+        return ddcm_timesteps(steps, num_train_timesteps)
+    if schedule == "turbo":
+        return turbo_timesteps(steps)
+    raise ValueError(f"unknown latent schedule {schedule!r} ({', '.join(LATENT_SCHEDULES)})")

@@ -45,7 +45,10 @@ class CodeSpec:
 
     `respacing`: guided-diffusion's timestep respacing ("" = `str(steps)`: T
     evenly spaced timesteps; "ddim20", "10,5,5"); the noise schedule itself is
-    the model's. `t_range=(t_min, t_max)` (original timesteps, inclusive)
+    the model's. A latent (Stable Diffusion) code names its timesteps instead
+    (`schedule` "ddcm" or "turbo", `ddcm_jax.respacing.latent_timesteps`) and
+    may leave its last `no_bits_steps` steps before the final one without
+    noise (Turbo-DDCM's NBS); its code has `code_rows` = steps - 1 - NBS rows. `t_range=(t_min, t_max)` (original timesteps, inclusive)
     restricts selection; other steps carry no bits (`rule.idle_code()`).
     """
 
@@ -57,6 +60,8 @@ class CodeSpec:
     respacing: str = static_field("")
     t_range: tuple[int, int] | None = static_field(None)
     clip: bool = static_field(True)
+    schedule: str | None = static_field(None)  # a latent model's named timesteps ("ddcm", "turbo")
+    no_bits_steps: int = static_field(0)  # latent: the last NBS steps before the final one add no noise
 
     def __post_init__(self) -> None:
         if not hasattr(self.rule, "select") and not isinstance(self.rule, jax.core.Tracer):
@@ -76,6 +81,17 @@ class CodeSpec:
             _check("num_atoms", m <= k, f"turbo needs M <= K distinct atoms, got M={m}, K={k}")
         c = getattr(self.rule, "coef_bits", 0)
         _check("coef_bits", m == 1 or self.rule.code_name != "mp" or 1 <= c <= 16, f"coefficient bits C must be in 1..16, got {c}")
+        if self.schedule is not None:
+            from ddcm_jax.respacing import LATENT_SCHEDULES, TURBO_TIMESTEPS
+
+            _check("schedule", self.schedule in LATENT_SCHEDULES,
+                   f"unknown latent schedule {self.schedule!r} ({', '.join(LATENT_SCHEDULES)})")  # fmt: skip
+            n = len(TURBO_TIMESTEPS)
+            _check("steps", self.schedule != "turbo" or self.steps <= n, f"the turbo schedule has 2..{n} steps")
+        nbs = self.no_bits_steps
+        _check("no_bits_steps", isinstance(nbs, int) and 0 <= nbs <= self.steps - 2,
+               f"no_bits_steps must be an integer in 0..steps-2 = {self.steps - 2}, got {nbs!r}")  # fmt: skip
+        _check("no_bits_steps", nbs == 0 or self.schedule is not None, "no-bits steps belong to latent schedules")
         if self.t_range is not None:
             lo, hi = (int(v) for v in self.t_range)
             _check("t_range", lo <= hi, f"t_range must be (t_min, t_max) with t_min <= t_max, got {self.t_range}")
@@ -84,10 +100,11 @@ class CodeSpec:
     @classmethod
     def create(cls, *, steps: int, codebook_size: int, rule: Any = "ddcm", num_atoms: int = 1,
                coef_bits: int = 1, operator: Any = None, generator: str = "philox", eta: float = 1.0,
-               respacing: str = "", t_range: tuple[int, int] | None = None, clip: bool = True) -> CodeSpec:  # fmt: skip
+               respacing: str = "", t_range: tuple[int, int] | None = None, clip: bool = True,
+               schedule: str | None = None, no_bits_steps: int = 0) -> CodeSpec:  # fmt: skip
         """A spec from a rule name (or object) and M, C (and the operator of "mse")."""
         return cls(steps, codebook_size, make_rule(rule, num_atoms, coef_bits, operator), generator, eta,
-                   respacing, t_range, clip)  # fmt: skip
+                   respacing, t_range, clip, schedule, no_bits_steps)  # fmt: skip
 
     def replace(self, **changes: Any) -> CodeSpec:
         return dataclasses.replace(self, **changes)
@@ -101,9 +118,14 @@ class CodeSpec:
         return self.rule.coeff_width
 
     @property
+    def code_rows(self) -> int:
+        """Steps that add codebook noise: steps - 1 - no_bits_steps (the last step adds none)."""
+        return self.steps - 1 - self.no_bits_steps
+
+    @property
     def code_shape(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Shapes of one image's (indices, coeffs): (steps-1, M), (steps-1, coeff_width)."""
-        return (self.steps - 1, self.num_atoms), (self.steps - 1, self.coeff_width)
+        """Shapes of one image's (indices, coeffs): (code_rows, M), (code_rows, coeff_width)."""
+        return (self.code_rows, self.num_atoms), (self.code_rows, self.coeff_width)
 
     def for_decoding(self) -> CodeSpec:
         """The same code with the rule the decoder replays (see `Code.replay`)."""
@@ -111,7 +133,7 @@ class CodeSpec:
 
     def payload_bits(self) -> int:
         """Payload bits of one image when every noise-adding step is coded (exact)."""
-        return (self.steps - 1) * self.rule.bits_per_step(self.codebook_size)
+        return self.code_rows * self.rule.bits_per_step(self.codebook_size)
 
 
 def _check(field: str, ok: bool, message: str) -> None:

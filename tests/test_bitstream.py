@@ -161,7 +161,7 @@ def test_truncated_random_and_wrong_magic(valid):
 
 def test_unknown_version_and_crc_mismatch(valid):
     _, data = valid
-    refused(data[:4] + bytes([2]) + data[5:], "version 2")
+    refused(data[:4] + bytes([3]) + data[5:], "version 3")
     flipped = bytearray(data)
     flipped[-6] ^= 0x10  # a payload bit: only the CRC can tell
     refused(bytes(flipped), "CRC")

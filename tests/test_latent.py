@@ -151,10 +151,11 @@ def test_turbo_code_is_the_originals_bitstream(reference):
 def test_payload_bits_match_the_originals_bpp(reference, name):
     meta, _ = load(reference, name)
     turbo = name.startswith("turbo")
-    spec = ddcm_jax.CodeSpec.create(steps=meta["T"], codebook_size=meta["K"], rule="turbo" if turbo else "ddcm",
-                                    num_atoms=meta["M"], coef_bits=meta["C"])  # fmt: skip
-    coded = meta["T"] - 1 - meta.get("no_bits_steps", 0)
-    assert latent.payload_bits(spec, coded) / 128**2 == pytest.approx(meta["bpp"], abs=1e-8)
+    spec = latent.make_spec(steps=meta["T"], codebook_size=meta["K"], image_hw=(128, 128),
+                            rule="turbo" if turbo else "ddcm", num_atoms=meta["M"], coef_bits=meta["C"],
+                            no_bits_steps=meta.get("no_bits_steps"))  # fmt: skip
+    assert spec.code_rows == meta["T"] - 1 - meta.get("no_bits_steps", 0)
+    assert latent.payload_bits(spec) / 128**2 == pytest.approx(meta["bpp"], abs=1e-8)
 
 
 # -- properties with key-derived codebooks --------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_generate_is_decodable(model):
 
 def test_refusals(model, image):
     kw = dict(steps=6, codebook_size=16, key=0)
-    with pytest.raises(ValueError, match="no_bits_steps"):
+    with pytest.raises(ddcm_jax.SpecError, match="no_bits_steps"):
         ddcm_jax.compress(model, image, rule="turbo", num_atoms=2, no_bits_steps=5, **kw)
     with pytest.raises(ValueError, match="t_range"):
         ddcm_jax.compress(model, image, rule="turbo", num_atoms=2, t_range=(0, 500), **kw)
