@@ -42,6 +42,9 @@ RESTORE_DEFAULTS = {
 }
 # `restore --rule ddcm`: one atom per step (the DDCM paper's rule) needs many steps.
 DDCM_RESTORE = {"steps": 100, "codebook_size": 256, "atoms": 1}
+# Latent (Stable Diffusion) models: Turbo-DDCM's K, at T = 20 with M = 20 (its no-bits steps from its
+# heuristic at the coded size); --rule ddcm keeps the original latent DDCM's T and K as given.
+LATENT_DEFAULTS = {"steps": 20, "codebook_size": 16384, "atoms": 20}
 
 
 class UsageError(Exception):
@@ -108,6 +111,18 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        "matching pursuit when M > 1)")  # fmt: skip
         g.add_argument("--t-range", type=int, nargs=2, metavar=("T_A", "T_B"),
                        help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
+    if rules:
+        g.add_argument("--no-bits-steps", type=int, default=None, metavar="NBS",
+                       help="latent models: the last NBS steps before the final one carry no bits (turbo's "
+                       "default: Turbo-DDCM's heuristic for the coded size; ddcm: 0)")  # fmt: skip
+        g.add_argument("--schedule", choices=["ddcm", "turbo"], default=None,
+                       help="latent models: the original DDCM's or Turbo-DDCM's timesteps (default: the rule's)")
+    if not restore:
+        g.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="latent models: the text that conditions the code (the decoder needs it too)")
+        g.add_argument("--guidance", type=float, default=None, metavar="G",
+                       help="latent models: classifier-free guidance scale with --prompt (default 0: the prompt's "
+                       "own prediction is not used)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="codebook and start-noise seed, 0..2^32-1")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (DDCM uses 1)")
     g.add_argument("--generator", choices=["philox", "threefry", "shift"], default="philox",
@@ -132,9 +147,18 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
         p.set_defaults(policy="fit")
 
 
-def _resolve_defaults(args: argparse.Namespace) -> None:
-    """Fill the coding flags left unset from the quality level (compress, roundtrip) or the task (restore)."""
-    if getattr(args, "task", None) is not None:
+def _resolve_defaults(args: argparse.Namespace, latent: bool = False) -> None:
+    """Fill the coding flags left unset from the quality level (compress, roundtrip), the task (restore)
+    or, for a latent model, `LATENT_DEFAULTS`."""
+    if latent:
+        if getattr(args, "task", None) is not None:
+            raise UsageError("restore runs on pixel-space models; latent models compress and generate")
+        if getattr(args, "quality", None) is not None:
+            raise UsageError("--quality levels are the pixel model's; with a latent model give -T, -K, -M")
+        preset = dict(LATENT_DEFAULTS)
+        if getattr(args, "rule", "turbo") != "turbo" or args.command == "generate":
+            preset["atoms"] = 1
+    elif getattr(args, "task", None) is not None:
         preset = dict(RESTORE_DEFAULTS[args.task])
         if args.rule == "ddcm":  # DDCM's single-atom rule: its own (slower, weaker) operating point
             if args.atoms not in (None, 1):
@@ -178,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode .ddcm files (or folders of them) into PNG images.")  # fmt: skip
     _io(p, "FILE")
     _model_arg(p, False)
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="the prompt a latent code was made with (the file holds only its hash)")
     _common(p)
 
     p = sub.add_parser("roundtrip", help="compress, decode, and report bpp / PSNR / LPIPS",
@@ -456,21 +482,50 @@ class Coding(NamedTuple):
 # The flag that sets each CodeSpec field, for its usage errors.
 _SPEC_FLAGS = {"steps": "--steps", "codebook_size": "--codebook-size", "num_atoms": "--atoms",
                "coef_bits": "--coef-bits", "eta": "--eta", "t_range": "--t-range", "generator": "--generator",
-               "rule": "--rule"}  # fmt: skip
+               "rule": "--rule", "schedule": "--schedule", "no_bits_steps": "--no-bits-steps"}  # fmt: skip
+
+
+def _latent_flags(args: argparse.Namespace, latent: bool) -> None:
+    """Latent-only flags on a pixel model, and pixel-only ones on a latent model: usage errors."""
+    given = [f for f, name in (("--no-bits-steps", "no_bits_steps"), ("--schedule", "schedule"),
+                               ("--prompt", "prompt"), ("--guidance", "guidance"))
+             if getattr(args, name, None) is not None]  # fmt: skip
+    if not latent and given:
+        raise UsageError(f"{', '.join(given)}: options of latent (Stable Diffusion) models")
+    if latent:
+        if args.eta != 1.0:
+            raise UsageError("--eta: latent codes use eta 1 (their no-bits steps 0)")
+        if getattr(args, "class_label", None) is not None:
+            raise UsageError("--class-label: latent models are conditioned by --prompt")
+        g = getattr(args, "guidance", None)
+        if g is not None and not getattr(args, "prompt", None):
+            raise UsageError("--guidance needs --prompt")
+        if g is not None and not (math.isfinite(g) and 0 <= g <= 100):
+            raise UsageError("--guidance must be in 0..100")
 
 
 def _settings(args: argparse.Namespace) -> Coding:
     """The coding flags as a `CodeSpec` (validated there, once) plus seed and policy; usage errors at once."""
     from ddcm_jax.spec import CodeSpec, SpecError
 
-    _resolve_defaults(args)
+    family = _model_family(getattr(args, "model", None))
+    latent = family == "sd"
+    _resolve_defaults(args, latent)
     t_range = getattr(args, "t_range", None)
+    _latent_flags(args, latent)
     try:
         spec = CodeSpec.create(
             steps=args.steps, codebook_size=args.codebook_size, rule=getattr(args, "rule", "ddcm"),
             num_atoms=getattr(args, "atoms", 1), coef_bits=getattr(args, "coef_bits", 1), generator=args.generator,
             eta=args.eta, t_range=None if t_range is None else (min(t_range), max(t_range)),
+            clip=not latent,
         )  # fmt: skip
+        if latent and getattr(args, "no_bits_steps", None) is not None:
+            n = args.no_bits_steps
+            if not 0 <= n <= args.steps - 2:
+                raise SpecError("no_bits_steps", f"no-bits steps must be in 0..steps-2 = {args.steps - 2}, got {n}")
+            if getattr(args, "rule", "turbo") == "turbo" and t_range is not None:
+                raise SpecError("t_range", "turbo codes its first steps; give --no-bits-steps instead")
     except SpecError as e:
         raise UsageError(f"{_SPEC_FLAGS.get(e.field, e.field)}: {e}") from None
     if not 0 <= args.seed < 2**32:
@@ -512,15 +567,26 @@ def _model_timesteps(model: Path | str | None) -> int | None:
     return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
 
 
-def _load_model(path: Path) -> Any:
-    from ddcm_jax.latent_model import LatentDiffusionModel
-    from ddcm_jax.model import ModelDirError, load_model
+def _model_family(model: Path | str | None) -> str | None:
+    """'sd' for a latent MODEL_DIR, from its model.json alone; None otherwise or when unreadable."""
+    from ddcm_jax.model import resolve_model_dir
 
-    model = load_model(path)  # "default" resolves to the packaged model
-    if isinstance(model, LatentDiffusionModel):
-        raise ModelDirError(f"{printable(path)}: a latent (Stable Diffusion) model; DDCM coding runs on "
-                            "pixel-space (ADM) models only so far")  # fmt: skip
-    return model
+    if model is None:
+        return None
+    try:
+        path = resolve_model_dir(model) / "model.json"
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        family = json.loads(path.read_text()).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return family if isinstance(family, str) else None
+
+
+def _load_model(path: Path) -> Any:
+    from ddcm_jax.model import load_model
+
+    return load_model(path)  # "default" resolves to the packaged model
 
 
 def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, **extra: Any) -> dict[str, Any]:
@@ -573,7 +639,6 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
     from ddcm_jax import bitstream, codec, images, memory, metrics
 
     model = _load_model(args.model)
-    arch = model.config.architecture
     writes_png = decode_back or getattr(args, "save_reconstruction", False)
     budget = memory.budget_bytes()
     loaded: list[_Loaded] = []
@@ -594,7 +659,7 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             if writes_png:
                 memory.check_host("png", h0, w0, what=str(job.source), budget=budget)
             side = codec.coding_side(model, args.policy, args.size)
-            coded = images.coded_size(pixels.shape[:2], args.policy, side, arch.size_multiple)
+            coded = images.coded_size(pixels.shape[:2], args.policy, side, codec.size_multiple(model))
             loaded.append(_Loaded(job, pixels, notes, coded, t0))
         except Exception as e:
             run.fail(job.source, e)
@@ -607,7 +672,8 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             if decode_back:
                 streams = [bitstream.decode(enc.data, str(item.job.source)) for enc, item in zip(encs, group, strict=True)]
                 with run.steps("decode") as progress:
-                    results = codec.decode_streams(model, streams, progress=progress)
+                    results = codec.decode_streams(model, streams, progress=progress,
+                                                   prompt=getattr(args, "prompt", None))  # fmt: skip
         except Exception as e:
             for item in group:
                 run.fail(item.job.source, e)
@@ -701,7 +767,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
         def encode(model: Any, pixel_list: list[Any], budget: int, progress: Any) -> Any:
             return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
-                                       coding_size=args.size, budget=budget, progress=progress)  # fmt: skip
+                                       coding_size=args.size, budget=budget, progress=progress,
+                                       **_latent_kwargs(args))  # fmt: skip
 
     if jobs:
         _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
@@ -709,6 +776,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.command == "roundtrip":
         _table(run)
     return code
+
+
+def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The latent-only codec keywords the flags set (none for a pixel model: `_latent_flags` saw to it)."""
+    out: dict[str, Any] = {}
+    for name in ("no_bits_steps", "schedule"):
+        if getattr(args, name, None) is not None:
+            out[name] = getattr(args, name)
+    if getattr(args, "prompt", None):
+        out.update(prompt=args.prompt, guidance=args.guidance or 0.0)
+    return out
 
 
 def _load_mask(path: Path) -> Any:
@@ -744,7 +822,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             with run.steps("generate") as progress:
                 encs = codec.generate_images(model, base.spec, group, class_label=args.class_label, budget=budget,
-                                             progress=progress)  # fmt: skip
+                                             progress=progress, **_latent_kwargs(args))  # fmt: skip
         except Exception as e:
             for sd in group:
                 run.fail(args.output / f"gen_{sd - base.seed:0{width}d}", e)
@@ -801,6 +879,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
             if where not in models:
                 models[where] = _load_model(where)
             codec.check_model(head, models[where], name, budget=budget)
+            codec.check_prompt(head, args.prompt, name)
             # The output is resampled to, and written at, the size the header claims.
             for stage in ("resample", "png"):
                 memory.check_host(stage, *head.original_size, what=f"{name}: decoding", budget=budget)
@@ -814,7 +893,8 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     for group in _groups(ready, signature, jax.local_device_count()):
         try:
             with run.steps("decode") as progress:
-                outputs = codec.decode_streams(models[group[0][2]], [item[1] for item in group], progress=progress)
+                outputs = codec.decode_streams(models[group[0][2]], [item[1] for item in group], progress=progress,
+                                               prompt=args.prompt)  # fmt: skip
         except Exception as e:
             for item in group:
                 run.fail(item[0].source, e)
@@ -874,22 +954,26 @@ def describe(stream: Any, nbytes: int) -> dict[str, Any]:
 
     h = stream.header
     coded = h.size[0] * h.size[1]
-    timesteps = bitstream.schedule_timesteps(h)
-    n_coded = int(bitstream.coded_steps(timesteps, h.t_range).sum())
+    n_coded = int(bitstream.code_mask(h).sum())
+    schedule = (f"{h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps}" if h.latent_schedule is None
+                else f"{h.noise_schedule}/{h.num_timesteps}/latent-{h.latent_schedule}")  # fmt: skip
     out = {
-        "format_version": bitstream.VERSION,
+        "format_version": h.version,
         "bytes": nbytes, "header_bytes": stream.header_bytes, "payload_bytes": stream.payload_bytes, "crc_bytes": 4,
         "payload_bits": stream.payload_bits, "coded_steps": n_coded,
         "bpp": stream.payload_bits / coded, "bpp_file": 8 * nbytes / coded,
         "rule": h.rule, "task": h.task, "steps": h.steps, "codebook_size": h.codebook_size,
         "num_atoms": h.num_atoms, "coef_bits": h.coef_bits,
         "t_range": None if h.t_range is None else list(h.t_range), "eta": h.eta, "seed": h.seed,
-        "schedule": f"{h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps}", "clip": h.clip,
+        "schedule": schedule, "clip": h.clip,
         "class_label": h.class_label, "model": h.fingerprint_hex, "compute_dtype": h.compute_dtype,
         "coded_size": list(h.size), "original_size": list(h.original_size), "size_policy": h.size_policy,
         "jax_version": h.jax_version, "prng": h.prng_impl, "generator": h.generator,
         "threefry_partitionable": h.threefry_partitionable,
     }  # fmt: skip
+    if h.latent_schedule is not None:
+        out.update(no_bits_steps=h.no_bits_steps, prompt_hash=None if h.prompt_hash is None else h.prompt_hash.hex(),
+                   guidance=h.guidance)  # fmt: skip
     if h.task == "super-resolution":
         out["factor"] = h.factor
     if h.task == "blur":
@@ -918,7 +1002,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{d['payload_bytes']} payload + 4 CRC-32\n"
                   f"  {d['task']}, rule {d['rule']}, T {d['steps']} ({printable(d['schedule'])}), K {d['codebook_size']}{extra}, "
                   f"{t}, eta {d['eta']:g}, seed {d['seed']}"
-                  + (f", class {d['class_label']}" if d["class_label"] is not None else "") + "\n"
+                  + (f", class {d['class_label']}" if d["class_label"] is not None else "")
+                  + (f", {d['no_bits_steps']} no-bits steps" if "no_bits_steps" in d else "")
+                  + (f", prompt sha256:{d['prompt_hash']}…, guidance {d['guidance']:g}" if d.get("prompt_hash")
+                     else "") + "\n"
                   f"  payload {d['payload_bits']} bits over {d['coded_steps']} coded steps: "
                   f"{d['bpp']:.5f} bpp (payload), {d['bpp_file']:.5f} bpp (whole file), "
                   f"over the {d['coded_size'][1]}x{d['coded_size'][0]} (width x height) coded image\n"

@@ -26,6 +26,7 @@ the threefry generator's atoms and so is recorded in the header.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import zlib
 from typing import Any
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax import bitstream, images, memory
+from ddcm_jax import bitstream, images, latent, memory
 from ddcm_jax.bitstream import Bitstream, BitstreamError, Header
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.memory import MemoryBudgetError, check_fits
@@ -48,18 +49,22 @@ __all__ = [
     "RESTORATION_TASKS",
     "Encoded",
     "check_model",
+    "check_prompt",
     "codebook_check",
     "decode_bytes",
     "decode_signature",
     "decode_streams",
     "encode_image",
     "encode_images",
+    "fits",
     "generate_image",
     "generate_images",
     "header_for",
     "make_operator",
     "mesh_for",
+    "prompt_hash",
     "restore_image",
+    "size_multiple",
     "spec_of",
 ]
 
@@ -104,15 +109,36 @@ def _fingerprint_bytes(model: Any) -> bytes:
     return bytes.fromhex(fp[len("sha256:") :])[: bitstream.FINGERPRINT_BYTES]
 
 
+def prompt_hash(prompt: str) -> bytes:
+    """What a file records of the prompt that conditioned it: the first 16 bytes of SHA-256(UTF-8)."""
+    return hashlib.sha256(prompt.encode("utf-8")).digest()[: bitstream.PROMPT_HASH_BYTES]
+
+
 def header_for(model: Any, spec: CodeSpec, *, seed: int, size: tuple[int, int], original: tuple[int, int],
-               policy: str, partitionable: bool, **extra: Any) -> Header:  # fmt: skip
+               policy: str, partitionable: bool, prompt: str | None = None, guidance: float = 0.0,
+               **extra: Any) -> Header:  # fmt: skip
     """The file header of an image coded under `spec`: the spec, the geometry, the model, the provenance.
 
     `extra`: the task's fields (task, factor, blur_kernel, blur_sigma, class_label).
+    A latent model's header adds the spec's named schedule and no-bits steps,
+    and the hash of the prompt (with its guidance) when one conditioned the code.
     """
-    d, rule = model.config.diffusion, spec.rule
+    rule = spec.rule
     if rule.code_name is None:
         raise ValueError(f"rule {type(rule).__name__} cannot be stored in a file")
+    if latent.is_latent_model(model):
+        sc = model.config.scheduler
+        return Header(
+            rule=rule.code_name, steps=spec.steps, codebook_size=spec.codebook_size, num_atoms=rule.num_atoms,
+            coef_bits=rule.coef_bits if rule.code_name == "mp" else 0, fingerprint=_fingerprint_bytes(model),
+            size=size, original_size=original, size_policy=policy, t_range=spec.t_range, eta=spec.eta, seed=seed,
+            noise_schedule=sc.beta_schedule, num_timesteps=sc.num_train_timesteps, clip=False,
+            compute_dtype="float32", jax_version=jax.__version__, threefry_partitionable=partitionable,
+            generator=spec.generator, codebook_check=codebook_check(seed, partitionable, spec.generator),
+            latent_schedule=spec.schedule, no_bits_steps=spec.no_bits_steps,
+            prompt_hash=prompt_hash(prompt) if prompt else None, guidance=guidance if prompt else 0.0, **extra,
+        )  # fmt: skip
+    d = model.config.diffusion
     return Header(
         rule=rule.code_name, steps=spec.steps, codebook_size=spec.codebook_size, num_atoms=rule.num_atoms,
         coef_bits=rule.coef_bits if rule.code_name == "mp" else 0, fingerprint=_fingerprint_bytes(model),
@@ -131,7 +157,8 @@ def spec_of(h: Header, rule: Any = None) -> CodeSpec:
     encoder samples with them so that its decoder replays the same arithmetic.
     """
     rule = replay_rule(h.rule, h.num_atoms, max(h.coef_bits, 1)) if rule is None else rule
-    return CodeSpec(h.steps, h.codebook_size, rule, h.generator, h.eta, h.respacing, h.t_range, h.clip)
+    return CodeSpec(h.steps, h.codebook_size, rule, h.generator, h.eta, h.respacing, h.t_range, h.clip,
+                    h.latent_schedule, h.no_bits_steps)  # fmt: skip
 
 
 def _key(h: Header) -> jax.Array:
@@ -170,21 +197,42 @@ def _edge(budget: int | None, partitionable: bool | None) -> tuple[int, bool]:
 
 
 def coding_side(model: Any, policy: str, coding_size: int | None) -> int:
-    """The `native` side of `images.coded_size`: the fit policy's longer side, or crop / resize's square."""
+    """The `native` side of `images.coded_size`: the fit policy's longer side, or crop / resize's square.
+
+    A latent model's default is the side its UNet was trained at (SD 2.1-base: 512).
+    """
     if coding_size is not None:
         return coding_size
+    if latent.is_latent_model(model):
+        return latent.native_size(model)[0]
     return images.DEFAULT_CODING_SIZE if policy == "fit" else model.config.architecture.image_size
+
+
+def size_multiple(model: Any) -> int:
+    """Coded sides must be multiples of this (the network's downsampling; latent: times the VAE's)."""
+    return latent.size_multiple(model) if latent.is_latent_model(model) else model.config.architecture.size_multiple
+
+
+def fits(model: Any, height: int, width: int, *, budget: int) -> None:
+    """Raise MemoryBudgetError unless coding an (height, width) image fits the memory budget."""
+    if latent.is_latent_model(model):
+        need = latent.forward_bytes(model, height, width)
+        if need > budget:
+            raise MemoryBudgetError(f"a {height}x{width} image needs about {memory.format_bytes(need)} with this "
+                                    f"model (budget {memory.format_bytes(budget)}; set DDCM_MEMORY_LIMIT to change "
+                                    "it)")  # fmt: skip
+        return
+    check_fits(model.config.architecture, height, width, budget=budget)
 
 
 def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str, budget: int,
                   coding_size: int | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
-    arch = model.config.architecture
-    native = coding_side(model, policy, coding_size)
-    sizes = {images.coded_size(p.shape[:2], policy, native, arch.size_multiple) for p in pixel_list}
+    native, multiple = coding_side(model, policy, coding_size), size_multiple(model)
+    sizes = {images.coded_size(p.shape[:2], policy, native, multiple) for p in pixel_list}
     if len(sizes) != 1:
         raise ValueError(f"a batch must share one coded size, got {sorted(sizes)}")
-    check_fits(arch, *sizes.pop(), budget=budget)
-    coded = np.stack([images.prepare(p, policy, native, arch.size_multiple) for p in pixel_list])
+    fits(model, *sizes.pop(), budget=budget)
+    coded = np.stack([images.prepare(p, policy, native, multiple) for p in pixel_list])
     return coded, [(int(p.shape[0]), int(p.shape[1])) for p in pixel_list]
 
 
@@ -192,8 +240,14 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
                   size_policy: str = "fit", coding_size: int | None = None, task: str = "compression",
                   notes: list[tuple[str, ...]] | None = None, mesh: Any = None, budget: int | None = None,
                   partitionable: bool | None = None, progress: Progress | None = None,
-                  **op_args: Any) -> list[Encoded]:  # fmt: skip
+                  no_bits_steps: int | None = None, schedule: str | None = None, prompt: str | None = None,
+                  guidance: float = 0.0, **op_args: Any) -> list[Encoded]:  # fmt: skip
     """Compress (or, with a restoration `task`, restore) uint8 RGB images that share a coded size.
+
+    A latent model compresses (`ddcm_jax.latent`): the spec's schedule (or
+    `schedule`) defaults to its rule's own, `no_bits_steps` to Turbo-DDCM's heuristic at the coded
+    size (turbo) or 0, and `prompt` / `guidance` condition the code (the file
+    keeps the prompt's hash; the decoder must be given the prompt).
 
     The images run side by side, one per device of `mesh` (default `mesh_for`).
     Restoration degrades each coded input by the task and samples the
@@ -204,6 +258,23 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     """
     budget, partitionable = _edge(budget, partitionable)
     coded, originals = _coded_inputs(model, pixel_list, size_policy, budget, coding_size)
+    if latent.is_latent_model(model):
+        if task != "compression":
+            raise ValueError(f"{task}: restoration runs on pixel-space models; latent models compress and generate")
+        spec = _latent_spec(spec, coded.shape[1:3], no_bits_steps, schedule)
+        heads = [header_for(model, spec, seed=seed, size=coded.shape[1:3], original=o, policy=size_policy,
+                            partitionable=partitionable, prompt=prompt, guidance=guidance)
+                 for o in originals]  # fmt: skip
+        with jax.threefry_partitionable(partitionable):
+            res = latent.encode(model, spec_of(heads[0], spec.rule), np.stack([images.to_model(c) for c in coded]),
+                                key=_keys(heads), prompt=prompt, guidance=guidance,
+                                progress=_listener(progress))  # fmt: skip
+        notes = notes or [()] * len(pixel_list)
+        return [_finish(hb, res.image[b], res.indices[b], _sign_bits(spec, res.coeffs[b]),
+                        images.reference(p, size_policy), n)
+                for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
+    if no_bits_steps is not None or schedule is not None or prompt or guidance:
+        raise ValueError("schedules, no-bits steps and prompts are settings of latent (Stable Diffusion) models")
     mesh = mesh_for(len(pixel_list)) if mesh is None else mesh
     x = np.stack([images.to_model(c) for c in coded])
     extra: dict[str, Any] = {}
@@ -235,6 +306,29 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     a_out = np.asarray(jax.vmap(op)(jnp.asarray(images.to_model(images.from_model(np.asarray(res.image))))))
     return [dataclasses.replace(e, degraded=_degraded_view(y[b], hb), consistency_db=_psnr_pm1(a_out[b], y[b]))
             for b, (e, hb) in enumerate(zip(out, heads, strict=True))]  # fmt: skip
+
+
+def _latent_spec(spec: CodeSpec, size: tuple[int, int], no_bits_steps: int | None,
+                 schedule: str | None) -> CodeSpec:  # fmt: skip
+    """A spec without a named schedule (as the command line builds it) completed for a latent model
+    coding `size` images; a complete one passes through."""
+    if spec.schedule is not None:
+        if (no_bits_steps, schedule) != (None, None):
+            raise ValueError("the spec already names its schedule and no-bits steps")
+        return spec
+    return latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=tuple(size),
+                            rule=spec.rule, schedule=schedule, no_bits_steps=no_bits_steps,
+                            generator=spec.generator, t_range=spec.t_range)  # fmt: skip
+
+
+def _sign_bits(spec: CodeSpec, coeffs: Any) -> np.ndarray:
+    """The latent API's turbo signs +-1 -> the file's sign bits (1 = negative)."""
+    c = np.asarray(coeffs)
+    return (c < 0).astype(np.int64) if isinstance(spec.rule, Turbo) else c
+
+
+def _signs(h: Header, coeffs: np.ndarray) -> np.ndarray:
+    return 1 - 2 * np.asarray(coeffs) if h.rule == "turbo" else np.asarray(coeffs)
 
 
 def _psnr_pm1(a: np.ndarray, b: np.ndarray) -> float:
@@ -290,9 +384,28 @@ def restore_image(model: Any, pixels: Pixels, task: str, spec: CodeSpec, *, note
 
 def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label: int | None = None,
                     mesh: Any = None, budget: int | None = None, partitionable: bool | None = None,
-                    progress: Progress | None = None) -> list[Encoded]:  # fmt: skip
-    """Compressed generation at the model's native size, one image per seed (the spec's rule: `Random`)."""
+                    progress: Progress | None = None, prompt: str | None = None, guidance: float = 0.0,
+                    schedule: str | None = None) -> list[Encoded]:  # fmt: skip
+    """Compressed generation at the model's native size, one image per seed (the spec's rule: `Random`).
+
+    A latent model may be given a `prompt` and classifier-free `guidance`.
+    """
     budget, partitionable = _edge(budget, partitionable)
+    if latent.is_latent_model(model):
+        if class_label is not None:
+            raise ValueError("class labels belong to class-conditional pixel models; give a prompt")
+        size = latent.native_size(model)
+        fits(model, *size, budget=budget)
+        spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=size, rule=Random(),
+                                schedule=schedule or spec.schedule, no_bits_steps=0, generator=spec.generator)  # fmt: skip
+        heads = [header_for(model, spec, seed=sd, size=size, original=size, policy="none", task="generation",
+                            partitionable=partitionable, prompt=prompt, guidance=guidance) for sd in seeds]  # fmt: skip
+        with jax.threefry_partitionable(partitionable):
+            res = latent.encode(model, spec_of(heads[0], spec.rule), None, key=_keys(heads), image_shape=(*size, 3),
+                                prompt=prompt, guidance=guidance, progress=_listener(progress))  # fmt: skip
+        return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
+    if prompt or guidance or schedule:
+        raise ValueError("prompts and named schedules belong to latent (Stable Diffusion) models")
     n = model.config.architecture.image_size
     check_fits(model.config.architecture, n, n, budget=budget)
     spec = spec.replace(rule=Random(), t_range=None)
@@ -320,10 +433,13 @@ def check_model(h: Header, model: Any, source: str, *, budget: int | None = None
     from ddcm_jax.printable import printable
 
     source = printable(source)
-    arch, d = model.config.architecture, model.config.diffusion
     if not h.matches_fingerprint(str(model.fingerprint)):
         raise BitstreamError(f"{source}: made with model {h.fingerprint_hex}…, not with this one "
                              f"({str(model.fingerprint)[:39]}…)")  # fmt: skip
+    if latent.is_latent_model(model) or h.latent_schedule is not None:
+        _check_latent_model(h, model, source, budget)
+        return
+    arch, d = model.config.architecture, model.config.diffusion
     if (h.noise_schedule, h.num_timesteps) != (d.noise_schedule, d.num_timesteps):
         raise BitstreamError(f"{source}: encoded with the {h.noise_schedule}/{h.num_timesteps} schedule, "
                              f"the model uses {d.noise_schedule}/{d.num_timesteps}")  # fmt: skip
@@ -350,23 +466,69 @@ def check_model(h: Header, model: Any, source: str, *, budget: int | None = None
                              f"encoder's (jax {h.jax_version or '?'}, {h.generator}); it cannot decode the file")  # fmt: skip
 
 
+def _check_latent_model(h: Header, model: Any, source: str, budget: int | None) -> None:
+    if not latent.is_latent_model(model) or h.latent_schedule is None:
+        kind = "a latent (Stable Diffusion)" if h.latent_schedule is not None else "a pixel-space"
+        raise BitstreamError(f"{source}: {kind} code; this model is not one")
+    sc = model.config.scheduler
+    if (h.noise_schedule, h.num_timesteps) != (sc.beta_schedule, sc.num_train_timesteps):
+        raise BitstreamError(f"{source}: encoded with the {h.noise_schedule}/{h.num_timesteps} schedule, "
+                             f"the model uses {sc.beta_schedule}/{sc.num_train_timesteps}")  # fmt: skip
+    m = latent.size_multiple(model)
+    if h.size[0] % m or h.size[1] % m:
+        raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not a multiple of {m}, "
+                             "which this model needs")  # fmt: skip
+    try:
+        fits(model, *h.size, budget=memory.budget_bytes() if budget is None else budget)
+    except MemoryBudgetError as e:
+        raise BitstreamError(f"{source}: decoding {e}") from None
+    if codebook_check(h.seed, h.threefry_partitionable, h.generator) != h.codebook_check:
+        raise BitstreamError(f"{source}: this JAX ({jax.__version__}) draws other codebook atoms than the "
+                             f"encoder's (jax {h.jax_version or '?'}, {h.generator}); it cannot decode the file")  # fmt: skip
+
+
+def check_prompt(h: Header, prompt: str | None, source: str) -> None:
+    """Raise BitstreamError unless `prompt` is the one the file was conditioned on (none: none)."""
+    from ddcm_jax.printable import printable
+
+    if h.prompt_hash is None:
+        if prompt:
+            raise BitstreamError(f"{printable(source)}: coded without a prompt; do not give one")
+        return
+    if not prompt:
+        raise BitstreamError(f"{printable(source)}: coded with a prompt (guidance {h.guidance:g}); give the same "
+                             "prompt to decode it")  # fmt: skip
+    if prompt_hash(prompt) != h.prompt_hash:
+        raise BitstreamError(f"{printable(source)}: the prompt given is not the one the file was coded with")
+
+
 def decode_signature(h: Header) -> tuple[Any, ...]:
     """What files must share to be decoded side by side (everything but seed and original size)."""
     return (h.rule, h.steps, h.codebook_size, h.num_atoms, h.coef_bits, h.eta, h.noise_schedule, h.num_timesteps,
             h.respacing_or_steps, h.clip, h.size, h.size_policy, h.class_label, h.generator, h.prng_impl,
-            h.threefry_partitionable, h.fingerprint)  # fmt: skip
+            h.threefry_partitionable, h.fingerprint, h.latent_schedule, h.no_bits_steps, h.prompt_hash,
+            h.guidance)  # fmt: skip
 
 
 def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
-                   progress: Progress | None = None) -> list[Pixels]:  # fmt: skip
+                   progress: Progress | None = None, prompt: str | None = None) -> list[Pixels]:  # fmt: skip
     """Decode parsed files that share a `decode_signature` (checked by `check_model` first).
 
-    Returns uint8 pixels in each file's recorded geometry.
+    Returns uint8 pixels in each file's recorded geometry. A latent code
+    conditioned on a prompt needs that `prompt` (`check_prompt`).
     """
     heads = [st.header for st in streams]
     if len({decode_signature(h) for h in heads}) != 1:
         raise ValueError("files decoded together must share their decoding settings")
     h = heads[0]
+    if h.latent_schedule is not None:
+        with jax.threefry_partitionable(h.threefry_partitionable):
+            res = latent.decode(model, spec_of(h), np.stack([st.indices for st in streams]),
+                                np.stack([_signs(h, st.coeffs) for st in streams]), key=_keys(heads),
+                                image_shape=(*h.size, 3), prompt=prompt, guidance=h.guidance,
+                                progress=_listener(progress))  # fmt: skip
+        return [images.restore_geometry(images.from_model(np.asarray(res.image[b])), hb.size_policy, hb.original_size)
+                for b, hb in enumerate(heads)]  # fmt: skip
     labels = None if h.class_label is None else jnp.full((len(heads),), h.class_label, jnp.int32)
     with jax.threefry_partitionable(h.threefry_partitionable):
         x = decode_sharded(model, spec_of(h), np.stack([st.indices for st in streams]),
@@ -378,12 +540,16 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
 
 
 def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None,
-                 budget: int | None = None, progress: Progress | None = None) -> tuple[Pixels, Bitstream]:  # fmt: skip
+                 budget: int | None = None, progress: Progress | None = None,
+                 prompt: str | None = None) -> tuple[Pixels, Bitstream]:  # fmt: skip
     """uint8 pixels in the geometry the header records, and the parsed file.
 
-    Raises BitstreamError (naming `source`) for a file this model cannot decode;
-    the header is checked against the model before the payload is decoded.
+    Raises BitstreamError (naming `source`) for a file this model cannot decode
+    (or, for a latent code, a `prompt` that is not the encoder's); the header is
+    checked against the model before the payload is decoded.
     """
-    check_model(bitstream.decode_header(data, source).header, model, source, budget=budget)
+    head = bitstream.decode_header(data, source).header
+    check_model(head, model, source, budget=budget)
+    check_prompt(head, prompt, source)
     stream = bitstream.decode(data, source)
-    return decode_streams(model, [stream], mesh=mesh, progress=progress)[0], stream
+    return decode_streams(model, [stream], mesh=mesh, progress=progress, prompt=prompt)[0], stream

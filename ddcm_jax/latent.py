@@ -66,6 +66,7 @@ __all__ = [
     "decode",
     "decompress",
     "encode",
+    "forward_bytes",
     "generate",
     "is_latent_model",
     "latent_schedule",
@@ -509,6 +510,12 @@ def native_size(model: Any) -> tuple[int, int]:
 def size_multiple(model: Any) -> int:
     """Image sides must be multiples of this: the VAE's factor x the UNet's downsampling."""
     return model.config.downsampling_factor * 2 ** (len(model.config.unet.block_out_channels) - 1)
+
+
+def forward_bytes(model: Any, height: int, width: int) -> int:
+    """A conservative estimate of the memory coding an (height, width) image takes: the VAE's widest
+    full-resolution activations dominate (16 bytes per pixel and channel of its widest block)."""
+    return 16 * max(model.config.vae.block_out_channels) * int(height) * int(width) + (256 << 20)
 
 
 def _start(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

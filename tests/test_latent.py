@@ -217,3 +217,98 @@ def test_refusals(model, image):
                             num_atoms=2, no_bits_steps=1, image_shape=(128, 128, 3), **kw)  # fmt: skip
     with pytest.raises(ddcm_jax.SpecError, match="codebook size"):
         ddcm_jax.compress(model, image, steps=6, codebook_size=0, key=0)
+
+
+# -- the .ddcm format and the command line ----------------------------------------------------------------
+
+
+def test_latent_header_roundtrip_and_refusals():
+    from ddcm_jax.bitstream import Header
+
+    fp = bytes(range(16))
+    h = Header(rule="turbo", steps=10, codebook_size=64, num_atoms=4, fingerprint=fp, size=(128, 96),
+               noise_schedule="scaled_linear", clip=False, latent_schedule="turbo", no_bits_steps=4,
+               prompt_hash=bytes(16), guidance=7.5)  # fmt: skip
+    assert h.version == 2 and h.code_rows == 5
+    rng = np.random.default_rng(0)
+    idx = np.sort(np.stack([rng.choice(64, 4, replace=False) for _ in range(5)]), axis=1)
+    co = rng.integers(0, 2, (5, 4))
+    data = bitstream.encode(h, idx, co)
+    st = bitstream.decode(data)
+    assert st.header == h
+    np.testing.assert_array_equal(st.indices, idx)
+    np.testing.assert_array_equal(st.coeffs, co)
+    assert st.payload_bits == 5 * (bitstream.bits_per_step("turbo", 64, 4))
+    # A pixel header stays version 1, byte for byte what it was.
+    pixel = Header(rule="ddcm", steps=5, codebook_size=16, fingerprint=fp, size=(32, 32))
+    assert bitstream.encode(pixel, np.zeros((4, 1)), np.zeros((4, 0)))[4] == 1
+    bad = [dict(no_bits_steps=9), dict(latent_schedule="cosine"), dict(guidance=float("nan")),
+           dict(prompt_hash=None), dict(clip=True), dict(t_range=(0, 500)), dict(task="colorization")]  # fmt: skip
+    for change in bad:
+        with pytest.raises(ValueError):
+            Header(**{**h.__dict__, **change})
+    with pytest.raises(ValueError, match="latent codes"):
+        Header(rule="ddcm", steps=5, codebook_size=16, fingerprint=fp, size=(32, 32), no_bits_steps=1)
+    with pytest.raises(bitstream.BitstreamError):  # a version-2 file relabelled version 1
+        bitstream.decode(data[:4] + b"\x01" + data[5:])
+
+
+def test_cli_latent_roundtrip_info_and_prompt(sd_tiny_model_dir, kodak, tmp_path, capsys):
+    from ddcm_jax.cli import main
+
+    out = tmp_path / "out"
+    src = kodak / "kodim23.png"
+    m = str(sd_tiny_model_dir)
+    assert main(["roundtrip", str(src), "-o", str(out), "--model", m, "-T", "6", "-K", "64", "-M", "2",
+                 "--no-bits-steps", "2", "-q", "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    rec = json.loads((tmp_path / "r.json").read_text())["items"][0]
+    assert rec["psnr"] is not None
+    from PIL import Image
+
+    assert Image.open(out / "kodim23.png").size == (768, 512)  # the input's size, whole
+    h = bitstream.decode((out / "kodim23.ddcm").read_bytes()).header
+    assert (h.version, h.latent_schedule, h.no_bits_steps, h.code_rows) == (2, "turbo", 2, 3)
+    assert h.size == (96, 128)  # fit: the longer side at the UNet's native 128, a multiple of 16
+    capsys.readouterr()
+    assert main(["info", str(out / "kodim23.ddcm")]) == 0
+    assert "2 no-bits steps" in capsys.readouterr().out
+    dec = tmp_path / "dec"
+    assert main(["decompress", str(out / "kodim23.ddcm"), "-o", str(dec), "--model", m, "-q"]) == 0
+    assert (dec / "kodim23.png").read_bytes() == (out / "kodim23.png").read_bytes()
+    # A prompt-conditioned code needs its prompt back; the wrong one is refused in one line.
+    pr = tmp_path / "pr"
+    assert main(["compress", str(src), "-o", str(pr), "--model", m, "-T", "5", "-K", "32", "--rule", "ddcm",
+                 "--prompt", "a photo of a cat", "--guidance", "2", "-q"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["decompress", str(pr / "kodim23.ddcm"), "-o", str(tmp_path / "d2"), "--model", m, "-q"]) == 1
+    assert "give the same prompt" in capsys.readouterr().err
+    assert main(["decompress", str(pr / "kodim23.ddcm"), "-o", str(tmp_path / "d3"), "--model", m, "-q",
+                 "--prompt", "a photo of the cat"]) == 1  # fmt: skip
+    assert "not the one" in capsys.readouterr().err
+    assert not (tmp_path / "d3" / "kodim23.png").exists()
+    assert main(["decompress", str(pr / "kodim23.ddcm"), "-o", str(tmp_path / "d4"), "--model", m, "-q",
+                 "--prompt", "a photo of a cat"]) == 0  # fmt: skip
+
+
+def test_cli_latent_generate_and_usage_errors(sd_tiny_model_dir, tmp_path, capsys):
+    from ddcm_jax.cli import main
+
+    m = str(sd_tiny_model_dir)
+    gen = tmp_path / "gen"
+    assert main(["generate", "-n", "1", "-o", str(gen), "--model", m, "-T", "5", "-K", "16", "-q"]) == 0
+    dec = tmp_path / "dec"
+    assert main(["decompress", str(gen / "gen_0000.ddcm"), "-o", str(dec), "--model", m, "-q"]) == 0
+    assert (dec / "gen_0000.png").read_bytes() == (gen / "gen_0000.png").read_bytes()
+    capsys.readouterr()
+    for argv, fragment in [
+        (["compress", "x.png", "-o", str(tmp_path / "a"), "--model", m, "--quality", "low"], "--quality"),
+        (["restore", "x.png", "-o", str(tmp_path / "b"), "--model", m, "--task", "colorization"], "pixel-space"),
+        (["compress", "x.png", "-o", str(tmp_path / "c"), "--model", m, "--guidance", "2"], "--prompt"),
+        (["compress", "x.png", "-o", str(tmp_path / "d"), "--model", m, "-T", "6", "--no-bits-steps", "5"],
+         "--no-bits-steps"),
+        (["compress", "x.png", "-o", str(tmp_path / "e"), "--no-bits-steps", "1"], "latent"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        assert fragment in capsys.readouterr().err, argv
