@@ -112,6 +112,9 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
         g.add_argument("--t-range", type=int, nargs=2, metavar=("T_A", "T_B"),
                        help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
     if rules:
+        g.add_argument("--bpp", type=float, default=None, metavar="B",
+                       help="target rate: per image, the operating point whose payload is the largest not above B "
+                       "bits per input pixel (turbo: M, and a latent model's no-bits steps; ddcm: K and T)")  # fmt: skip
         g.add_argument("--no-bits-steps", type=int, default=None, metavar="NBS",
                        help="latent models: the last NBS steps before the final one carry no bits (turbo's "
                        "default: Turbo-DDCM's heuristic for the coded size; ddcm: 0)")  # fmt: skip
@@ -477,6 +480,23 @@ class Coding(NamedTuple):
     spec: Any  # ddcm_jax.spec.CodeSpec
     seed: int
     policy: str
+    latent: bool = False
+    num_timesteps: int | None = None  # the model's, when model.json says
+
+    def for_image(self, args: argparse.Namespace, height: int, width: int) -> Any:
+        """The spec of one image: `spec`, or with --bpp the operating point for its H0 x W0 pixels."""
+        if getattr(args, "bpp", None) is None:
+            return self.spec
+        from ddcm_jax import rate
+        from ddcm_jax.selection import Turbo
+
+        spec = self.spec
+        if self.latent:  # the rate point sets no-bits steps, which belong to a named schedule
+            spec = spec.replace(schedule=args.schedule or ("turbo" if isinstance(spec.rule, Turbo) else "ddcm"))
+        try:
+            return rate.for_bpp(spec, args.bpp, height * width, latent=self.latent, max_steps=self.num_timesteps)
+        except rate.RateError as e:
+            raise InputError(f"--bpp {args.bpp:g}: {e}") from None
 
 
 # The flag that sets each CodeSpec field, for its usage errors.
@@ -510,6 +530,14 @@ def _settings(args: argparse.Namespace) -> Coding:
 
     family = _model_family(getattr(args, "model", None))
     latent = family == "sd"
+    if getattr(args, "bpp", None) is not None:
+        rule = getattr(args, "rule", "turbo")
+        if not (math.isfinite(args.bpp) and args.bpp > 0):
+            raise UsageError("--bpp must be a positive number of bits per pixel")
+        if rule == "turbo" and (args.atoms is not None or args.no_bits_steps is not None):
+            raise UsageError("--bpp picks turbo's -M (and no-bits steps); give one or the other")
+        if rule == "ddcm" and (args.codebook_size is not None or args.atoms not in (None, 1)):
+            raise UsageError("--bpp picks ddcm's -K and -T; give one or the other (matching pursuit: no --bpp)")
     _resolve_defaults(args, latent)
     t_range = getattr(args, "t_range", None)
     _latent_flags(args, latent)
@@ -530,7 +558,7 @@ def _settings(args: argparse.Namespace) -> Coding:
         raise UsageError(f"{_SPEC_FLAGS.get(e.field, e.field)}: {e}") from None
     if not 0 <= args.seed < 2**32:
         raise UsageError("--seed must be in 0..2^32-1")
-    num_timesteps = _model_timesteps(getattr(args, "model", None))
+    num_timesteps = _model_timesteps(getattr(args, "model", None), latent)
     if num_timesteps is not None and args.steps > num_timesteps:
         raise UsageError(f"--steps must be at most the model's {num_timesteps} diffusion timesteps")
     if t_range is not None and num_timesteps is not None and not all(0 <= t < num_timesteps for t in t_range):
@@ -544,10 +572,10 @@ def _settings(args: argparse.Namespace) -> Coding:
             raise UsageError(f"--blur-kernel must be odd, in 1..{LIMITS['kernel']}")
         if not (math.isfinite(args.blur_sigma) and args.blur_sigma > 0):
             raise UsageError("--blur-sigma must be a positive number")
-    return Coding(spec, args.seed, getattr(args, "policy", "fit"))
+    return Coding(spec, args.seed, getattr(args, "policy", "fit"), latent, num_timesteps)
 
 
-def _model_timesteps(model: Path | str | None) -> int | None:
+def _model_timesteps(model: Path | str | None, latent: bool = False) -> int | None:
     """The model's number of diffusion timesteps, read from its model.json alone (no weights).
 
     Lets settings that depend on it be refused as usage errors before anything is loaded;
@@ -561,7 +589,8 @@ def _model_timesteps(model: Path | str | None) -> int | None:
         path = resolve_model_dir(model) / "model.json"
         if not path.is_file() or path.stat().st_size > 1 << 20:
             return None
-        steps = json.loads(path.read_text())["diffusion"]["num_timesteps"]
+        meta = json.loads(path.read_text())
+        steps = meta["scheduler"]["num_train_timesteps"] if latent else meta["diffusion"]["num_timesteps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
@@ -629,10 +658,11 @@ class _Loaded:
     notes: list[str]
     coded: tuple[int, int]
     t0: float
+    spec: Any = None
 
 
 def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Callable[..., Any],
-                 decode_back: bool) -> None:  # fmt: skip
+                 decode_back: bool, coding: Coding) -> None:  # fmt: skip
     """Shared loop of compress / roundtrip / restore: one image per local device at a time."""
     import jax
 
@@ -660,14 +690,14 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
                 memory.check_host("png", h0, w0, what=str(job.source), budget=budget)
             side = codec.coding_side(model, args.policy, args.size)
             coded = images.coded_size(pixels.shape[:2], args.policy, side, codec.size_multiple(model))
-            loaded.append(_Loaded(job, pixels, notes, coded, t0))
+            loaded.append(_Loaded(job, pixels, notes, coded, t0, coding.for_image(args, h0, w0)))
         except Exception as e:
             run.fail(job.source, e)
             run.done()
-    for group in _groups(loaded, lambda item: item.coded, jax.local_device_count()):
+    for group in _groups(loaded, lambda item: (item.coded, item.spec), jax.local_device_count()):
         try:
             with run.steps("restore" if args.command == "restore" else "encode") as progress:
-                encs = encode(model, [item.pixels for item in group], budget, progress)
+                encs = encode(model, [item.pixels for item in group], group[0].spec, budget, progress)
             results = [enc.decoded for enc in encs]
             if decode_back:
                 streams = [bitstream.decode(enc.data, str(item.job.source)) for enc, item in zip(encs, group, strict=True)]
@@ -758,31 +788,32 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.command == "restore":
         mask = _load_mask(args.mask) if args.mask is not None else None
 
-        def encode(model: Any, pixel_list: list[Any], budget: int, progress: Any) -> Any:
-            return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
+        def encode(model: Any, pixel_list: list[Any], spec: Any, budget: int, progress: Any) -> Any:
+            return codec.encode_images(model, pixel_list, spec, seed=coding.seed, size_policy=coding.policy,
                                        coding_size=args.size, budget=budget, task=args.task, factor=args.factor,
                                        blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel, mask=mask,
                                        progress=progress)  # fmt: skip
     else:
 
-        def encode(model: Any, pixel_list: list[Any], budget: int, progress: Any) -> Any:
-            return codec.encode_images(model, pixel_list, coding.spec, seed=coding.seed, size_policy=coding.policy,
+        def encode(model: Any, pixel_list: list[Any], spec: Any, budget: int, progress: Any) -> Any:
+            return codec.encode_images(model, pixel_list, spec, seed=coding.seed, size_policy=coding.policy,
                                        coding_size=args.size, budget=budget, progress=progress,
-                                       **_latent_kwargs(args))  # fmt: skip
+                                       **_latent_kwargs(args, spec))  # fmt: skip
 
     if jobs:
-        _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"))
+        _encode_jobs(args, run, jobs, encode, decode_back=args.command in ("roundtrip", "restore"), coding=coding)
     code = run.finish()
     if args.command == "roundtrip":
         _table(run)
     return code
 
 
-def _latent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The latent-only codec keywords the flags set (none for a pixel model: `_latent_flags` saw to it)."""
+def _latent_kwargs(args: argparse.Namespace, spec: Any = None) -> dict[str, Any]:
+    """The latent-only codec keywords the flags set (none for a pixel model: `_latent_flags` saw to it);
+    a spec that already names its schedule (--bpp chose its no-bits steps) takes none of those."""
     out: dict[str, Any] = {}
     for name in ("no_bits_steps", "schedule"):
-        if getattr(args, name, None) is not None:
+        if getattr(args, name, None) is not None and getattr(spec, "schedule", None) is None:
             out[name] = getattr(args, name)
     if getattr(args, "prompt", None):
         out.update(prompt=args.prompt, guidance=args.guidance or 0.0)

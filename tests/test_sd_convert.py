@@ -504,7 +504,8 @@ def test_pipeline_error_is_importable_from_the_package() -> None:
     assert C.PipelineError is PipelineError and issubclass(PipelineError, ValueError)
 
 
-def test_pixel_commands_refuse_a_latent_model_in_one_line(tmp_path, capsys, reference):
+def test_restore_refuses_a_latent_model_in_one_line(tmp_path, capsys, reference):
+    """Latent models compress and generate (tests/test_latent.py); restoration is pixel-space only."""
     from ddcm_jax.cli import main
 
     out = tmp_path / "sd"
@@ -512,6 +513,7 @@ def test_pixel_commands_refuse_a_latent_model_in_one_line(tmp_path, capsys, refe
     capsys.readouterr()
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
-    assert main(["compress", str(img), "-o", str(tmp_path / "o"), "--model", str(out), "-q"]) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["restore", str(img), "-o", str(tmp_path / "o"), "--model", str(out), "--task", "colorization", "-q"])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "latent (Stable Diffusion) model" in err and "Traceback" not in err
+    assert exc.value.code == 2 and "pixel-space" in err and "Traceback" not in err

@@ -1,0 +1,107 @@
+"""Rate targets: the operating point whose exact payload is the largest not above a bit budget.
+
+The payload of a code is `spec.payload_bits()` = code_rows x the rule's bits per step
+(`ddcm_jax.bitstream.bits_per_step`), so a target rate picks the settings directly:
+
+* turbo: M atoms per step (and, for a latent model, the no-bits steps NBS, as
+  Turbo-DDCM's heuristic places them: the lower the rate, the more steps go
+  without bits), at the given T and K;
+* ddcm (one atom per step): K = 2^b with b = floor(bits / (T - 1)) up to 2^16,
+  then more steps (up to the model's) when even that leaves bits unused;
+  fewer steps when one bit a step is too much.
+
+`bpp` counts payload bits over the pixels of the input image (H0 x W0), the
+image the user gets back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ddcm_jax import bitstream
+from ddcm_jax.selection import DDCM, Turbo
+from ddcm_jax.spec import CodeSpec, SpecError
+
+__all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp"]
+
+MAX_DDCM_BITS = 16  # K up to 65536 atoms a step for the single-atom rule: beyond it, add steps
+MAX_TURBO_ATOMS = bitstream.LIMITS["num_atoms"]
+
+
+class RateError(ValueError):
+    """No operating point of this kind fits the budget (the message says the smallest there is)."""
+
+
+def _turbo_bits(k: int, m: int) -> int:
+    return bitstream.bits_per_step("turbo", k, m)
+
+
+def _largest_m(budget_per_row: float, k: int) -> int:
+    """The largest M (1..min(K, 1024)) whose turbo step costs at most `budget_per_row` bits, or 0."""
+    lo, hi = 0, min(max(1, k // 2), MAX_TURBO_ATOMS)
+    while lo < hi:  # bits per step grow with M up to K / 2 (beyond it, the complement set is cheaper)
+        mid = (lo + hi + 1) // 2
+        if _turbo_bits(k, mid) <= budget_per_row:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _nbs_for_rate(bpp: float, steps: int, pixels: int) -> int:
+    """Turbo-DDCM's no-bits-steps bins (`ddcm_jax.latent.no_bits_steps_heuristic`) at the target rate."""
+    from ddcm_jax.latent import _torch_logspace_f32
+
+    param = 70 if pixels <= 768**2 else 20
+    bins = _torch_logspace_f32(np.log10(np.float32(0.01)), np.log10(np.float32(0.15)), param)
+    bucket = int(np.searchsorted(bins.astype(np.float64), round(bpp, 8), side="left"))
+    return max(0, min(steps - 2, param - bucket - 1))
+
+
+def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
+            max_steps: int | None = None) -> CodeSpec:  # fmt: skip
+    """`spec` with the operating point whose payload is the largest not above `bpp` x `pixels` bits.
+
+    turbo: M (and, `latent`, the no-bits steps); ddcm: K and T (T at most
+    `max_steps`, the model's timesteps). Raises RateError when nothing fits.
+    """
+    if not (math.isfinite(bpp) and bpp > 0):
+        raise RateError(f"the target rate must be a positive number of bits per pixel, got {bpp}")
+    budget = math.floor(bpp * pixels + 1e-9)  # bits; the epsilon forgives decimal rounding (0.1 x 10)
+    if isinstance(spec.rule, Turbo):
+        return _turbo(spec, budget, bpp, pixels, latent)
+    if isinstance(spec.rule, DDCM):
+        return _ddcm(spec, budget, max_steps or spec.steps)
+    raise RateError(f"a target rate sets turbo's M or ddcm's K and T, not {type(spec.rule).__name__}'s settings")
+
+
+def _turbo(spec: CodeSpec, budget: int, bpp: float, pixels: int, latent: bool) -> CodeSpec:
+    k, steps = spec.codebook_size, spec.steps
+    first = _nbs_for_rate(bpp, steps, pixels) if latent else 0
+    for nbs in range(first, (steps - 2 if latent else 0) + 1):
+        rows = steps - 1 - nbs
+        m = _largest_m(budget / rows, k)
+        if m:
+            try:
+                return spec.replace(rule=Turbo(m), no_bits_steps=nbs) if latent else spec.replace(rule=Turbo(m))
+            except SpecError as e:  # pragma: no cover - M <= K and NBS <= T - 2 by construction
+                raise RateError(str(e)) from None
+    rows = 1 if latent else steps - 1
+    least = rows * _turbo_bits(k, 1)
+    raise RateError(f"{budget} bits is below the smallest turbo code at T={steps}, K={k}: {least} bits "
+                    f"({least / pixels:.5f} bpp){'' if latent else '; lower -T'}")  # fmt: skip
+
+
+def _ddcm(spec: CodeSpec, budget: int, max_steps: int) -> CodeSpec:
+    steps = spec.steps
+    b = budget // (steps - 1)
+    if b > MAX_DDCM_BITS:  # K = 2^16 leaves bits unused: more steps
+        steps = min(max_steps, budget // MAX_DDCM_BITS + 1)
+        b = min(MAX_DDCM_BITS, budget // (steps - 1))
+    if b < 1:  # one bit a step is too much: fewer steps, K = 2
+        steps, b = budget + 1, 1
+        if steps < 2:
+            raise RateError(f"{budget} bits is below the smallest ddcm code (1 bit: T=2, K=2)")
+    return spec.replace(steps=steps, codebook_size=2**b, rule=DDCM())
