@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, True)
     _coding(p, rules=False, policy=False)
     p.add_argument("--class-label", type=int, help="class for a class-conditional model")
+    p.add_argument("--ccfg-subset", type=int, default=None, metavar="N",
+                   help="latent models with --prompt: compressed classifier-free guidance, each step the best of N "
+                   "atoms drawn from the seed (default N = K); the files decode without the prompt. With "
+                   "--guidance instead: random atoms, classic guidance, and the decoder needs the prompt")  # fmt: skip
     _common(p)
 
     p = sub.add_parser("restore", help="compressed restoration of degraded versions of the inputs",
@@ -508,7 +512,7 @@ _SPEC_FLAGS = {"steps": "--steps", "codebook_size": "--codebook-size", "num_atom
 def _latent_flags(args: argparse.Namespace, latent: bool) -> None:
     """Latent-only flags on a pixel model, and pixel-only ones on a latent model: usage errors."""
     given = [f for f, name in (("--no-bits-steps", "no_bits_steps"), ("--schedule", "schedule"),
-                               ("--prompt", "prompt"), ("--guidance", "guidance"))
+                               ("--prompt", "prompt"), ("--guidance", "guidance"), ("--ccfg-subset", "ccfg_subset"))
              if getattr(args, name, None) is not None]  # fmt: skip
     if not latent and given:
         raise UsageError(f"{', '.join(given)}: options of latent (Stable Diffusion) models")
@@ -520,6 +524,14 @@ def _latent_flags(args: argparse.Namespace, latent: bool) -> None:
         g = getattr(args, "guidance", None)
         if g is not None and not getattr(args, "prompt", None):
             raise UsageError("--guidance needs --prompt")
+        if args.command == "generate":
+            n = getattr(args, "ccfg_subset", None)
+            if n is not None and (g is not None or not args.prompt):
+                raise UsageError("--ccfg-subset: compressed guidance comes with --prompt and without --guidance")
+            if n is not None and n < 1:
+                raise UsageError("--ccfg-subset must be at least 1")
+        elif getattr(args, "prompt", None) and not g:
+            raise UsageError("--prompt conditions the code through classifier-free guidance: give --guidance G > 0")
         if g is not None and not (math.isfinite(g) and 0 <= g <= 100):
             raise UsageError("--guidance must be in 0..100")
 
@@ -820,6 +832,13 @@ def _latent_kwargs(args: argparse.Namespace, spec: Any = None) -> dict[str, Any]
     return out
 
 
+def _ccfg(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
+    """generate --prompt without --guidance: compressed CFG, over --ccfg-subset atoms (default K)."""
+    if not getattr(args, "prompt", None) or args.guidance is not None:
+        return {}
+    return {"ccfg_subset": args.ccfg_subset or spec.codebook_size}
+
+
 def _load_mask(path: Path) -> Any:
     import numpy as np
 
@@ -853,7 +872,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             with run.steps("generate") as progress:
                 encs = codec.generate_images(model, base.spec, group, class_label=args.class_label, budget=budget,
-                                             progress=progress, **_latent_kwargs(args))  # fmt: skip
+                                             progress=progress, **_latent_kwargs(args),
+                                             **_ccfg(args, base.spec))  # fmt: skip
         except Exception as e:
             for sd in group:
                 run.fail(args.output / f"gen_{sd - base.seed:0{width}d}", e)

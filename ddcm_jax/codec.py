@@ -41,7 +41,7 @@ from ddcm_jax.memory import MemoryBudgetError, check_fits
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
 from ddcm_jax.parallel import decode_sharded, encode_sharded, make_mesh
 from ddcm_jax.sampler import PRNG_IMPL, Progress
-from ddcm_jax.selection import MSE, Random, Turbo, TurboMSE, replay_rule
+from ddcm_jax.selection import MSE, GuidedSubset, Random, Turbo, TurboMSE, replay_rule
 from ddcm_jax.shapes import Pixels
 from ddcm_jax.spec import CodeSpec
 
@@ -385,10 +385,13 @@ def restore_image(model: Any, pixels: Pixels, task: str, spec: CodeSpec, *, note
 def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label: int | None = None,
                     mesh: Any = None, budget: int | None = None, partitionable: bool | None = None,
                     progress: Progress | None = None, prompt: str | None = None, guidance: float = 0.0,
-                    schedule: str | None = None) -> list[Encoded]:  # fmt: skip
+                    schedule: str | None = None, ccfg_subset: int | None = None) -> list[Encoded]:  # fmt: skip
     """Compressed generation at the model's native size, one image per seed (the spec's rule: `Random`).
 
-    A latent model may be given a `prompt` and classifier-free `guidance`.
+    A latent model may be given a `prompt` with classifier-free `guidance` (the
+    file records the prompt's hash: its decoder needs the prompt), or with
+    `ccfg_subset` N, compressed CFG (`ddcm_jax.latent.generate`: the guidance
+    is in the code, and the file decodes without the prompt).
     """
     budget, partitionable = _edge(budget, partitionable)
     if latent.is_latent_model(model):
@@ -396,15 +399,17 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
             raise ValueError("class labels belong to class-conditional pixel models; give a prompt")
         size = latent.native_size(model)
         fits(model, *size, budget=budget)
-        spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=size, rule=Random(),
+        rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
+        spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=size, rule=rule,
                                 schedule=schedule or spec.schedule, no_bits_steps=0, generator=spec.generator)  # fmt: skip
+        recorded = None if ccfg_subset is not None else prompt  # compressed CFG decodes without its prompt
         heads = [header_for(model, spec, seed=sd, size=size, original=size, policy="none", task="generation",
-                            partitionable=partitionable, prompt=prompt, guidance=guidance) for sd in seeds]  # fmt: skip
+                            partitionable=partitionable, prompt=recorded, guidance=guidance) for sd in seeds]  # fmt: skip
         with jax.threefry_partitionable(partitionable):
             res = latent.encode(model, spec_of(heads[0], spec.rule), None, key=_keys(heads), image_shape=(*size, 3),
                                 prompt=prompt, guidance=guidance, progress=_listener(progress))  # fmt: skip
         return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
-    if prompt or guidance or schedule:
+    if prompt or guidance or schedule or ccfg_subset:
         raise ValueError("prompts and named schedules belong to latent (Stable Diffusion) models")
     n = model.config.architecture.image_size
     check_fits(model.config.architecture, n, n, budget=budget)

@@ -52,7 +52,7 @@ from ddcm_jax.respacing import (
     latent_timesteps,
     turbo_timesteps,
 )
-from ddcm_jax.selection import Random, StepContext, Turbo, replay_rule
+from ddcm_jax.selection import GuidedSubset, Random, StepContext, Turbo, replay_rule
 from ddcm_jax.spec import CodeSpec, SpecError
 from ddcm_jax.stepping import Progress, as_key
 
@@ -218,11 +218,22 @@ def _book(spec: CodeSpec, shape: tuple[int, ...], root: jax.Array, i: jax.Array,
     return AtomSource(spec.codebook_size, shape, spec.generator, chunk, root=root, step=i).with_base()
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "chunk"))
-def _run(model, spec, x, xs, rows, code, target, cond, key, *, mode, chunk):
+def _guided(model: Any, x_t: jax.Array, t: jax.Array, cond: _Cond) -> tuple[jax.Array, jax.Array]:
+    """Compressed CFG's (eps_uncond, eps_uncond - eps_cond): two batch-1 calls, so that the
+    unconditional one is bit for bit what the decoder (null prompt only) computes."""
+    ts = jnp.full((1,), t, jnp.int32)
+    out_u = model(x_t[None], ts, cond.context[:1])[0]
+    out_c = model(x_t[None], ts, cond.context[1:])[0]
+    return out_u, out_u - out_c
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "chunk", "ccfg"))
+def _run(model, spec, x, xs, rows, code, target, cond, key, *, mode, chunk, ccfg=False):
     """Scan the steps of `xs` from x: mode "encode" (choose), "decode" (replay `code`) or "quiet" (z = 0).
 
-    `target` = (the encoded image or None, residual weights or None).
+    `target` = (the encoded image or None, residual weights or None). With
+    `ccfg` (compressed CFG, encoding), the step follows eps_uncond and the rule
+    scores the atoms against eps_uncond - eps_cond.
     """
     ptype, shape = model.prediction_type, tuple(x.shape)
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
@@ -230,7 +241,11 @@ def _run(model, spec, x, xs, rows, code, target, cond, key, *, mode, chunk):
 
     def body(x_t, inp):
         s, book_rows, chosen = inp
-        out = _denoise(model, x_t, s.t, cond)
+        aim = None if target is None else target[0]
+        if ccfg:
+            out, aim = _guided(model, x_t, s.t, cond)
+        else:
+            out = _denoise(model, x_t, s.t, cond)
         if mode == "quiet":
             return step(x_t, out, s, jnp.zeros_like(x_t), ptype), None
         book = _book(spec, shape, cb_root, s.i, book_rows, chunk)
@@ -238,7 +253,7 @@ def _run(model, spec, x, xs, rows, code, target, cond, key, *, mode, chunk):
             idx, co = chosen
             return step(x_t, out, s, rule.noise(book, idx, co), ptype), None
         x0_hat, _ = predict(x_t, out, s, ptype)
-        ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_prev, target[0], None, target[1],
+        ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_prev, aim, None, target[1],
                           jax.random.fold_in(rule_root, s.i))  # fmt: skip
         if spec.t_range is None:
             sel = rule.select(ctx, book)
@@ -255,7 +270,7 @@ def _rows(tree: Any, lo: int, hi: int) -> Any:
 
 def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: int, *, mode: str,
            rows: Any = None, code: Any = None, target: Any = None, cond: _Cond, key: jax.Array,
-           chunk: int | None = None, progress: Progress | None = None) -> tuple[jax.Array, Any]:  # fmt: skip
+           chunk: int | None = None, progress: Progress | None = None, ccfg: bool = False) -> tuple[jax.Array, Any]:  # fmt: skip
     """All T steps of one image: the `coded` noise-adding steps in `mode`, then the quiet ones.
 
     Without `progress`, two compiled calls (one scan each); with it, one call per
@@ -271,8 +286,11 @@ def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: 
         if hi <= lo:
             continue
         noisy = m != "quiet"  # the codebooks and codes cover the noise-adding steps only
+        # Compressed CFG's quiet steps follow eps_uncond alone: the null prompt, as the decoder runs them.
+        c = cond if noisy or not ccfg else _Cond(cond.context[:1], cond.guidance)
         x, ys = _run(model, spec, x, _rows(xs, lo, hi), _rows(rows, lo, hi) if noisy else None,
-                     _rows(code, lo, hi) if noisy else None, target, cond, key, mode=m, chunk=chunk)  # fmt: skip
+                     _rows(code, lo, hi) if noisy else None, target, c, key, mode=m, chunk=chunk,
+                     ccfg=ccfg and noisy)  # fmt: skip
         if ys is not None:
             parts.append(ys)
         if progress is not None:
@@ -311,12 +329,15 @@ def _check_spec(spec: CodeSpec) -> None:
         raise ValueError("a latent code needs a named schedule ('ddcm' or 'turbo'), clip=False, eta 1, no respacing")
 
 
-def _conditioning(model: Any, prompt: str | None, guidance: float) -> _Cond:
+def _conditioning(model: Any, prompt: str | None, guidance: float, ccfg: bool = False) -> _Cond:
     null = jnp.asarray(model.null_prompt, jnp.float32)
     if not prompt:
         if guidance:
             raise ValueError("guidance needs a prompt")
         return _Cond(null, jnp.float32(0))
+    if not guidance and not ccfg:
+        raise ValueError("a prompt conditions through classifier-free guidance: give guidance > 0 "
+                         "(or generate with compressed CFG, `ccfg_subset`)")  # fmt: skip
     text = jnp.asarray(model.encode_prompt([prompt]), jnp.float32)
     return _Cond(jnp.concatenate([null, text]), jnp.float32(guidance))
 
@@ -369,9 +390,13 @@ def encode(model: Any, spec: CodeSpec, image: LatentImage | None, *, key: Any, x
            codebook: jax.Array | None = None, weights: jax.Array | None = None,
            image_shape: tuple[int, ...] | None = None, prompt: str | None = None, guidance: float = 0.0,
            codebook_chunk: int | None = None, progress: Progress | None = None) -> LatentResult:  # fmt: skip
-    """The one latent encoding path: compression (an image), or generation (`spec.rule` `Random`,
-    no image, `image_shape` (H, W, 3)). Keywords as `compress`."""
+    """The one latent encoding path: compression (an image), or generation (`spec.rule` `Random`, or
+    `GuidedSubset` for compressed CFG with a `prompt`; no image, `image_shape` (H, W, 3)).
+    Keywords as `compress`."""
     _check_spec(spec)
+    ccfg = isinstance(spec.rule, GuidedSubset)
+    if ccfg and (image is not None or not prompt or guidance):
+        raise ValueError("compressed CFG generates (no image) from a prompt, without a guidance scale")
     key = as_key(key)
     if image is not None:
         image = jnp.asarray(image, jnp.float32)
@@ -382,14 +407,14 @@ def encode(model: Any, spec: CodeSpec, image: LatentImage | None, *, key: Any, x
     xs = latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, spec.steps, spec.schedule, coded,
                          spec.t_range)  # fmt: skip
     rows = _explicit_codebook(codebook, spec, shape)
-    cond = _conditioning(model, prompt, guidance)
+    cond = _conditioning(model, prompt, guidance, ccfg)
 
     def one(img: Any, k: jax.Array, x0: Any, w: Any) -> LatentResult:
         target = None if img is None else model.encode(img[None])[0]
         start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
         w = None if w is None else jnp.asarray(w, jnp.float32)
         lat, ys = _drive(model, spec, start, xs, coded, mode="encode", rows=rows, target=(target, w), cond=cond,
-                         key=k, chunk=codebook_chunk, progress=progress)  # fmt: skip
+                         key=k, chunk=codebook_chunk, progress=progress, ccfg=ccfg)  # fmt: skip
         (_, m), (_, cw) = spec.code_shape
         idx, co = ys if ys is not None else (jnp.zeros((0, m), jnp.int32), jnp.zeros((0, cw), jnp.int32))
         return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
@@ -486,16 +511,28 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
 
 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Any, image_shape: tuple[int, ...] | None = None,
-             schedule: str = "ddcm", prompt: str | None = None, guidance: float = 0.0, generator: str = "philox",
+             schedule: str = "ddcm", prompt: str | None = None, guidance: float = 0.0,
+             ccfg_subset: int | None = None, generator: str = "philox",
              progress: Progress | None = None) -> LatentResult:  # fmt: skip
-    """Compressed generation: a uniformly random atom per step (from the key); the indices are its code.
+    """Compressed generation; the indices are the image's code.
+
+    Without `ccfg_subset`: a uniformly random atom per step (from the key), the
+    network conditioned on `prompt` with classifier-free `guidance` if given
+    (the decoder then needs the prompt). With `ccfg_subset` N and a `prompt`:
+    compressed classifier-free guidance (DDCM's `generate_ccfg`): each step
+    follows eps_uncond and picks, among N atoms drawn from the key, the one
+    with the largest inner product with eps_uncond - eps_cond; the guidance is
+    in the code, so `decompress` rebuilds the image without the prompt.
 
     `image_shape` (H, W, 3) defaults to the UNet's native size. `decompress` with
     rule "ddcm" and the same settings rebuilds it. For B samples pass B keys.
     """
     if image_shape is None:
         image_shape = (*native_size(model), 3)
-    spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=tuple(image_shape[:2]), rule=Random(),
+    if ccfg_subset is not None and not (isinstance(ccfg_subset, int) and ccfg_subset >= 1):
+        raise ValueError(f"ccfg_subset must be a positive number of atoms, got {ccfg_subset!r}")
+    rule = Random() if ccfg_subset is None else GuidedSubset(int(ccfg_subset))
+    spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=tuple(image_shape[:2]), rule=rule,
                      schedule=schedule, no_bits_steps=0, generator=generator)  # fmt: skip
     return encode(model, spec, None, key=key, image_shape=image_shape, prompt=prompt, guidance=guidance,
                   progress=progress)  # fmt: skip

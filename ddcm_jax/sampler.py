@@ -512,12 +512,13 @@ def restore(model: Any, measurement: Measurement, operator: Any, *, steps: int, 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Key, class_label: Label | None = None,
              image_shape: tuple[int, ...] | None = None, eta: float = 1.0, clip: bool = True,
              schedule: Schedule | None = None, generator: str = "philox",
-             progress: Progress | None = None, prompt: str | None = None,
-             guidance: float = 0.0) -> CompressResult:  # fmt: skip
+             progress: Progress | None = None, prompt: str | None = None, guidance: float = 0.0,
+             ccfg_subset: int | None = None) -> CompressResult:  # fmt: skip
     """Compressed generation: uniformly random atoms; the indices encode the sample.
 
     A latent model runs `ddcm_jax.latent.generate` (`schedule` "ddcm" or
-    "turbo", `prompt` and `guidance` for classifier-free guidance).
+    "turbo", `prompt` and `guidance` for classifier-free guidance, or `prompt`
+    and `ccfg_subset` for compressed classifier-free guidance).
 
     `image_shape` defaults to the model's native (size, size, 3). For B samples
     pass B keys (e.g. `jax.random.split(key, B)`) and/or B class labels.
@@ -525,9 +526,9 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Key, class_labe
     if latent.is_latent_model(model):
         _pixel_only(class_label=class_label, eta=eta != 1.0, clip=not clip, schedule=not _named(schedule))
         return latent.generate(model, steps=steps, codebook_size=codebook_size, key=key, image_shape=image_shape,
-                               schedule=schedule or "ddcm", prompt=prompt, guidance=guidance, generator=generator,
-                               progress=progress)  # fmt: skip
-    _latent_only(prompt=prompt, guidance=guidance, schedule=schedule)
+                               schedule=schedule or "ddcm", prompt=prompt, guidance=guidance,
+                               ccfg_subset=ccfg_subset, generator=generator, progress=progress)  # fmt: skip
+    _latent_only(prompt=prompt, guidance=guidance, schedule=schedule, ccfg_subset=ccfg_subset)
     spec = CodeSpec(steps, codebook_size, Random(), generator, eta, clip=clip)
     return encode(model, spec, None, key=key, class_label=class_label, image_shape=image_shape,
                   schedule=schedule, progress=progress)  # fmt: skip
@@ -601,10 +602,11 @@ def _pixel_only(**given: Any) -> None:
 
 
 def _latent_only(no_bits_steps: Any = None, prompt: Any = None, guidance: float = 0.0, schedule: Any = None,
-                 t_range: Any = None) -> None:  # fmt: skip
+                 t_range: Any = None, ccfg_subset: Any = None) -> None:  # fmt: skip
     """Refuse a latent-model option given for a pixel model (a named schedule, a prompt, ...)."""
     named = ("schedule", schedule if isinstance(schedule, str) else None)
-    given = (("no_bits_steps", no_bits_steps), ("prompt", prompt), ("t_range", t_range), named)
+    given = (("no_bits_steps", no_bits_steps), ("prompt", prompt), ("t_range", t_range), named,
+             ("ccfg_subset", ccfg_subset))
     bad = [n for n, v in given if v is not None]
     bad += ["guidance"] if guidance else []
     if bad:

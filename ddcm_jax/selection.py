@@ -333,6 +333,28 @@ class Random(Code):
 
 
 @_rule
+class GuidedSubset(Code):
+    """Compressed classifier-free guidance (DDCM's `generate_ccfg`): among `subset` atoms drawn
+    uniformly (with replacement) from the rule's own per-step key, the one with the largest
+    <z_k, target>, the target being eps_uncond - eps_cond (see `ddcm_jax.latent.generate`).
+
+    The original draws its subset from the wall clock; from the key, the choice is
+    reproducible. Files store the index as a `ddcm` code: decoding needs no prompt.
+    """
+
+    subset: int = static_field()
+    code_name = "ddcm"
+
+    def select(self, ctx: StepContext, book: AtomSource) -> Selection:
+        ks = jax.random.randint(ctx.key, (self.subset,), 0, book.size, jnp.int32)
+        j = jnp.argmax(dot(book.get(ks), ctx.target))  # the first of equal scores, as torch.argmax
+        return _chosen(book, ks[j])
+
+    def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
+        return _single_atom(book, indices)
+
+
+@_rule
 class Soft(Code):
     """Differentiable selection: softmax(scores / temperature) mixes the atoms.
 

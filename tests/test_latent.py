@@ -312,3 +312,52 @@ def test_cli_latent_generate_and_usage_errors(sd_tiny_model_dir, tmp_path, capsy
             main(argv)
         assert exc.value.code == 2, argv
         assert fragment in capsys.readouterr().err, argv
+
+
+def test_compressed_cfg_replays_step_by_step_and_decodes_without_the_prompt(model):
+    """Each step: eps_uncond for the step, and among N key-drawn atoms the one with the largest
+    <z, eps_uncond - eps_cond> (DDCM's generate_ccfg); the decoder never sees the prompt."""
+    from ddcm_jax.codebook import AtomSource
+
+    steps, k, n, key = 5, 32, 6, jax.random.key(5)
+    gen = ddcm_jax.generate(model, steps=steps, codebook_size=k, key=key, prompt="a photo of a cat", ccfg_subset=n)
+    xs = latent.latent_schedule(model.alphas_cumprod, model.final_alpha_cumprod, steps, "ddcm", steps - 1)
+    null, text = model.null_prompt, model.encode_prompt(["a photo of a cat"])
+    x = jax.random.normal(jax.random.fold_in(key, 0), (16, 16, 4), jnp.float32)
+    for i in range(steps):
+        s = jax.tree_util.tree_map(lambda a, i=i: jnp.asarray(a[i]), xs)
+        t = jnp.full((1,), int(xs.t[i]), jnp.int32)
+        out_u, out_c = model(x[None], t, null)[0], model(x[None], t, text)[0]
+        noise = jnp.zeros_like(x)
+        if i < steps - 1:
+            ks = np.asarray(jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, 2), i), (n,), 0, k))
+            book = AtomSource(k, (16, 16, 4), "philox", root=jax.random.fold_in(key, 1), step=jnp.int32(i))
+            atoms = np.asarray(book.get(jnp.asarray(ks)), np.float64)
+            scores = atoms.reshape(n, -1) @ np.asarray(out_u - out_c, np.float64).ravel()
+            assert int(gen.indices[i, 0]) == ks[int(np.argmax(scores))]
+            noise = jnp.asarray(atoms[int(np.argmax(scores))], jnp.float32)
+        x = latent.step(x, out_u, s, noise, model.prediction_type)
+    np.testing.assert_allclose(gen.latent, x, atol=1e-5)
+    back = ddcm_jax.decompress(model, gen.indices, steps=steps, codebook_size=k, image_shape=(128, 128, 3), key=key)
+    np.testing.assert_array_equal(back.latent, gen.latent)  # no prompt needed
+    other = ddcm_jax.generate(model, steps=steps, codebook_size=k, key=key, prompt="the cat", ccfg_subset=n)
+    assert not np.array_equal(other.indices, gen.indices)
+    with pytest.raises(ValueError, match="guidance"):
+        ddcm_jax.compress(model, np.zeros((128, 128, 3), np.float32), steps=5, codebook_size=8, key=0, prompt="a")
+
+
+def test_cli_compressed_cfg_files_decode_without_the_prompt(sd_tiny_model_dir, tmp_path, capsys):
+    from ddcm_jax.cli import main
+
+    m = str(sd_tiny_model_dir)
+    gen = tmp_path / "gen"
+    assert main(["generate", "-n", "1", "-o", str(gen), "--model", m, "-T", "5", "-K", "16", "-q",
+                 "--prompt", "a photo of a cat", "--ccfg-subset", "4"]) == 0  # fmt: skip
+    h = bitstream.decode_header((gen / "gen_0000.ddcm").read_bytes()).header
+    assert h.prompt_hash is None and h.task == "generation"
+    assert main(["decompress", str(gen / "gen_0000.ddcm"), "-o", str(tmp_path / "d"), "--model", m, "-q"]) == 0
+    assert (tmp_path / "d" / "gen_0000.png").read_bytes() == (gen / "gen_0000.png").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["compress", "x.png", "-o", str(tmp_path / "c"), "--model", m, "--prompt", "a cat"])
+    assert "--guidance" in capsys.readouterr().err
