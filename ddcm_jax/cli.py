@@ -84,7 +84,8 @@ def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
                    if encodes else "default: the model the file names, looked up by fingerprint")  # fmt: skip
 
 
-def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True, restore: bool = False) -> None:
+def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True, restore: bool = False,
+            prompts: bool = True) -> None:  # fmt: skip
     g = p.add_argument_group("coding")
     if restore:
         g.add_argument("--rule", choices=["turbo", "ddcm"], default="turbo",
@@ -120,7 +121,7 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        "default: Turbo-DDCM's heuristic for the coded size; ddcm: 0)")  # fmt: skip
         g.add_argument("--schedule", choices=["ddcm", "turbo"], default=None,
                        help="latent models: the original DDCM's or Turbo-DDCM's timesteps (default: the rule's)")
-    if not restore:
+    if not restore and prompts:
         g.add_argument("--prompt", default=None, metavar="TEXT",
                        help="latent models: the text that conditions the code (the decoder needs it too)")
         g.add_argument("--guidance", type=float, default=None, metavar="G",
@@ -227,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent models with --prompt: compressed classifier-free guidance, each step the best of N "
                    "atoms drawn from the seed (default N = K); the files decode without the prompt. With "
                    "--guidance instead: random atoms, classic guidance, and the decoder needs the prompt")  # fmt: skip
+    _common(p)
+
+    p = sub.add_parser("edit", help="text-based editing with a latent model: code with one prompt, decode with another",
+                       description="Compress each image conditioned on --src-prompt (with classifier-free guidance), "
+                       "then decode the same code conditioned on --dst-prompt from step --tskip on. A .ddcm input "
+                       "made with --src-prompt is re-edited without re-encoding.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images, .ddcm files, or folders")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--model", type=Path, default=None, metavar="MODEL_DIR",
+                   help="a latent (Stable Diffusion) MODEL_DIR (for .ddcm inputs: default, the one the file names)")
+    p.add_argument("--src-prompt", dest="prompt", required=True, metavar="TEXT", help="what the image shows")
+    p.add_argument("--dst-prompt", required=True, metavar="TEXT", help="what the edited image should show")
+    p.add_argument("--tskip", type=int, default=0, metavar="N",
+                   help="the first N steps keep the source prompt (default 0: every step follows the destination)")
+    p.add_argument("--guidance", type=float, default=6.0, metavar="G",
+                   help="classifier-free guidance scale of the code (default 6, the original's; stored in the file)")
+    _coding(p, prompts=False)
     _common(p)
 
     p = sub.add_parser("restore", help="compressed restoration of degraded versions of the inputs",
@@ -1067,7 +1085,87 @@ def cmd_info(args: argparse.Namespace) -> int:
     return run.finish()
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Text-based editing: images are coded with the source prompt first; .ddcm files are decoded."""
+    from ddcm_jax import bitstream, codec, images, memory
+    from ddcm_jax.images import IMAGE_SUFFIXES
+    from ddcm_jax.model import find_model
+
+    if not 0 <= args.tskip <= 10**5:
+        raise UsageError("--tskip must be a step number >= 0")
+    jobs, errors = _expand(args.inputs, args.output, set(IMAGE_SUFFIXES) | {".ddcm"})
+    images_in = [j for j in jobs if j.source.suffix.lower() != ".ddcm"]
+    if images_in and args.model is None:
+        raise UsageError("--model: images are coded first, with a latent MODEL_DIR")
+    coding = _settings(args) if images_in else None
+    if coding is not None and not coding.latent:
+        raise UsageError("--model: text-based editing needs a latent (Stable Diffusion) model")
+    run = Run("edit", args, len(jobs))
+    run.protect(job.source for job in jobs)
+    for e in errors:
+        run.error(e)
+    budget = memory.budget_bytes()
+    models: dict[Path, Any] = {}
+
+    def model_for(where: Path) -> Any:
+        if where not in models:
+            models[where] = _load_model(where)
+        return models[where]
+
+    for job in jobs:
+        t0 = time.perf_counter()
+        name = printable(job.source)
+        try:
+            edited_png = job.stem.with_name(job.stem.name + "_edit.png")
+            run.claim(edited_png, job.source)
+            files: dict[Path, bytes] = {}
+            if job.source.suffix.lower() == ".ddcm":
+                data = _read_limited(job.source)
+                head = bitstream.decode_header(data, name).header
+                where = args.model or find_model(head.fingerprint_hex)
+                if where is None:
+                    raise InputError(f"{name}: needs model {head.fingerprint_hex}…, which is not among the known "
+                                     "models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
+                model = model_for(where)
+                codec.check_model(head, model, name, budget=budget)
+                codec.check_prompt(head, args.prompt, name)
+                stream = bitstream.decode(data, name)
+                enc = None
+            else:
+                model = model_for(args.model)
+                run.claim(job.stem.with_suffix(".ddcm"), job.source)
+                run.claim(job.stem.with_suffix(".png"), job.source)
+                pixels, notes = images.load_image(job.source, budget=budget)
+                for note in notes:
+                    run.say(f"note: {job.source}: {note}")
+                spec = coding.for_image(args, *pixels.shape[:2])
+                with run.steps("encode") as progress:
+                    enc = codec.encode_images(model, [pixels], spec, seed=coding.seed, size_policy=coding.policy,
+                                              coding_size=args.size, budget=budget, progress=progress,
+                                              **_latent_kwargs(args, spec))[0]  # the source prompt, guidance  # fmt: skip
+                files[job.stem.with_suffix(".ddcm")] = enc.data
+                files[job.stem.with_suffix(".png")] = images.png_bytes(enc.decoded)
+                stream = bitstream.decode(enc.data, name)
+            if args.tskip > stream.header.steps:
+                raise InputError(f"{name}: --tskip {args.tskip} is past the code's {stream.header.steps} steps")
+            with run.steps("edit") as progress:
+                edited = codec.decode_streams(model, [stream], progress=progress, prompt=args.prompt,
+                                              edit_prompt=args.dst_prompt, tskip=args.tskip)[0]  # fmt: skip
+            files[edited_png] = images.png_bytes(edited)
+            images.commit_files(files)
+            run.records.append({"file": str(job.source), "outputs": [str(f) for f in files],
+                                "bytes": stream.total_bytes, "tskip": args.tskip,
+                                "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+            made = "" if enc is None else f"{job.stem.with_suffix('.ddcm')} ({stream.total_bytes} bytes), "
+            run.say(f"{job.source} -> {made}{edited_png}")
+        except Exception as e:
+            run.fail(name, e)
+        run.done()
+    return run.finish()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "edit": cmd_edit,
     "compress": cmd_encode,
     "roundtrip": cmd_encode,
     "restore": cmd_encode,

@@ -516,11 +516,14 @@ def decode_signature(h: Header) -> tuple[Any, ...]:
 
 
 def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
-                   progress: Progress | None = None, prompt: str | None = None) -> list[Pixels]:  # fmt: skip
+                   progress: Progress | None = None, prompt: str | None = None, edit_prompt: str | None = None,
+                   tskip: int = 0) -> list[Pixels]:  # fmt: skip
     """Decode parsed files that share a `decode_signature` (checked by `check_model` first).
 
     Returns uint8 pixels in each file's recorded geometry. A latent code
-    conditioned on a prompt needs that `prompt` (`check_prompt`).
+    conditioned on a prompt needs that `prompt` (`check_prompt`); with
+    `edit_prompt`, its steps from `tskip` on follow that prompt instead
+    (text-based editing, `ddcm_jax.latent.decode`).
     """
     heads = [st.header for st in streams]
     if len({decode_signature(h) for h in heads}) != 1:
@@ -531,9 +534,11 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
             res = latent.decode(model, spec_of(h), np.stack([st.indices for st in streams]),
                                 np.stack([_signs(h, st.coeffs) for st in streams]), key=_keys(heads),
                                 image_shape=(*h.size, 3), prompt=prompt, guidance=h.guidance,
-                                progress=_listener(progress))  # fmt: skip
+                                edit_prompt=edit_prompt, tskip=tskip, progress=_listener(progress))  # fmt: skip
         return [images.restore_geometry(images.from_model(np.asarray(res.image[b])), hb.size_policy, hb.original_size)
                 for b, hb in enumerate(heads)]  # fmt: skip
+    if edit_prompt is not None:
+        raise ValueError("text-based editing needs a latent code made with a prompt")
     labels = None if h.class_label is None else jnp.full((len(heads),), h.class_label, jnp.int32)
     with jax.threefry_partitionable(h.threefry_partitionable):
         x = decode_sharded(model, spec_of(h), np.stack([st.indices for st in streams]),

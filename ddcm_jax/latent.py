@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Annotated, Any, NamedTuple
@@ -270,14 +271,17 @@ def _rows(tree: Any, lo: int, hi: int) -> Any:
 
 def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: int, *, mode: str,
            rows: Any = None, code: Any = None, target: Any = None, cond: _Cond, key: jax.Array,
-           chunk: int | None = None, progress: Progress | None = None, ccfg: bool = False) -> tuple[jax.Array, Any]:  # fmt: skip
+           chunk: int | None = None, progress: Progress | None = None, ccfg: bool = False,
+           switch: tuple[int, _Cond] | None = None) -> tuple[jax.Array, Any]:  # fmt: skip
     """All T steps of one image: the `coded` noise-adding steps in `mode`, then the quiet ones.
 
-    Without `progress`, two compiled calls (one scan each); with it, one call per
-    step (the same step function, so the same result), reporting in between.
+    Without `progress`, two compiled calls (one scan each; three when `switch` =
+    (step, cond) changes the conditioning from that step on); with it, one call
+    per step (the same step function, so the same result), reporting in between.
     """
     total = int(xs.i.shape[0])
-    spans = [(0, coded, mode), (coded, total, "quiet")]
+    cuts = sorted({0, coded, total} | ({min(max(switch[0], 0), total)} if switch else set()))
+    spans = [(lo, hi, mode if lo < coded else "quiet") for lo, hi in itertools.pairwise(cuts)]
     if progress is not None:
         progress(0, total)
         spans = [(i, i + 1, mode if i < coded else "quiet") for i in range(total)]
@@ -286,8 +290,9 @@ def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: 
         if hi <= lo:
             continue
         noisy = m != "quiet"  # the codebooks and codes cover the noise-adding steps only
+        c = switch[1] if switch is not None and lo >= switch[0] else cond
         # Compressed CFG's quiet steps follow eps_uncond alone: the null prompt, as the decoder runs them.
-        c = cond if noisy or not ccfg else _Cond(cond.context[:1], cond.guidance)
+        c = c if noisy or not ccfg else _Cond(c.context[:1], c.guidance)
         x, ys = _run(model, spec, x, _rows(xs, lo, hi), _rows(rows, lo, hi) if noisy else None,
                      _rows(code, lo, hi) if noisy else None, target, c, key, mode=m, chunk=chunk,
                      ccfg=ccfg and noisy)  # fmt: skip
@@ -427,8 +432,15 @@ def encode(model: Any, spec: CodeSpec, image: LatentImage | None, *, key: Any, x
 
 def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key: Any,
            image_shape: tuple[int, ...], x_T: Latent | None = None, codebook: jax.Array | None = None,
-           prompt: str | None = None, guidance: float = 0.0, progress: Progress | None = None) -> LatentResult:  # fmt: skip
-    """The one latent decoding path: the code (indices, coeffs as `encode` returns them) -> latent, image."""
+           prompt: str | None = None, guidance: float = 0.0, edit_prompt: str | None = None, tskip: int = 0,
+           progress: Progress | None = None) -> LatentResult:  # fmt: skip
+    """The one latent decoding path: the code (indices, coeffs as `encode` returns them) -> latent, image.
+
+    Text-based editing (DDCM's `compressed_textbased_editing`): with
+    `edit_prompt`, the steps from `tskip` on (0: all of them) are conditioned on
+    it instead of the code's own `prompt`, with the same `guidance`; the atoms
+    stay those the encoder chose for the source prompt.
+    """
     _check_spec(spec)
     spec = spec.replace(rule=replay_rule(spec.rule))
     key = as_key(key)
@@ -438,6 +450,11 @@ def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key:
                          spec.t_range)  # fmt: skip
     rows = _explicit_codebook(codebook, spec, shape)
     cond = _conditioning(model, prompt, guidance)
+    switch = None
+    if edit_prompt is not None:
+        if not 0 <= tskip <= spec.steps:
+            raise ValueError(f"tskip must be a step in 0..{spec.steps}, got {tskip}")
+        switch = (int(tskip), _conditioning(model, edit_prompt, guidance))
     indices = jnp.asarray(indices, jnp.int32)
     batch = indices.ndim == 3
     (_, m), (_, cw) = spec.code_shape
@@ -452,7 +469,7 @@ def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key:
     def one(idx: jax.Array, co: jax.Array, k: jax.Array, x0: Any) -> LatentResult:
         start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
         lat, _ = _drive(model, spec, start, xs, coded, mode="decode", rows=rows, code=(idx, co), cond=cond, key=k,
-                        progress=progress)  # fmt: skip
+                        progress=progress, switch=switch)  # fmt: skip
         return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
 
     return _batched(one, batch or key.ndim == 1, [indices, coeffs, key, x_T],
@@ -496,18 +513,20 @@ def decompress(model: Any, indices: Any, coeffs: Any = None, *, steps: int, code
                key: Any, x_T: Latent | None = None, codebook: jax.Array | None = None,
                schedule: str | None = None, no_bits_steps: int | None = None,
                t_range: tuple[int, int] | None = None, prompt: str | None = None, guidance: float = 0.0,
-               generator: str = "philox", progress: Progress | None = None) -> LatentResult:  # fmt: skip
+               edit_prompt: str | None = None, tskip: int = 0, generator: str = "philox",
+               progress: Progress | None = None) -> LatentResult:  # fmt: skip
     """Rebuild a latent model's image from `compress`'s `.indices` / `.coeffs` (mirrors its keywords).
 
     `image_shape` (H, W, 3) of the coded image (it fixes the latent's shape and
     turbo's default no-bits steps). Returns `.latent` and `.image`; `.indices`
-    and `.coeffs` are the code given.
+    and `.coeffs` are the code given. `edit_prompt` / `tskip`: text-based
+    editing (see `decode`).
     """
     spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=tuple(image_shape[-3:-1]),
                      num_atoms=num_atoms, coef_bits=coef_bits, rule=rule, schedule=schedule,
                      no_bits_steps=no_bits_steps, generator=generator, t_range=t_range)  # fmt: skip
     return decode(model, spec, indices, coeffs, key=key, image_shape=image_shape, x_T=x_T, codebook=codebook,
-                  prompt=prompt, guidance=guidance, progress=progress)  # fmt: skip
+                  prompt=prompt, guidance=guidance, edit_prompt=edit_prompt, tskip=tskip, progress=progress)  # fmt: skip
 
 
 def generate(model: Any, *, steps: int, codebook_size: int, key: Any, image_shape: tuple[int, ...] | None = None,

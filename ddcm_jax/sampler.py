@@ -566,7 +566,7 @@ def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps:
                schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
                generator: str = "philox", progress: Progress | None = None, no_bits_steps: int | None = None,
                t_range: tuple[int, int] | None = None, prompt: str | None = None,
-               guidance: float = 0.0) -> Image:  # fmt: skip
+               guidance: float = 0.0, edit_prompt: str | None = None, tskip: int = 0) -> Image:  # fmt: skip
     """The keyword form of `decode`: rebuild the image from indices (steps-1, M) or (B, steps-1, M).
 
     A latent model runs `ddcm_jax.latent.decompress` (the keywords of its
@@ -582,9 +582,10 @@ def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps:
                                  image_shape=image_shape, num_atoms=num_atoms, coef_bits=coef_bits, rule=rule,
                                  key=key, x_T=x_T, codebook=codebook, schedule=schedule,
                                  no_bits_steps=no_bits_steps, t_range=t_range, prompt=prompt, guidance=guidance,
-                                 generator=generator, progress=progress)  # fmt: skip
+                                 edit_prompt=edit_prompt, tskip=tskip, generator=generator,
+                                 progress=progress)  # fmt: skip
     _latent_only(no_bits_steps=no_bits_steps, prompt=prompt, guidance=guidance, schedule=schedule,
-                 t_range=t_range)  # a pixel code's idle steps are in its indices
+                 t_range=t_range, edit_prompt=edit_prompt)  # a pixel code's idle steps are in its indices
     spec = CodeSpec(steps, codebook_size, replay_rule(rule, num_atoms, coef_bits), generator, eta, clip=clip)
     return decode(model, spec, indices, coeffs, key=key, image_shape=image_shape, x_T=x_T, codebook=codebook,
                   class_label=class_label, schedule=schedule, progress=progress)  # fmt: skip
@@ -602,11 +603,11 @@ def _pixel_only(**given: Any) -> None:
 
 
 def _latent_only(no_bits_steps: Any = None, prompt: Any = None, guidance: float = 0.0, schedule: Any = None,
-                 t_range: Any = None, ccfg_subset: Any = None) -> None:  # fmt: skip
+                 t_range: Any = None, ccfg_subset: Any = None, edit_prompt: Any = None) -> None:  # fmt: skip
     """Refuse a latent-model option given for a pixel model (a named schedule, a prompt, ...)."""
     named = ("schedule", schedule if isinstance(schedule, str) else None)
     given = (("no_bits_steps", no_bits_steps), ("prompt", prompt), ("t_range", t_range), named,
-             ("ccfg_subset", ccfg_subset))
+             ("ccfg_subset", ccfg_subset), ("edit_prompt", edit_prompt))
     bad = [n for n, v in given if v is not None]
     bad += ["guidance"] if guidance else []
     if bad:

@@ -361,3 +361,38 @@ def test_cli_compressed_cfg_files_decode_without_the_prompt(sd_tiny_model_dir, t
     with pytest.raises(SystemExit):
         main(["compress", "x.png", "-o", str(tmp_path / "c"), "--model", m, "--prompt", "a cat"])
     assert "--guidance" in capsys.readouterr().err
+
+
+def test_text_based_editing_switches_the_prompt_at_tskip(model, image):
+    kw = dict(steps=6, codebook_size=16, key=4, image_shape=(128, 128, 3), guidance=5.0)
+    res = ddcm_jax.compress(model, image, steps=6, codebook_size=16, key=4, prompt="a cat", guidance=5.0)
+    src = ddcm_jax.decompress(model, res.indices, prompt="a cat", **kw)
+    np.testing.assert_array_equal(src.latent, res.latent)
+    # tskip = 0: every step follows the destination, as decoding the code with that prompt does.
+    all_dst = ddcm_jax.decompress(model, res.indices, prompt="a cat", edit_prompt="the photo", tskip=0, **kw)
+    plain_dst = ddcm_jax.decompress(model, res.indices, prompt="the photo", **kw)
+    np.testing.assert_array_equal(all_dst.latent, plain_dst.latent)
+    # tskip = T: no step changes; in between, a different image from both.
+    none = ddcm_jax.decompress(model, res.indices, prompt="a cat", edit_prompt="the photo", tskip=6, **kw)
+    np.testing.assert_array_equal(none.latent, src.latent)
+    mid = ddcm_jax.decompress(model, res.indices, prompt="a cat", edit_prompt="the photo", tskip=3, **kw)
+    assert not np.allclose(mid.latent, src.latent) and not np.allclose(mid.latent, plain_dst.latent)
+
+
+def test_cli_edit_image_then_reedit_the_file(sd_tiny_model_dir, kodak, tmp_path, capsys):
+    from ddcm_jax.cli import main
+
+    m, out = str(sd_tiny_model_dir), tmp_path / "ed"
+    edit = ["--src-prompt", "a photo of a cat", "--dst-prompt", "a photo of the cat", "--tskip", "2", "-q"]
+    assert main(["edit", str(kodak / "kodim23.png"), "-o", str(out), "--model", m, "-T", "6", "-K", "64", "-M", "2",
+                 *edit]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["kodim23.ddcm", "kodim23.png", "kodim23_edit.png"]
+    h = bitstream.decode_header((out / "kodim23.ddcm").read_bytes()).header
+    assert h.prompt_hash is not None and h.guidance == 6.0
+    again = tmp_path / "again"
+    assert main(["edit", str(out / "kodim23.ddcm"), "-o", str(again), "--model", m, *edit]) == 0
+    assert (again / "kodim23_edit.png").read_bytes() == (out / "kodim23_edit.png").read_bytes()
+    capsys.readouterr()
+    assert main(["edit", str(out / "kodim23.ddcm"), "-o", str(tmp_path / "x"), "--model", m, "--src-prompt", "cat",
+                 "--dst-prompt", "dog", "-q"]) == 1  # fmt: skip
+    assert "not the one the file was coded with" in capsys.readouterr().err
