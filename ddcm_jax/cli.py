@@ -116,6 +116,10 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
         g.add_argument("--bpp", type=float, default=None, metavar="B",
                        help="target rate: per image, the operating point whose payload is the largest not above B "
                        "bits per input pixel (turbo: M, and a latent model's no-bits steps; ddcm: K and T)")  # fmt: skip
+        g.add_argument("--psnr", type=float, default=None, metavar="P",
+                       help="quality target: per image, the lowest-rate point (turbo: M = 1, 2, 4, ...; ddcm: "
+                       "K = 2, 4, ..., 2^16) whose decoded image reaches P dB, by a binary search of real encodes "
+                       "(about 1 + log2 of the number of points: 5 for turbo at K = 1024); reports what it reached")  # fmt: skip
         g.add_argument("--no-bits-steps", type=int, default=None, metavar="NBS",
                        help="latent models: the last NBS steps before the final one carry no bits (turbo's "
                        "default: Turbo-DDCM's heuristic for the coded size; ddcm: 0)")  # fmt: skip
@@ -506,7 +510,8 @@ class Coding(NamedTuple):
     num_timesteps: int | None = None  # the model's, when model.json says
 
     def for_image(self, args: argparse.Namespace, height: int, width: int) -> Any:
-        """The spec of one image: `spec`, or with --bpp the operating point for its H0 x W0 pixels."""
+        """The spec of one image: `spec`, or with --bpp the operating point for the pixels of its output
+        (H0 x W0; crop: the centre square)."""
         if getattr(args, "bpp", None) is None:
             return self.spec
         from ddcm_jax import rate
@@ -515,8 +520,9 @@ class Coding(NamedTuple):
         spec = self.spec
         if self.latent:  # the rate point sets no-bits steps, which belong to a named schedule
             spec = spec.replace(schedule=args.schedule or ("turbo" if isinstance(spec.rule, Turbo) else "ddcm"))
+        pixels = min(height, width) ** 2 if self.policy == "crop" else height * width  # what the user gets back
         try:
-            return rate.for_bpp(spec, args.bpp, height * width, latent=self.latent, max_steps=self.num_timesteps)
+            return rate.for_bpp(spec, args.bpp, pixels, latent=self.latent, max_steps=self.num_timesteps)
         except rate.RateError as e:
             raise InputError(f"--bpp {args.bpp:g}: {e}") from None
 
@@ -560,6 +566,16 @@ def _settings(args: argparse.Namespace) -> Coding:
 
     family = _model_family(getattr(args, "model", None))
     latent = family == "sd"
+    if getattr(args, "psnr", None) is not None:
+        rule = getattr(args, "rule", "turbo")
+        if args.bpp is not None:
+            raise UsageError("--psnr and --bpp: give one target")
+        if not (math.isfinite(args.psnr) and args.psnr > 0):
+            raise UsageError("--psnr must be a positive number of dB")
+        if rule == "turbo" and args.atoms is not None:
+            raise UsageError("--psnr searches turbo's -M; give one or the other")
+        if rule == "ddcm" and (args.codebook_size is not None or args.atoms not in (None, 1)):
+            raise UsageError("--psnr searches ddcm's -K; give one or the other (matching pursuit: no --psnr)")
     if getattr(args, "bpp", None) is not None:
         rule = getattr(args, "rule", "turbo")
         if not (math.isfinite(args.bpp) and args.bpp > 0):
@@ -568,6 +584,9 @@ def _settings(args: argparse.Namespace) -> Coding:
             raise UsageError("--bpp picks turbo's -M (and no-bits steps); give one or the other")
         if rule == "ddcm" and (args.codebook_size is not None or args.atoms not in (None, 1)):
             raise UsageError("--bpp picks ddcm's -K and -T; give one or the other (matching pursuit: no --bpp)")
+    targeted = getattr(args, "bpp", None) is not None or getattr(args, "psnr", None) is not None
+    if targeted and getattr(args, "rule", "turbo") == "turbo":
+        args.atoms = 1  # a placeholder: the target picks M
     _resolve_defaults(args, latent)
     t_range = getattr(args, "t_range", None)
     _latent_flags(args, latent)
@@ -726,8 +745,11 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             run.done()
     for group in _groups(loaded, lambda item: (item.coded, item.spec), jax.local_device_count()):
         try:
-            with run.steps("restore" if args.command == "restore" else "encode") as progress:
-                encs = encode(model, [item.pixels for item in group], group[0].spec, budget, progress)
+            if getattr(args, "psnr", None) is not None:
+                encs = [_psnr_search(args, run, model, item, encode, budget) for item in group]
+            else:
+                with run.steps("restore" if args.command == "restore" else "encode") as progress:
+                    encs = encode(model, [item.pixels for item in group], group[0].spec, budget, progress)
             results = [enc.decoded for enc in encs]
             if decode_back:
                 streams = [bitstream.decode(enc.data, str(item.job.source)) for enc, item in zip(encs, group, strict=True)]
@@ -770,6 +792,41 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             except Exception as e:
                 run.fail(item.job.source, e)
             run.done()
+
+
+def _psnr_search(args: argparse.Namespace, run: Run, model: Any, item: _Loaded, encode: Callable[..., Any],
+                 budget: int) -> Any:  # fmt: skip
+    """--psnr P: the lowest point of `rate.ladder` whose decoded image reaches P dB against the input
+    (binary search; PSNR grows with the rate, nearly always), or the highest one if none does."""
+    from ddcm_jax import metrics, rate
+
+    points = rate.ladder(item.spec)
+    tried: dict[int, tuple[Any, float]] = {}
+
+    def trial(i: int) -> tuple[Any, float]:
+        if i not in tried:
+            with run.steps(f"encode {i + 1}/{len(points)}") as progress:
+                enc = encode(model, [item.pixels], points[i], budget, progress)[0]
+            tried[i] = (enc, metrics.psnr(enc.reference, enc.decoded))
+        return tried[i]
+
+    lo, hi = 0, len(points) - 1
+    if trial(hi)[1] >= args.psnr:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if trial(mid)[1] >= args.psnr:
+                hi = mid
+            else:
+                lo = mid + 1
+    enc, reached = trial(hi)
+    rule = points[hi].rule
+    what = f"M {rule.num_atoms}" if rule.code_name == "turbo" else f"K {points[hi].codebook_size}"
+    verdict = "reached" if reached >= args.psnr else "did not reach; the highest point gives"
+    note = (f"--psnr {args.psnr:g}: {verdict} {reached:.2f} dB at {what} ({len(enc.data)} bytes) after "
+            f"{len(tried)} encodes")  # fmt: skip
+    run.say(f"note: {item.job.source}: {note}")
+    item.notes.append(note)  # and into the JSON summary's notes
+    return enc
 
 
 def _degraded_path(stem: Path) -> Path:

@@ -24,7 +24,7 @@ from ddcm_jax import bitstream
 from ddcm_jax.selection import DDCM, Turbo
 from ddcm_jax.spec import CodeSpec, SpecError
 
-__all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp"]
+__all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp", "ladder"]
 
 MAX_DDCM_BITS = 16  # K up to 65536 atoms a step for the single-atom rule: beyond it, add steps
 MAX_TURBO_ATOMS = bitstream.LIMITS["num_atoms"]
@@ -105,3 +105,15 @@ def _ddcm(spec: CodeSpec, budget: int, max_steps: int) -> CodeSpec:
         if steps < 2:
             raise RateError(f"{budget} bits is below the smallest ddcm code (1 bit: T=2, K=2)")
     return spec.replace(steps=steps, codebook_size=2**b, rule=DDCM())
+
+
+def ladder(spec: CodeSpec) -> list[CodeSpec]:
+    """The operating points a quality target searches, in increasing rate: turbo M = 1, 2, 4, ...
+    up to min(K / 2, 1024) (at the spec's T, K); ddcm K = 2, 4, ..., 2^16 (at its T)."""
+    if isinstance(spec.rule, Turbo):
+        top = min(max(1, spec.codebook_size // 2), MAX_TURBO_ATOMS)
+        ms = sorted({min(2**i, top) for i in range(top.bit_length() + 1)})
+        return [spec.replace(rule=Turbo(m)) for m in ms]
+    if isinstance(spec.rule, DDCM):
+        return [spec.replace(codebook_size=2**b) for b in range(1, MAX_DDCM_BITS + 1)]
+    raise RateError(f"a quality target searches turbo's M or ddcm's K, not {type(spec.rule).__name__}'s settings")

@@ -61,7 +61,7 @@ def test_latent_no_bits_steps_follow_turbo_ddcms_bins(reference):
     assert nbs == sorted(nbs, reverse=True) and nbs[-1] == 0 and nbs[0] > 0
 
 
-@pytest.mark.parametrize("bpp,steps", [(0.001, 50), (0.01, 50), (0.3, 20), (0.00001, 50)])
+@pytest.mark.parametrize("bpp,steps", [(0.001, 50), (0.01, 50), (0.3, 20), (0.0001, 50)])
 def test_ddcm_picks_k_then_steps(bpp, steps):
     spec = CodeSpec.create(steps=steps, codebook_size=1024)
     pixels = 256 * 256
@@ -93,12 +93,40 @@ def test_cli_bpp_pixel(tiny_model_dir, kodak, tmp_path, capsys):
 
     out = tmp_path / "o"
     assert main(["compress", str(kodak / "kodim23.png"), "-o", str(out), "--model", str(tiny_model_dir), "--crop",
-                 "--size", "32", "-T", "10", "-K", "64", "--bpp", "0.0002", "-q"]) == 0  # fmt: skip
+                 "--size", "32", "-T", "10", "-K", "64", "--bpp", "0.0005", "-q"]) == 0  # fmt: skip
     h = bitstream.decode_header((out / "kodim23.ddcm").read_bytes()).header
-    budget = math.floor(0.0002 * 512 * 512)  # crop: the centre square is the image the user gets back
+    budget = math.floor(0.0005 * 512 * 512)  # crop: the centre square is the image the user gets back
     assert h.rule == "turbo" and bitstream.payload_bits(h) <= budget < 9 * turbo_bits(64, h.num_atoms + 1)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["compress", str(kodak / "kodim23.png"), "-o", str(tmp_path / "x"), "--model", str(tiny_model_dir),
               "--bpp", "0.01", "-M", "3"])  # fmt: skip
     assert "give one or the other" in capsys.readouterr().err
+
+
+def test_ladder_points_increase_in_rate():
+    for spec in (CodeSpec.create(steps=10, codebook_size=1024, rule="turbo", num_atoms=3),
+                 CodeSpec.create(steps=10, codebook_size=1024)):  # fmt: skip
+        bits = [p.payload_bits() for p in rate.ladder(spec)]
+        assert bits == sorted(bits) and len(set(bits)) == len(bits)
+    assert [p.rule.num_atoms for p in rate.ladder(CodeSpec.create(steps=5, codebook_size=64, rule="turbo"))] == [
+        1, 2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("target,reached", [(1.0, True), (99.0, False)])
+def test_cli_psnr_target(tiny_model_dir, kodak, tmp_path, capsys, target, reached):
+    import json
+
+    from ddcm_jax.cli import main
+
+    out = tmp_path / "o"
+    assert main(["roundtrip", str(kodak / "kodim23.png"), "-o", str(out), "--model", str(tiny_model_dir), "--crop",
+                 "--size", "32", "-T", "5", "-K", "16", "--psnr", str(target), "-q",
+                 "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    rec = json.loads((tmp_path / "r.json").read_text())["items"][0]
+    h = bitstream.decode_header((out / "kodim23.ddcm").read_bytes()).header
+    note = next(n for n in rec["notes"] if n.startswith("--psnr"))
+    if reached:  # the lowest point already reaches 1 dB: M = 1, after 1 + log2(4) encodes at most
+        assert h.num_atoms == 1 and rec["psnr"] >= target and "reached" in note
+    else:  # nothing reaches 99 dB: the highest point, M = 8, after one encode
+        assert h.num_atoms == 8 and rec["psnr"] < target and "did not reach" in note and "after 1 encodes" in note
