@@ -9,9 +9,13 @@ The public API, re-exported here from the modules that define it:
             `Soft`), `make_rule`, `select_atoms`
   model     `load_model` (an ADM `DiffusionModel`, or a Stable Diffusion
             `LatentDiffusionModel` for a folder from `ddcm convert --format diffusers`)
+  latent    DDCM / Turbo-DDCM / compressed CFG / editing on a latent model
+            (`compress` & co. dispatch to it; `LatentResult`)
+  rate      `for_bpp`: the operating point for a target rate
 """
 
 from ddcm_jax.codec import Encoded, decode_bytes, encode_image
+from ddcm_jax.latent import LatentResult
 from ddcm_jax.latent_model import LatentDiffusionModel
 from ddcm_jax.model import (
     DiffusionConfig,
@@ -40,6 +44,7 @@ from ddcm_jax.selection import (
     DDCM,
     MSE,
     AtomSource,
+    GuidedSubset,
     MatchingPursuit,
     Random,
     Selection,
@@ -66,8 +71,10 @@ __all__ = [
     "DiffusionModel",
     "Encoded",
     "GaussianBlur",
+    "GuidedSubset",
     "Inpainting",
     "LatentDiffusionModel",
+    "LatentResult",
     "MatchingPursuit",
     "ModelConfig",
     "ModelDirError",

@@ -24,6 +24,12 @@ Two timestep schedules (the `schedule` argument):
            Python's round (half to even), a_prev at the next entry, and
            alphas_cumprod[0] after the last.
 
+Steps run one at a time through three compiled programs (the network, the
+rule's choice, the step with the replay rule's noise), the same ones for the
+encoder and the decoder, so `decode(encode(x))` is bit for bit the encoder's
+image whatever the shapes (a whole-run scan would let XLA fuse the two sides
+differently).
+
 Keys, as in the pixel sampler: fold_in(key, 0) x_T, fold_in(key, 1) the codebook
 root (step i's atoms addressed by (i, k)), fold_in(key, 2) the rule's own keys.
 
@@ -36,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Annotated, Any, NamedTuple
@@ -204,12 +209,27 @@ class _Cond(NamedTuple):
     guidance: jax.Array  # scalar float32 (unused with one context)
 
 
-def _denoise(model: Any, x_t: jax.Array, t: jax.Array, cond: _Cond) -> jax.Array:
+@jax.jit
+def _combine(outs: jax.Array, guidance: jax.Array) -> jax.Array:
+    """Classifier-free guidance on the raw outputs [null, prompt]: out_null + g (out_prompt - out_null)."""
+    return outs[0] + guidance * (outs[1] - outs[0])
+
+
+def _outputs(model: Any, x_t: jax.Array, t: Any, cond: _Cond, ccfg: bool) -> tuple[jax.Array, Any]:
+    """(the output the step follows, compressed CFG's eps_uncond - eps_cond or None).
+
+    The network runs as its own compiled program (`model(...)`), outside the
+    selection and step programs, so that the encoder's outputs are bit for bit
+    the decoder's: compressed CFG's unconditional output is one batch-1 call,
+    exactly what a decoder without the prompt makes.
+    """
+    ts = jnp.full((1,), t, jnp.int32)
+    if ccfg:
+        out_u = model(x_t[None], ts, cond.context[:1])[0]
+        return out_u, out_u - model(x_t[None], ts, cond.context[1:])[0]
     n = cond.context.shape[0]
-    out = model(jnp.broadcast_to(x_t, (n, *x_t.shape)), jnp.full((n,), t, jnp.int32), cond.context)
-    if n == 1:
-        return out[0]
-    return out[0] + cond.guidance * (out[1] - out[0])
+    outs = model(jnp.broadcast_to(x_t, (n, *x_t.shape)), jnp.full((n,), t, jnp.int32), cond.context)
+    return (outs[0] if n == 1 else _combine(outs, cond.guidance)), None
 
 
 def _book(spec: CodeSpec, shape: tuple[int, ...], root: jax.Array, i: jax.Array, rows: Any,
@@ -219,90 +239,76 @@ def _book(spec: CodeSpec, shape: tuple[int, ...], root: jax.Array, i: jax.Array,
     return AtomSource(spec.codebook_size, shape, spec.generator, chunk, root=root, step=i).with_base()
 
 
-def _guided(model: Any, x_t: jax.Array, t: jax.Array, cond: _Cond) -> tuple[jax.Array, jax.Array]:
-    """Compressed CFG's (eps_uncond, eps_uncond - eps_cond): two batch-1 calls, so that the
-    unconditional one is bit for bit what the decoder (null prompt only) computes."""
-    ts = jnp.full((1,), t, jnp.int32)
-    out_u = model(x_t[None], ts, cond.context[:1])[0]
-    out_c = model(x_t[None], ts, cond.context[1:])[0]
-    return out_u, out_u - out_c
-
-
-@functools.partial(jax.jit, static_argnames=("mode", "chunk", "ccfg"))
-def _run(model, spec, x, xs, rows, code, target, cond, key, *, mode, chunk, ccfg=False):
-    """Scan the steps of `xs` from x: mode "encode" (choose), "decode" (replay `code`) or "quiet" (z = 0).
-
-    `target` = (the encoded image or None, residual weights or None). With
-    `ccfg` (compressed CFG, encoding), the step follows eps_uncond and the rule
-    scores the atoms against eps_uncond - eps_cond.
-    """
-    ptype, shape = model.prediction_type, tuple(x.shape)
-    cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+@functools.partial(jax.jit, static_argnames=("ptype", "chunk"))
+def _select(spec, x_t, out, aim, s, rows, target, weights, key, *, ptype, chunk):
+    """One coded step's choice: (indices, coeffs) by the rule (the rule's idle code outside t_range)."""
+    book = _book(spec, tuple(x_t.shape), jax.random.fold_in(key, 1), s.i, rows, chunk)
+    x0_hat, _ = predict(x_t, out, s, ptype)
+    ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_prev, target if aim is None else aim, None, weights,
+                      jax.random.fold_in(jax.random.fold_in(key, 2), s.i))  # fmt: skip
     rule = spec.rule
-
-    def body(x_t, inp):
-        s, book_rows, chosen = inp
-        aim = None if target is None else target[0]
-        if ccfg:
-            out, aim = _guided(model, x_t, s.t, cond)
-        else:
-            out = _denoise(model, x_t, s.t, cond)
-        if mode == "quiet":
-            return step(x_t, out, s, jnp.zeros_like(x_t), ptype), None
-        book = _book(spec, shape, cb_root, s.i, book_rows, chunk)
-        if mode == "decode":
-            idx, co = chosen
-            return step(x_t, out, s, rule.noise(book, idx, co), ptype), None
-        x0_hat, _ = predict(x_t, out, s, ptype)
-        ctx = StepContext(x_t, x0_hat, s.sigma, s.alpha_prev, aim, None, target[1],
-                          jax.random.fold_in(rule_root, s.i))  # fmt: skip
-        if spec.t_range is None:
-            sel = rule.select(ctx, book)
-            return step(x_t, out, s, sel.noise, ptype), (sel.indices, sel.coeffs)
-        idx, co = jax.lax.cond(s.coded, lambda: tuple(rule.select(ctx, book)[1:]), rule.idle_code)
-        return step(x_t, out, s, rule.noise(book, idx, co), ptype), (idx, co)
-
-    return jax.lax.scan(body, x, (xs, rows, code))
+    if spec.t_range is None:
+        return tuple(rule.select(ctx, book)[1:])
+    return jax.lax.cond(s.coded, lambda: tuple(rule.select(ctx, book)[1:]), rule.idle_code)
 
 
-def _rows(tree: Any, lo: int, hi: int) -> Any:
-    return None if tree is None else jax.tree_util.tree_map(lambda a: a[lo:hi], tree)
+@functools.partial(jax.jit, static_argnames=("ptype",))
+def _advance(spec, x_t, out, s, rows, code, key, *, ptype):
+    """(4) with the code's noise (the decoder's replay rule), or with none (`code` None: eta 0 steps).
+
+    Encoder and decoder both step through this one program, so they agree bit for bit.
+    """
+    if code is None:
+        return step(x_t, out, s, jnp.zeros_like(x_t), ptype)
+    book = _book(spec, tuple(x_t.shape), jax.random.fold_in(key, 1), s.i, rows, None)
+    return step(x_t, out, s, spec.rule.noise(book, *code), ptype)
+
+
+def _row(tree: Any, i: int) -> Any:
+    return None if tree is None else jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), tree)
 
 
 def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: int, *, mode: str,
            rows: Any = None, code: Any = None, target: Any = None, cond: _Cond, key: jax.Array,
            chunk: int | None = None, progress: Progress | None = None, ccfg: bool = False,
            switch: tuple[int, _Cond] | None = None) -> tuple[jax.Array, Any]:  # fmt: skip
-    """All T steps of one image: the `coded` noise-adding steps in `mode`, then the quiet ones.
+    """All T steps of one image, one step at a time: the `coded` noise-adding steps (mode "encode":
+    choose, then step; "decode": step with `code`), then the quiet ones; `switch` = (step, cond)
+    changes the conditioning from that step on; `progress(done, total)` after each step.
 
-    Without `progress`, two compiled calls (one scan each; three when `switch` =
-    (step, cond) changes the conditioning from that step on); with it, one call
-    per step (the same step function, so the same result), reporting in between.
+    Three compiled programs a step (the network, the choice, the step), the same
+    for every step and shared by encoder and decoder: decoding replays the
+    encoder's arithmetic exactly, whatever the shapes and the backend's fusion.
     """
     total = int(xs.i.shape[0])
-    cuts = sorted({0, coded, total} | ({min(max(switch[0], 0), total)} if switch else set()))
-    spans = [(lo, hi, mode if lo < coded else "quiet") for lo, hi in itertools.pairwise(cuts)]
+    replay = spec.replace(rule=replay_rule(spec.rule))
+    ptype = model.prediction_type
+    target, weights = (None, None) if target is None else target
     if progress is not None:
         progress(0, total)
-        spans = [(i, i + 1, mode if i < coded else "quiet") for i in range(total)]
-    x, parts = x_T, []
-    for lo, hi, m in spans:
-        if hi <= lo:
-            continue
-        noisy = m != "quiet"  # the codebooks and codes cover the noise-adding steps only
-        c = switch[1] if switch is not None and lo >= switch[0] else cond
-        # Compressed CFG's quiet steps follow eps_uncond alone: the null prompt, as the decoder runs them.
-        c = c if noisy or not ccfg else _Cond(c.context[:1], c.guidance)
-        x, ys = _run(model, spec, x, _rows(xs, lo, hi), _rows(rows, lo, hi) if noisy else None,
-                     _rows(code, lo, hi) if noisy else None, target, c, key, mode=m, chunk=chunk,
-                     ccfg=ccfg and noisy)  # fmt: skip
-        if ys is not None:
-            parts.append(ys)
+    x, chosen = jnp.asarray(x_T, jnp.float32), []
+    for i in range(total):
+        s = _row(xs, i)
+        c = switch[1] if switch is not None and i >= switch[0] else cond
+        noisy = i < coded
+        if not noisy and ccfg:  # compressed CFG's quiet steps follow eps_uncond: the null prompt, as decoding
+            c = _Cond(c.context[:1], c.guidance)
+        out, aim = _outputs(model, x, s.t, c, ccfg and noisy)
+        book_rows = _row(rows, i) if noisy else None
+        step_code = None
+        if noisy:
+            if mode == "encode":
+                step_code = _select(spec, x, out, aim, s, book_rows, target, weights, key, ptype=ptype, chunk=chunk)
+                chosen.append(step_code)
+            else:
+                step_code = _row(code, i)
+        x = _advance(replay, x, out, s, book_rows, step_code, key, ptype=ptype)
         if progress is not None:
-            progress(hi, total)
-    if not parts:
+            x = jax.block_until_ready(x)
+            progress(i + 1, total)
+    if not chosen:
         return x, None
-    return x, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+    return x, tuple(jnp.stack(parts) for parts in zip(*chosen, strict=True))
 
 
 # --- the public functions --------------------------------------------------------------------------------

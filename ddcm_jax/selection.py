@@ -41,6 +41,7 @@ __all__ = [
     "MSE",
     "AtomSource",
     "Code",
+    "GuidedSubset",
     "MatchingPursuit",
     "Random",
     "Selection",
@@ -344,6 +345,9 @@ class GuidedSubset(Code):
 
     subset: int = static_field()
     code_name = "ddcm"
+
+    def replay(self) -> Code:
+        return DDCM()
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         ks = jax.random.randint(ctx.key, (self.subset,), 0, book.size, jnp.int32)
