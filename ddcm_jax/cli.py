@@ -630,23 +630,16 @@ def _model_timesteps(model: Path | str | None, latent: bool = False) -> int | No
     Lets settings that depend on it be refused as usage errors before anything is loaded;
     None when the file cannot be read (loading the model reports that, in its own words).
     """
-    from ddcm_jax.model import resolve_model_dir
-
-    if model is None:
-        return None
     try:
-        path = resolve_model_dir(model) / "model.json"
-        if not path.is_file() or path.stat().st_size > 1 << 20:
-            return None
-        meta = json.loads(path.read_text())
+        meta = _read_model_json(model)
         steps = meta["scheduler"]["num_train_timesteps"] if latent else meta["diffusion"]["num_timesteps"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
 
 
-def _model_family(model: Path | str | None) -> str | None:
-    """'sd' for a latent MODEL_DIR, from its model.json alone; None otherwise or when unreadable."""
+def _read_model_json(model: Path | str | None) -> Any:
+    """A MODEL_DIR's parsed model.json (<= 1 MiB), or None when there is none or it cannot be read."""
     from ddcm_jax.model import resolve_model_dir
 
     if model is None:
@@ -655,8 +648,16 @@ def _model_family(model: Path | str | None) -> str | None:
         path = resolve_model_dir(model) / "model.json"
         if not path.is_file() or path.stat().st_size > 1 << 20:
             return None
-        family = json.loads(path.read_text()).get("family")
-    except (OSError, ValueError, AttributeError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _model_family(model: Path | str | None) -> str | None:
+    """'sd' for a latent MODEL_DIR, from its model.json alone; None otherwise or when unreadable."""
+    try:
+        family = _read_model_json(model).get("family")
+    except (AttributeError, TypeError):
         return None
     return family if isinstance(family, str) else None
 

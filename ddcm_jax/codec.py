@@ -462,8 +462,13 @@ def check_model(h: Header, model: Any, source: str, *, budget: int | None = None
     if h.size_policy == "pad" and any(c - o >= arch.size_multiple for c, o in zip(h.size, h.original_size, strict=True)):
         raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not {h.original_size[0]}x"
                              f"{h.original_size[1]} padded to a multiple of {arch.size_multiple}")  # fmt: skip
+    _check_budget_and_atoms(h, model, source, budget)
+
+
+def _check_budget_and_atoms(h: Header, model: Any, source: str, budget: int | None) -> None:
+    """Both families: decoding fits the memory budget, and this JAX draws the encoder's atoms."""
     try:
-        check_fits(arch, *h.size, budget=memory.budget_bytes() if budget is None else budget)
+        fits(model, *h.size, budget=memory.budget_bytes() if budget is None else budget)
     except MemoryBudgetError as e:
         raise BitstreamError(f"{source}: decoding {e}") from None
     if codebook_check(h.seed, h.threefry_partitionable, h.generator) != h.codebook_check:
@@ -483,13 +488,7 @@ def _check_latent_model(h: Header, model: Any, source: str, budget: int | None) 
     if h.size[0] % m or h.size[1] % m:
         raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not a multiple of {m}, "
                              "which this model needs")  # fmt: skip
-    try:
-        fits(model, *h.size, budget=memory.budget_bytes() if budget is None else budget)
-    except MemoryBudgetError as e:
-        raise BitstreamError(f"{source}: decoding {e}") from None
-    if codebook_check(h.seed, h.threefry_partitionable, h.generator) != h.codebook_check:
-        raise BitstreamError(f"{source}: this JAX ({jax.__version__}) draws other codebook atoms than the "
-                             f"encoder's (jax {h.jax_version or '?'}, {h.generator}); it cannot decode the file")  # fmt: skip
+    _check_budget_and_atoms(h, model, source, budget)
 
 
 def check_prompt(h: Header, prompt: str | None, source: str) -> None:
