@@ -584,10 +584,15 @@ def _settings(args: argparse.Namespace) -> Coding:
             raise UsageError("--bpp picks turbo's -M (and no-bits steps); give one or the other")
         if rule == "ddcm" and (args.codebook_size is not None or args.atoms not in (None, 1)):
             raise UsageError("--bpp picks ddcm's -K and -T; give one or the other (matching pursuit: no --bpp)")
-    targeted = getattr(args, "bpp", None) is not None or getattr(args, "psnr", None) is not None
-    if targeted and getattr(args, "rule", "turbo") == "turbo":
+    if getattr(args, "bpp", None) is not None and getattr(args, "rule", "turbo") == "turbo":
         args.atoms = 1  # a placeholder: the target picks M
     _resolve_defaults(args, latent)
+    if getattr(args, "psnr", None) is not None and getattr(args, "rule", "turbo") == "turbo":
+        # The level's M starts the search (rate.search); the ladder's points are powers of two up to K / 2.
+        from ddcm_jax.rate import MAX_TURBO_ATOMS
+
+        top = min(max(1, args.codebook_size // 2), MAX_TURBO_ATOMS)
+        args.atoms = min(1 << (max(1, args.atoms).bit_length() - 1), top)
     t_range = getattr(args, "t_range", None)
     _latent_flags(args, latent)
     try:
@@ -798,7 +803,7 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
 def _psnr_search(args: argparse.Namespace, run: Run, model: Any, item: _Loaded, encode: Callable[..., Any],
                  budget: int) -> Any:  # fmt: skip
     """--psnr P: the lowest point of `rate.ladder` whose decoded image reaches P dB against the input
-    (binary search; PSNR grows with the rate, nearly always), or the highest one if none does."""
+    (`rate.search`, from the point the settings name), or the highest one if none does."""
     from ddcm_jax import metrics, rate
 
     points = rate.ladder(item.spec)
@@ -811,14 +816,8 @@ def _psnr_search(args: argparse.Namespace, run: Run, model: Any, item: _Loaded, 
             tried[i] = (enc, metrics.psnr(enc.reference, enc.decoded))
         return tried[i]
 
-    lo, hi = 0, len(points) - 1
-    if trial(hi)[1] >= args.psnr:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if trial(mid)[1] >= args.psnr:
-                hi = mid
-            else:
-                lo = mid + 1
+    start = points.index(item.spec) if item.spec in points else None
+    hi = rate.search(len(points), lambda i: trial(i)[1] >= args.psnr, start)
     enc, reached = trial(hi)
     rule = points[hi].rule
     what = f"M {rule.num_atoms}" if rule.code_name == "turbo" else f"K {points[hi].codebook_size}"

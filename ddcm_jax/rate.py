@@ -17,6 +17,7 @@ image the user gets back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from ddcm_jax import bitstream
 from ddcm_jax.selection import DDCM, Turbo
 from ddcm_jax.spec import CodeSpec, SpecError
 
-__all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp", "ladder"]
+__all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp", "ladder", "search"]
 
 MAX_DDCM_BITS = 16  # K up to 65536 atoms a step for the single-atom rule: beyond it, add steps
 MAX_TURBO_ATOMS = bitstream.LIMITS["num_atoms"]
@@ -117,3 +118,30 @@ def ladder(spec: CodeSpec) -> list[CodeSpec]:
     if isinstance(spec.rule, DDCM):
         return [spec.replace(codebook_size=2**b) for b in range(1, MAX_DDCM_BITS + 1)]
     raise RateError(f"a quality target searches turbo's M or ddcm's K, not {type(spec.rule).__name__}'s settings")
+
+
+def search(n: int, reaches: Callable[[int], bool], start: int | None = None) -> int:
+    """The lowest index of 0..n-1 where `reaches` holds, for a predicate that holds from some index on
+    (quality grows with the rate, nearly always); n - 1 when it holds nowhere.
+
+    Bisection, so at most 2 + ceil(log2 n) calls (the caller caches them). From
+    `start` (the point the user would get anyway) a target near it costs fewer:
+    only the half on the side it falls is searched. Without it the top is tried first.
+    """
+    if n < 1:
+        raise ValueError("search: no operating points")
+    top = n - 1
+    if start is not None and 0 <= start < top and reaches(start):
+        lo, hi = 0, start
+    else:
+        lo = 0 if start is None or not 0 <= start < top else start + 1
+        if not reaches(top):
+            return top
+        hi = top
+    while lo < hi:  # invariant: reaches(hi); everything below lo fails
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

@@ -185,6 +185,9 @@ def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, final):
         s, rows, extra = inp
         eps_hat = _denoise(model, x_t, s, y)
         noise, ys = noise_fn(x_t, eps_hat, s, rows, extra)
+        # Step index 0 is the final, noiseless step; a step-by-step run sends it through this body
+        # (`Window`), where it must be exactly the `final` branch below: zero noise, whatever sigma is.
+        noise = jnp.where(s.i > 0, noise, jnp.zeros_like(noise))
         return step(x_t, eps_hat, s, noise, clip), ys
 
     x, ys = x_T, None

@@ -203,3 +203,28 @@ def test_attention_heads_change_the_function():
     for i in range(len(outs)):
         for j in range(i + 1, len(outs)):
             assert np.abs(outs[i] - outs[j]).max() > 1e-5
+
+
+def _memory_cases():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from configs import CONFIGS
+
+    cases = [(f"option {k}", {**BASE, **v}, (32, 32)) for k, v in sorted(OPTIONS.items())]
+    cases += [(f"option {k} 40x24", {**BASE, **OPTIONS[k]}, (40, 24)) for k in ("all_on", "attention_multi_res")]
+    cases += [(name, kw, (72, 40)) for name, kw in CONFIGS.items()]
+    return cases
+
+
+def test_activation_bound_stays_above_xlas_estimate():
+    """The arithmetic bound that lets `check_fits` skip compiling the network is never below what
+    XLA itself says one forward call needs (every option, the benchmarks' configs, odd sizes)."""
+    from ddcm_jax.memory import forward_bytes
+    from ddcm_jax.models.adm import activation_bound
+
+    for name, kw, (h, w) in _memory_cases():
+        cfg = ADMConfig.from_create_model(kw)
+        xla, bound = forward_bytes(cfg, h, w), activation_bound(cfg, h, w)
+        assert xla <= bound <= 64 * xla + (64 << 20), (name, h, w, xla, bound)  # above, and not absurdly

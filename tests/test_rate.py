@@ -126,7 +126,33 @@ def test_cli_psnr_target(tiny_model_dir, kodak, tmp_path, capsys, target, reache
     rec = json.loads((tmp_path / "r.json").read_text())["items"][0]
     h = bitstream.decode_header((out / "kodim23.ddcm").read_bytes()).header
     note = next(n for n in rec["notes"] if n.startswith("--psnr"))
-    if reached:  # the lowest point already reaches 1 dB: M = 1, after 1 + log2(4) encodes at most
-        assert h.num_atoms == 1 and rec["psnr"] >= target and "reached" in note
-    else:  # nothing reaches 99 dB: the highest point, M = 8, after one encode
+    # The search starts at the level's M (128, clipped to the ladder's top K / 2 = 8).
+    if reached:  # every point reaches 1 dB: down from M = 8 to M = 1, 1 + log2(4) encodes
+        assert h.num_atoms == 1 and rec["psnr"] >= target and "reached" in note and "after 3 encodes" in note
+    else:  # nothing reaches 99 dB: the start is also the top, M = 8, after one encode
         assert h.num_atoms == 8 and rec["psnr"] < target and "did not reach" in note and "after 1 encodes" in note
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 17])
+@pytest.mark.parametrize("start", [None, 0, 3, 6, 9, 16])
+def test_search_finds_the_lowest_reaching_point(n, start):
+    """Against a scan of every threshold (and none): the lowest index, within 2 + ceil(log2 n) calls."""
+    for first in range(n + 1):  # the predicate holds from `first` on; n: nowhere
+        calls = []
+
+        def reaches(i, first=first, calls=calls):
+            assert 0 <= i < n
+            calls.append(i)
+            return i >= first
+
+        got = rate.search(n, reaches, start if start is not None and start < n else None)
+        assert got == min(first, n - 1)
+        assert len(calls) <= 2 + (n - 1).bit_length() and len(set(calls)) == len(calls)
+
+
+def test_search_from_the_start_point_costs_less_near_it():
+    calls = []
+    assert rate.search(10, lambda i: calls.append(i) or i >= 8, start=7) == 8
+    assert calls == [7, 9, 8]
+    with pytest.raises(ValueError, match="no operating points"):
+        rate.search(0, lambda i: True)

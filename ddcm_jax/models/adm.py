@@ -30,6 +30,7 @@ __all__ = [
     "ADMConfig",
     "ADMUNet",
     "ConfigError",
+    "activation_bound",
     "adm_apply",
     "adm_init",
     "param_count",
@@ -395,6 +396,54 @@ def param_count(config: ADMConfig) -> int:
                 total += resample(ch)
                 ds //= 2
     return total + 2 * ch + conv(ch, cfg.out_channels)
+
+
+def activation_bound(config: ADMConfig, height: int, width: int) -> int:
+    """An upper bound, in bytes, of what one forward call at batch 1 holds: parameters, input,
+    output, and every intermediate tensor counted as if all were alive at once, twice over.
+
+    XLA reuses buffers, so its own estimate (`ddcm_jax.memory.forward_bytes`,
+    which compiles the network) is far lower (tests check that this bound stays
+    above it); this one is arithmetic, so that a run far inside the memory budget
+    is let through without compiling anything.
+    """
+    cfg, mc = config, config.model_channels
+    pixels = int(height) * int(width)
+    floats = (cfg.in_channels + cfg.out_channels) * pixels + 4 * mc  # input, output, timestep embedding
+
+    def res(i: int, o: int, n: int) -> int:  # norm, SiLU, conv, + emb, norm, SiLU, conv, skip, sum
+        return (4 * i + 6 * o) * n
+
+    def attn(c: int, n: int) -> int:  # norm, qkv, logits and weights per head, output, projection, sum
+        heads = cfg.num_heads if cfg.num_head_channels == -1 else max(1, c // cfg.num_head_channels)
+        return 8 * c * n + 3 * max(heads, cfg.heads_upsample) * n * n
+
+    ns = [-(-int(height) // 2**lv) * -(-int(width) // 2**lv) for lv in range(len(cfg.channel_mult))]
+    ch = int(cfg.channel_mult[0] * mc)
+    chans, ds = [ch], 1
+    floats += ch * pixels
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks[level]):
+            floats += res(ch, int(mult * mc), ns[level])
+            ch = int(mult * mc)
+            floats += attn(ch, ns[level]) if ds in cfg.attention_ds else 0
+            chans.append(ch)
+        if level < len(cfg.channel_mult) - 1:
+            floats += 2 * ch * ns[level] + res(ch, ch, ns[level])  # a downsample (or resblock_updown)
+            chans.append(ch)
+            ds *= 2
+    floats += 2 * res(ch, ch, ns[-1]) + attn(ch, ns[-1])
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks[level] + 1):
+            skip = chans.pop()
+            floats += (ch + skip) * ns[level] + res(ch + skip, int(mc * mult), ns[level])  # concat, block
+            ch = int(mc * mult)
+            floats += attn(ch, ns[level]) if ds in cfg.attention_ds else 0
+            if level and i == cfg.num_res_blocks[level]:
+                floats += 2 * ch * ns[level - 1] + res(ch, ch, ns[level - 1])  # an upsample to the level above
+                ds //= 2
+    floats += 3 * ch * pixels
+    return 4 * (2 * floats + param_count(cfg))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
