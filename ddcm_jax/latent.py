@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Annotated, Any, NamedTuple
 
 import jax
@@ -271,10 +271,14 @@ def _row(tree: Any, i: int) -> Any:
 def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: int, *, mode: str,
            rows: Any = None, code: Any = None, target: Any = None, cond: _Cond, key: jax.Array,
            chunk: int | None = None, progress: Progress | None = None, ccfg: bool = False,
-           switch: tuple[int, _Cond] | None = None) -> tuple[jax.Array, Any]:  # fmt: skip
+           switch: tuple[int, _Cond] | None = None) -> Generator[None, None, tuple[jax.Array, Any]]:  # fmt: skip
     """All T steps of one image, one step at a time: the `coded` noise-adding steps (mode "encode":
     choose, then step; "decode": step with `code`), then the quiet ones; `switch` = (step, cond)
     changes the conditioning from that step on; `progress(done, total)` after each step.
+
+    A generator that yields once each step is dispatched and returns (latent,
+    code): `_batched` interleaves a batch's images step by step, so that images
+    placed on different devices run at the same time.
 
     Three compiled programs a step (the network, the choice, the step), the same
     for every step and shared by encoder and decoder: decoding replays the
@@ -306,6 +310,7 @@ def _drive(model: Any, spec: CodeSpec, x_T: jax.Array, xs: LatentSchedT, coded: 
         if progress is not None:
             x = jax.block_until_ready(x)
             progress(i + 1, total)
+        yield
     if not chosen:
         return x, None
     return x, tuple(jnp.stack(parts) for parts in zip(*chosen, strict=True))
@@ -380,16 +385,51 @@ def _decoded(model: Any, latent: jax.Array) -> jax.Array:
     return jnp.clip(model.decode(latent[None])[0], -1.0, 1.0)
 
 
-def _batched(fn: Any, batch: bool, args: Sequence[Any], per_image: Sequence[bool]) -> Any:
-    """fn(*args) for one image, or for each image of a batch (args marked per_image have a B axis).
+def _to_end(gen: Generator[None, None, Any]) -> Any:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
 
-    Images run one after another (the UNet batches nothing across them), each
-    through the same compiled programs: a batch's codes equal single calls'.
+
+def _batched(fn: Callable[..., Generator[None, None, Any]], batch: bool, shared: Sequence[Any],
+             args: Sequence[Any], per_image: Sequence[bool], progress: Progress | None) -> Any:  # fmt: skip
+    """fn(*shared, *args, progress) for one image, or for each image of a batch (args marked per_image
+    have a B axis), stacked.
+
+    Every image runs through the same compiled programs, batch 1, so a batch's
+    codes equal single calls'. With several local devices, image b runs on
+    device b mod D (`shared`, e.g. the model, copied to each once), and the
+    images advance step by step in turn: JAX dispatches asynchronously, so the
+    devices work at the same time. `progress` follows the batch's last image.
     """
     if not batch:
-        return fn(*args)
+        return _to_end(fn(*shared, *args, progress))
     n = next(len(a) for a, p in zip(args, per_image, strict=True) if p)
-    outs = [fn(*[a[b] if p else a for a, p in zip(args, per_image, strict=True)]) for b in range(n)]
+    devices = jax.local_devices()
+    copies: dict[Any, Any] = {}
+    gens = []
+    for b in range(n):
+        own = [a[b] if p else a for a, p in zip(args, per_image, strict=True)]
+        here = shared
+        if len(devices) > 1:
+            dev = devices[b % len(devices)]
+            if dev not in copies:
+                copies[dev] = jax.device_put(tuple(shared), dev)
+            here, own = copies[dev], jax.device_put(own, dev)
+        gens.append(fn(*here, *own, progress if b == n - 1 else None))
+    outs: list[Any] = [None] * n
+    live = list(range(n))
+    while live:  # one step of each unfinished image in turn
+        for b in list(live):
+            try:
+                next(gens[b])
+            except StopIteration as done:
+                outs[b] = done.value
+                live.remove(b)
+    if len(devices) > 1:
+        outs = jax.device_put(outs, devices[0])
     return jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outs)
 
 
@@ -420,20 +460,21 @@ def encode(model: Any, spec: CodeSpec, image: LatentImage | None, *, key: Any, x
     rows = _explicit_codebook(codebook, spec, shape)
     cond = _conditioning(model, prompt, guidance, ccfg)
 
-    def one(img: Any, k: jax.Array, x0: Any, w: Any) -> LatentResult:
+    def one(model: Any, cond: _Cond, rows: Any, img: Any, k: jax.Array, x0: Any, w: Any,
+            progress: Progress | None) -> Generator[None, None, LatentResult]:  # fmt: skip
         target = None if img is None else model.encode(img[None])[0]
         start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
         w = None if w is None else jnp.asarray(w, jnp.float32)
-        lat, ys = _drive(model, spec, start, xs, coded, mode="encode", rows=rows, target=(target, w), cond=cond,
-                         key=k, chunk=codebook_chunk, progress=progress, ccfg=ccfg)  # fmt: skip
+        lat, ys = yield from _drive(model, spec, start, xs, coded, mode="encode", rows=rows, target=(target, w),
+                                    cond=cond, key=k, chunk=codebook_chunk, progress=progress, ccfg=ccfg)  # fmt: skip
         (_, m), (_, cw) = spec.code_shape
         idx, co = ys if ys is not None else (jnp.zeros((0, m), jnp.int32), jnp.zeros((0, cw), jnp.int32))
         return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
 
     batch = (image is not None and image.ndim == 4) or key.ndim == 1
-    return _batched(one, batch, [image, key, x_T, weights],
+    return _batched(one, batch, [model, cond, rows], [image, key, x_T, weights],
                     [image is not None and image.ndim == 4, key.ndim == 1, _per_image(x_T, 3),
-                     _per_image(weights, 3)])  # fmt: skip
+                     _per_image(weights, 3)], progress)  # fmt: skip
 
 
 def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key: Any,
@@ -456,11 +497,11 @@ def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key:
                          spec.t_range)  # fmt: skip
     rows = _explicit_codebook(codebook, spec, shape)
     cond = _conditioning(model, prompt, guidance)
-    switch = None
+    edit = None
     if edit_prompt is not None:
         if not 0 <= tskip <= spec.steps:
             raise ValueError(f"tskip must be a step in 0..{spec.steps}, got {tskip}")
-        switch = (int(tskip), _conditioning(model, edit_prompt, guidance))
+        edit = _conditioning(model, edit_prompt, guidance)
     indices = jnp.asarray(indices, jnp.int32)
     batch = indices.ndim == 3
     (_, m), (_, cw) = spec.code_shape
@@ -472,14 +513,16 @@ def decode(model: Any, spec: CodeSpec, indices: Any, coeffs: Any = None, *, key:
     if int(indices.size) and (int(indices.min()) < 0 or int(indices.max()) >= spec.codebook_size):
         raise ValueError(f"atom indices must lie in 0..K-1 = {spec.codebook_size - 1}")
 
-    def one(idx: jax.Array, co: jax.Array, k: jax.Array, x0: Any) -> LatentResult:
+    def one(model: Any, cond: _Cond, rows: Any, edit: _Cond | None, idx: jax.Array, co: jax.Array, k: jax.Array,
+            x0: Any, progress: Progress | None) -> Generator[None, None, LatentResult]:  # fmt: skip
         start = _start(k, shape) if x0 is None else jnp.asarray(x0, jnp.float32)
-        lat, _ = _drive(model, spec, start, xs, coded, mode="decode", rows=rows, code=(idx, co), cond=cond, key=k,
-                        progress=progress, switch=switch)  # fmt: skip
+        lat, _ = yield from _drive(model, spec, start, xs, coded, mode="decode", rows=rows, code=(idx, co),
+                                   cond=cond, key=k, progress=progress,
+                                   switch=None if edit is None else (int(tskip), edit))  # fmt: skip
         return LatentResult(idx, _signs_out(spec, co), lat, _decoded(model, lat))
 
-    return _batched(one, batch or key.ndim == 1, [indices, coeffs, key, x_T],
-                    [batch, batch, key.ndim == 1, _per_image(x_T, 3)])  # fmt: skip
+    return _batched(one, batch or key.ndim == 1, [model, cond, rows, edit], [indices, coeffs, key, x_T],
+                    [batch, batch, key.ndim == 1, _per_image(x_T, 3)], progress)  # fmt: skip
 
 
 def compress(model: Any, image: LatentImage, *, steps: int, codebook_size: int, num_atoms: int = 1,
