@@ -105,12 +105,10 @@ def main() -> None:
         return
 
     p = args.target
-    found, used = {}, {}
+    found = {}
     for name in names:
-        before = set(cache.get(name, {}))
         i = rate.search(len(points), lambda j, name=name: encode(name, j)["psnr"] >= p, start)
         found[name] = i
-        used[name] = len(set(cache[name]) - before)  # the search's new encodes (the rest came from the cache)
     reached = [n for n in names if cache[n][str(points[found[n]].rule.num_atoms)]["psnr"] >= p]
     fixed = max(found[n] for n in reached) if reached else len(points) - 1
     fixed_psnr = {n: encode(n, fixed)["psnr"] for n in reached}  # checks the fixed point on each image
