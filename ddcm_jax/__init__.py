@@ -12,8 +12,20 @@ The public API, re-exported here from the modules that define it:
   latent    DDCM / Turbo-DDCM / compressed CFG / editing on a latent model
             (`compress` & co. dispatch to it; `LatentResult`)
   rate      `for_bpp`: the operating point for a target rate
+  bitstream `Header` (spec + geometry + model + task + provenance) and its parts
+  shapes    the shape annotations of the public signatures
 """
 
+from ddcm_jax import shapes
+from ddcm_jax.bitstream import (
+    BitstreamError,
+    Geometry,
+    Header,
+    ModelId,
+    Provenance,
+    StoredSpec,
+    Task,
+)
 from ddcm_jax.codec import Encoded, decode_bytes, encode_image
 from ddcm_jax.latent import LatentResult
 from ddcm_jax.latent_model import LatentDiffusionModel
@@ -28,6 +40,7 @@ from ddcm_jax.model import (
 )
 from ddcm_jax.models.adm import ADMConfig
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
+from ddcm_jax.rate import for_bpp
 from ddcm_jax.sampler import (
     CompressResult,
     bits_per_image,
@@ -64,6 +77,7 @@ __all__ = [
     "MSE",
     "ADMConfig",
     "AtomSource",
+    "BitstreamError",
     "CodeSpec",
     "Colorization",
     "CompressResult",
@@ -71,20 +85,26 @@ __all__ = [
     "DiffusionModel",
     "Encoded",
     "GaussianBlur",
+    "Geometry",
     "GuidedSubset",
+    "Header",
     "Inpainting",
     "LatentDiffusionModel",
     "LatentResult",
     "MatchingPursuit",
     "ModelConfig",
     "ModelDirError",
+    "ModelId",
+    "Provenance",
     "Random",
     "Schedule",
     "Selection",
     "Soft",
     "SpecError",
     "StepContext",
+    "StoredSpec",
     "SuperResolution",
+    "Task",
     "Turbo",
     "TurboMSE",
     "__version__",
@@ -96,6 +116,7 @@ __all__ = [
     "encode",
     "encode_image",
     "fingerprint",
+    "for_bpp",
     "generate",
     "load_model",
     "make_rule",
@@ -103,4 +124,5 @@ __all__ = [
     "sample",
     "save_model",
     "select_atoms",
+    "shapes",
 ]

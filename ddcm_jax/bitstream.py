@@ -41,6 +41,11 @@ hold the header against a model before paying for the code. Layout, version 1
   payload           ceil(bits / 8) bytes, MSB first, zero padding at the end
   crc               4 bytes   CRC-32 (big-endian) of every byte before it
 
+In memory a `Header` has five parts, each a frozen dataclass: `spec`
+(`StoredSpec`, the code's settings: `ddcm_jax.spec.CodeSpec` with the rule by
+name), `geometry`, `model` (`ModelId`), `task` and `provenance`; the byte
+layout above interleaves their fields for version 1's sake.
+
 A writer uses version 1 for pixel-space codes (so their bytes never change)
 and version 2 for latent ones; the code has `steps - 1 - no_bits_steps` rows
 (the noise-adding steps; NBS is 0 in version 1).
@@ -77,7 +82,12 @@ __all__ = [
     "Bitstream",
     "BitstreamError",
     "FileHeader",
+    "Geometry",
     "Header",
+    "ModelId",
+    "Provenance",
+    "StoredSpec",
+    "Task",
     "bits_per_step",
     "code_mask",
     "coded_steps",
@@ -136,58 +146,32 @@ class BitstreamError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Header:
-    """Everything a decoder needs besides the model weights (see the module docstring)."""
+class StoredSpec:
+    """The code's settings as the file stores them: `ddcm_jax.spec.CodeSpec` with the rule by name.
+
+    `ddcm_jax.codec` converts between the two (`header_for`, `spec_of`); this
+    module stays free of JAX, so it holds names and integers only.
+    """
 
     rule: str
     steps: int
     codebook_size: int
-    fingerprint: bytes  # the first FINGERPRINT_BYTES bytes of the model's SHA-256
-    size: tuple[int, int]  # (H, W) coded
     num_atoms: int = 1
-    coef_bits: int = 0
-    task: str = "compression"
-    factor: int | None = None  # super-resolution
-    blur_kernel: int | None = None
-    blur_sigma: float | None = None
-    t_range: tuple[int, int] | None = None
-    class_label: int | None = None
-    eta: float = 1.0
-    seed: int = 0
-    noise_schedule: str = "linear"
-    num_timesteps: int = 1000
-    respacing: str = ""
-    clip: bool = True
-    compute_dtype: str = "float32"
-    original_size: tuple[int, int] | None = None  # (H0, W0); None means the coded size
-    size_policy: str = "none"
-    jax_version: str = ""
-    prng_impl: str = "threefry2x32"
+    coef_bits: int = 0  # matching pursuit's C; 0 for every other rule
     generator: str = "philox"
-    threefry_partitionable: bool = True
-    codebook_check: int = 0
+    eta: float = 1.0
+    respacing: str = ""
+    t_range: tuple[int, int] | None = None
+    clip: bool = True
     latent_schedule: str | None = None  # "ddcm" / "turbo" for a latent code (format version 2)
     no_bits_steps: int = 0
-    prompt_hash: bytes | None = None  # SHA-256 prefix of the prompt that conditioned the code
-    guidance: float = 0.0
 
     def __post_init__(self) -> None:
         # Canonical form: what the file can hold. eta is stored as float32, so an
         # encoder must sample with exactly that value for the decoder to match it.
-        fix = object.__setattr__
-        fix(self, "size", tuple(int(v) for v in self.size))
-        fix(self, "original_size", tuple(int(v) for v in (self.original_size or self.size)))
-        fix(self, "eta", _f32(float(self.eta)))
-        fix(self, "guidance", _f32(float(self.guidance)))
-        if self.blur_sigma is not None:
-            fix(self, "blur_sigma", _f32(float(self.blur_sigma)))
+        object.__setattr__(self, "eta", _f32(float(self.eta)))
         if self.t_range is not None:
-            fix(self, "t_range", tuple(int(v) for v in self.t_range))
-        _validate(self)
-
-    @property
-    def version(self) -> int:
-        return VERSION if self.latent_schedule is None else LATENT_VERSION
+            object.__setattr__(self, "t_range", tuple(int(v) for v in self.t_range))
 
     @property
     def code_rows(self) -> int:
@@ -195,20 +179,105 @@ class Header:
         return self.steps - 1 - self.no_bits_steps
 
     @property
+    def coeff_width(self) -> int:
+        return {"mp": self.num_atoms - 1, "turbo": self.num_atoms}.get(self.rule, 0)
+
+    @property
     def respacing_or_steps(self) -> str:
         return self.respacing or str(self.steps)
 
     @property
-    def coeff_width(self) -> int:
-        return {"mp": self.num_atoms - 1, "turbo": self.num_atoms}.get(self.rule, 0)
+    def step_bits(self) -> int:
+        """Payload bits of one coded step (`bits_per_step`)."""
+        return bits_per_step(self.rule, self.codebook_size, self.num_atoms, self.coef_bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The coded size, the input's size and the size policy between them (`ddcm_jax.images`)."""
+
+    size: tuple[int, int]  # (H, W) coded
+    original_size: tuple[int, int] | None = None  # (H0, W0); None means the coded size
+    size_policy: str = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "original_size", tuple(int(v) for v in (self.original_size or self.size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelId:
+    """Which model decodes the file: its fingerprint and the diffusion settings a decoder checks."""
+
+    fingerprint: bytes  # the first FINGERPRINT_BYTES bytes of the model's SHA-256
+    noise_schedule: str = "linear"
+    num_timesteps: int = 1000
+    compute_dtype: str = "float32"
 
     @property
     def fingerprint_hex(self) -> str:
         return "sha256:" + self.fingerprint.hex()
 
-    def matches_fingerprint(self, fingerprint: str) -> bool:
+    def matches(self, fingerprint: str) -> bool:
         """Whether a model's 'sha256:<hex>' fingerprint is the one this file was made with."""
         return fingerprint.startswith(self.fingerprint_hex)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the code is of: the task and its measurement's settings, the class label, the prompt."""
+
+    name: str = "compression"
+    factor: int | None = None  # super-resolution
+    blur_kernel: int | None = None
+    blur_sigma: float | None = None
+    class_label: int | None = None
+    prompt_hash: bytes | None = None  # latent: SHA-256 prefix of the prompt that conditioned the code
+    guidance: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance", _f32(float(self.guidance)))
+        if self.blur_sigma is not None:
+            object.__setattr__(self, "blur_sigma", _f32(float(self.blur_sigma)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """The randomness behind the code: the seed and the JAX settings its codebooks were drawn under."""
+
+    seed: int = 0
+    jax_version: str = ""
+    prng_impl: str = "threefry2x32"
+    threefry_partitionable: bool = True
+    codebook_check: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """Everything a decoder needs besides the weights: the spec, the geometry, the model, the task, the provenance.
+
+    Validated at construction (`ValueError` for anything no encoder of this
+    format produces); `decode_header` builds one from bytes.
+    """
+
+    spec: StoredSpec
+    geometry: Geometry
+    model: ModelId
+    task: Task = dataclasses.field(default_factory=Task)
+    provenance: Provenance = dataclasses.field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def version(self) -> int:
+        return VERSION if self.spec.latent_schedule is None else LATENT_VERSION
+
+    def replace(self, **parts: Any) -> Header:
+        """This header with whole parts replaced, or fields of parts: `replace(spec={"steps": 9})`."""
+        new = {name: dataclasses.replace(getattr(self, name), **v) if isinstance(v, dict) else v
+               for name, v in parts.items()}  # fmt: skip
+        return dataclasses.replace(self, **new)
 
 
 def _validate(h: Header) -> None:
@@ -219,100 +288,101 @@ def _validate(h: Header) -> None:
             raise ValueError(what)
 
     lim = LIMITS
-    need(h.rule in RULES, f"unknown rule {h.rule!r}")
-    need(h.task in TASKS, f"unknown task {h.task!r}")
-    need(2 <= h.steps <= lim["steps"], f"steps {h.steps} outside 2..{lim['steps']}")
-    need(1 <= h.num_timesteps <= lim["num_timesteps"], f"num_timesteps {h.num_timesteps} out of range")
-    need(h.steps <= h.num_timesteps, f"steps {h.steps} > num_timesteps {h.num_timesteps}")
-    need(1 <= h.codebook_size <= lim["codebook_size"], f"codebook size {h.codebook_size} outside 1..2^24")
-    need(1 <= h.num_atoms <= lim["num_atoms"], f"num_atoms {h.num_atoms} outside 1..{lim['num_atoms']}")
-    if h.rule == "mp":
-        need(h.num_atoms >= 2, "matching pursuit needs at least 2 atoms")
-        need(1 <= h.coef_bits <= lim["coef_bits"], f"coef_bits {h.coef_bits} outside 1..{lim['coef_bits']}")
+    s, g, m, t, p = h.spec, h.geometry, h.model, h.task, h.provenance
+    need(s.rule in RULES, f"unknown rule {s.rule!r}")
+    need(t.name in TASKS, f"unknown task {t.name!r}")
+    need(2 <= s.steps <= lim["steps"], f"steps {s.steps} outside 2..{lim['steps']}")
+    need(1 <= m.num_timesteps <= lim["num_timesteps"], f"num_timesteps {m.num_timesteps} out of range")
+    need(s.steps <= m.num_timesteps, f"steps {s.steps} > num_timesteps {m.num_timesteps}")
+    need(1 <= s.codebook_size <= lim["codebook_size"], f"codebook size {s.codebook_size} outside 1..2^24")
+    need(1 <= s.num_atoms <= lim["num_atoms"], f"num_atoms {s.num_atoms} outside 1..{lim['num_atoms']}")
+    if s.rule == "mp":
+        need(s.num_atoms >= 2, "matching pursuit needs at least 2 atoms")
+        need(1 <= s.coef_bits <= lim["coef_bits"], f"coef_bits {s.coef_bits} outside 1..{lim['coef_bits']}")
     else:
-        need(h.coef_bits == 0, f"coef_bits must be 0 for rule {h.rule}")
-    if h.generator == "shift":
-        need(h.codebook_size <= 3 * h.size[0] * h.size[1], "the shift codebook has at most H x W x 3 atoms")
-    if h.rule == "turbo":
-        need(h.num_atoms <= h.codebook_size, "turbo needs num_atoms <= codebook size")
-    elif h.rule != "mp":
-        need(h.num_atoms == 1, f"rule {h.rule} uses exactly one atom per step")
-    need(h.task != "super-resolution" or (h.factor is not None and 1 <= h.factor <= lim["factor"]),
+        need(s.coef_bits == 0, f"coef_bits must be 0 for rule {s.rule}")
+    if s.generator == "shift":
+        need(s.codebook_size <= 3 * g.size[0] * g.size[1], "the shift codebook has at most H x W x 3 atoms")
+    if s.rule == "turbo":
+        need(s.num_atoms <= s.codebook_size, "turbo needs num_atoms <= codebook size")
+    elif s.rule != "mp":
+        need(s.num_atoms == 1, f"rule {s.rule} uses exactly one atom per step")
+    need(t.name != "super-resolution" or (t.factor is not None and 1 <= t.factor <= lim["factor"]),
          "super-resolution needs a factor in 1..64")  # fmt: skip
-    need(h.task != "blur" or (h.blur_kernel is not None and 1 <= h.blur_kernel <= lim["kernel"]
-                              and h.blur_kernel % 2 == 1 and h.blur_sigma is not None
-                              and math.isfinite(h.blur_sigma) and h.blur_sigma > 0),
+    need(t.name != "blur" or (t.blur_kernel is not None and 1 <= t.blur_kernel <= lim["kernel"]
+                              and t.blur_kernel % 2 == 1 and t.blur_sigma is not None
+                              and math.isfinite(t.blur_sigma) and t.blur_sigma > 0),
          "blur needs an odd kernel size in 1..255 and a positive sigma")  # fmt: skip
-    if h.t_range is not None:
-        lo, hi = h.t_range
-        need(0 <= lo <= hi < h.num_timesteps, f"t_range {h.t_range} outside 0..{h.num_timesteps - 1}")
-    need(h.class_label is None or 0 <= h.class_label < lim["class_label"], "class label out of range")
-    need(math.isfinite(h.eta) and 0 <= h.eta <= 16, f"eta {h.eta} outside [0, 16]")
+    if s.t_range is not None:
+        lo, hi = s.t_range
+        need(0 <= lo <= hi < m.num_timesteps, f"t_range {s.t_range} outside 0..{m.num_timesteps - 1}")
+    need(t.class_label is None or 0 <= t.class_label < lim["class_label"], "class label out of range")
+    need(math.isfinite(s.eta) and 0 <= s.eta <= 16, f"eta {s.eta} outside [0, 16]")
     # jax.random.key keeps only the low 32 bits of an int seed (without x64): larger
     # seeds would alias smaller ones, so the format refuses them.
-    need(0 <= h.seed < 2**32, "seed outside 0..2^32-1")
-    need(h.noise_schedule in NOISE_SCHEDULES, f"unknown noise schedule {h.noise_schedule!r}")
-    need(len(h.respacing) <= lim["string"] and h.respacing.isascii(), "respacing string too long")
-    need(len(h.fingerprint) == FINGERPRINT_BYTES, "fingerprint must be 16 bytes")
-    need(h.compute_dtype in COMPUTE_DTYPES, f"unknown compute dtype {h.compute_dtype!r}")
-    for name, size in (("coded size", h.size), ("original size", h.original_size)):
-        need(len(size) == 2 and all(1 <= s <= lim["side"] for s in size), f"{name} {size} outside 1..16384")
-    need(h.size_policy in SIZE_POLICIES, f"unknown size policy {h.size_policy!r}")
-    _validate_geometry(h)
-    need(len(h.jax_version) <= lim["string"] and h.jax_version.isascii(), "jax version string too long")
-    for name, text in (("respacing", h.respacing), ("jax version", h.jax_version)):
+    need(0 <= p.seed < 2**32, "seed outside 0..2^32-1")
+    need(m.noise_schedule in NOISE_SCHEDULES, f"unknown noise schedule {m.noise_schedule!r}")
+    need(len(s.respacing) <= lim["string"] and s.respacing.isascii(), "respacing string too long")
+    need(len(m.fingerprint) == FINGERPRINT_BYTES, "fingerprint must be 16 bytes")
+    need(m.compute_dtype in COMPUTE_DTYPES, f"unknown compute dtype {m.compute_dtype!r}")
+    for name, size in (("coded size", g.size), ("original size", g.original_size)):
+        need(len(size) == 2 and all(1 <= v <= lim["side"] for v in size), f"{name} {size} outside 1..16384")
+    need(g.size_policy in SIZE_POLICIES, f"unknown size policy {g.size_policy!r}")
+    _validate_geometry(g)
+    need(len(p.jax_version) <= lim["string"] and p.jax_version.isascii(), "jax version string too long")
+    for name, text in (("respacing", s.respacing), ("jax version", p.jax_version)):
         need(text.isprintable(), f"{name} string has control characters")
-    need(h.prng_impl in PRNG_IMPLS, f"unknown PRNG {h.prng_impl!r}")
-    need(h.generator in CODEBOOK_GENERATORS, f"unknown codebook generator {h.generator!r}")
-    need(0 <= h.codebook_check < 2**32, "codebook check out of range")
-    _validate_latent(h)
-    rows = h.code_rows
-    need(rows * h.num_atoms <= lim["code_symbols"],
-         f"(steps - 1) x M = {rows * h.num_atoms} atoms is more than {lim['code_symbols']}")  # fmt: skip
-    if h.rule == "turbo":
-        work = rows * h.num_atoms * _rank_bits(h.codebook_size, h.num_atoms)
+    need(p.prng_impl in PRNG_IMPLS, f"unknown PRNG {p.prng_impl!r}")
+    need(s.generator in CODEBOOK_GENERATORS, f"unknown codebook generator {s.generator!r}")
+    need(0 <= p.codebook_check < 2**32, "codebook check out of range")
+    _validate_latent(s, t)
+    rows = s.code_rows
+    need(rows * s.num_atoms <= lim["code_symbols"],
+         f"(steps - 1) x M = {rows * s.num_atoms} atoms is more than {lim['code_symbols']}")  # fmt: skip
+    if s.rule == "turbo":
+        work = rows * s.num_atoms * _rank_bits(s.codebook_size, s.num_atoms)
         need(work <= lim["rank_work"], f"turbo code too costly to decode: (steps - 1) x M x rank bits = "
                                        f"{work} > {lim['rank_work']}")  # fmt: skip
 
 
-def _validate_latent(h: Header) -> None:
+def _validate_latent(s: StoredSpec, t: Task) -> None:
     """A latent code's block, and the pixel-only settings it must leave at their neutral values."""
-    if h.latent_schedule is None:
-        if h.no_bits_steps or h.prompt_hash is not None or h.guidance:
+    if s.latent_schedule is None:
+        if s.no_bits_steps or t.prompt_hash is not None or t.guidance:
             raise ValueError("no-bits steps and prompts belong to latent codes (format version 2)")
         return
     from ddcm_jax.respacing import LATENT_SCHEDULES, TURBO_TIMESTEPS
 
-    if h.latent_schedule not in LATENT_SCHEDULES:
-        raise ValueError(f"unknown latent schedule {h.latent_schedule!r}")
-    if h.latent_schedule == "turbo" and h.steps > len(TURBO_TIMESTEPS):
-        raise ValueError(f"the turbo schedule has at most {len(TURBO_TIMESTEPS)} steps, not {h.steps}")
-    if not 0 <= h.no_bits_steps <= h.steps - 2:
-        raise ValueError(f"no-bits steps {h.no_bits_steps} outside 0..steps-2")
-    if h.task not in ("compression", "generation") or h.class_label is not None:
-        raise ValueError(f"a latent code is a compression or generation without class label, not {h.task}")
-    if h.respacing or h.clip or h.eta != 1.0:
+    if s.latent_schedule not in LATENT_SCHEDULES:
+        raise ValueError(f"unknown latent schedule {s.latent_schedule!r}")
+    if s.latent_schedule == "turbo" and s.steps > len(TURBO_TIMESTEPS):
+        raise ValueError(f"the turbo schedule has at most {len(TURBO_TIMESTEPS)} steps, not {s.steps}")
+    if not 0 <= s.no_bits_steps <= s.steps - 2:
+        raise ValueError(f"no-bits steps {s.no_bits_steps} outside 0..steps-2")
+    if t.name not in ("compression", "generation") or t.class_label is not None:
+        raise ValueError(f"a latent code is a compression or generation without class label, not {t.name}")
+    if s.respacing or s.clip or s.eta != 1.0:
         raise ValueError("a latent code has no respacing, no x0 clipping and eta 1")
-    if h.rule == "turbo" and h.t_range is not None:
+    if s.rule == "turbo" and s.t_range is not None:
         raise ValueError("a latent turbo code has no t_range")
-    if h.prompt_hash is not None and len(h.prompt_hash) != PROMPT_HASH_BYTES:
+    if t.prompt_hash is not None and len(t.prompt_hash) != PROMPT_HASH_BYTES:
         raise ValueError("prompt hash must be 16 bytes")
-    if not (math.isfinite(h.guidance) and 0 <= h.guidance <= 100):
-        raise ValueError(f"guidance {h.guidance} outside [0, 100]")
-    if h.prompt_hash is None and h.guidance:
+    if not (math.isfinite(t.guidance) and 0 <= t.guidance <= 100):
+        raise ValueError(f"guidance {t.guidance} outside [0, 100]")
+    if t.prompt_hash is None and t.guidance:
         raise ValueError("guidance without a prompt")
 
 
-def _validate_geometry(h: Header) -> None:
+def _validate_geometry(g: Geometry) -> None:
     """The coded and original sizes must be ones the size policy can produce (`ddcm_jax.images`)."""
-    (hc, wc), (h0, w0) = h.size, h.original_size
-    if h.size_policy == "none" and (h0, w0) != (hc, wc):
+    (hc, wc), (h0, w0) = g.size, g.original_size
+    if g.size_policy == "none" and (h0, w0) != (hc, wc):
         raise ValueError(f"policy none but original size {h0}x{w0} differs from the coded {hc}x{wc}")
-    if h.size_policy in ("crop", "resize") and hc != wc:
-        raise ValueError(f"policy {h.size_policy} codes a square, not {hc}x{wc}")
-    if h.size_policy == "pad" and (h0 > hc or w0 > wc):
+    if g.size_policy in ("crop", "resize") and hc != wc:
+        raise ValueError(f"policy {g.size_policy} codes a square, not {hc}x{wc}")
+    if g.size_policy == "pad" and (h0 > hc or w0 > wc):
         raise ValueError(f"policy pad but original size {h0}x{w0} is larger than the coded {hc}x{wc}")
-    if h.size_policy == "fit" and not (hc >= h0 and wc >= w0):
+    if g.size_policy == "fit" and not (hc >= h0 and wc >= w0):
         # scaled: the longer side was brought to the frame's, the other one fits inside it
         long_c, long_0, short_c, short_0 = (hc, h0, wc, w0) if h0 >= w0 else (wc, w0, hc, h0)
         if long_c >= long_0 or round(short_0 * long_c / long_0) > short_c:
@@ -352,16 +422,16 @@ def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | N
 
 def code_mask(h: Header) -> np.ndarray:
     """Over the code's `code_rows` rows: which are stored (inside t_range)."""
-    return coded_steps(schedule_timesteps(h), h.t_range, h.code_rows)
+    return coded_steps(schedule_timesteps(h), h.spec.t_range, h.spec.code_rows)
 
 
 def schedule_timesteps(h: Header) -> np.ndarray:
     """Original timesteps in the order the sampler runs them (the last one adds no noise)."""
-    if h.latent_schedule is not None:
+    if h.spec.latent_schedule is not None:
         from ddcm_jax.respacing import latent_timesteps
 
-        return latent_timesteps(h.latent_schedule, h.steps, h.num_timesteps)[0]
-    return _timesteps(h.noise_schedule, h.num_timesteps, h.respacing_or_steps, h.steps)
+        return latent_timesteps(h.spec.latent_schedule, h.spec.steps, h.model.num_timesteps)[0]
+    return _timesteps(h.model.noise_schedule, h.model.num_timesteps, h.spec.respacing_or_steps, h.spec.steps)
 
 
 @functools.lru_cache(maxsize=256)
@@ -382,7 +452,7 @@ def _timesteps(noise_schedule: str, num_timesteps: int, respacing: str, steps: i
 def payload_bits(h: Header) -> int:
     """Exact payload length in bits: coded steps x `bits_per_step`."""
     n = int(code_mask(h).sum())
-    return n * bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
+    return n * h.spec.step_bits
 
 
 # --- subset ranking (turbo) ---------------------------------------------------------------------
@@ -546,37 +616,38 @@ def _f32(v: float) -> float:
 
 
 def _header_bytes(h: Header) -> bytes:
+    s, g, m, t, p = h.spec, h.geometry, h.model, h.task, h.provenance
     out = bytearray(MAGIC)
     out.append(h.version)
-    flags = ((h.t_range is not None) << 0 | (h.class_label is not None) << 1
-             | bool(h.clip) << 2 | bool(h.threefry_partitionable) << 3)  # fmt: skip
-    out += bytes([flags, RULES.index(h.rule), TASKS.index(h.task)])
-    if h.task == "super-resolution":
-        out += _varint(h.factor)
-    elif h.task == "blur":
-        out += _varint(h.blur_kernel) + struct.pack("<f", h.blur_sigma)
-    for v in (h.steps, h.codebook_size, h.num_atoms, h.coef_bits):
+    flags = ((s.t_range is not None) << 0 | (t.class_label is not None) << 1
+             | bool(s.clip) << 2 | bool(p.threefry_partitionable) << 3)  # fmt: skip
+    out += bytes([flags, RULES.index(s.rule), TASKS.index(t.name)])
+    if t.name == "super-resolution":
+        out += _varint(t.factor)
+    elif t.name == "blur":
+        out += _varint(t.blur_kernel) + struct.pack("<f", t.blur_sigma)
+    for v in (s.steps, s.codebook_size, s.num_atoms, s.coef_bits):
         out += _varint(v)
-    if h.t_range is not None:
-        out += _varint(h.t_range[0]) + _varint(h.t_range[1])
-    if h.class_label is not None:
-        out += _varint(h.class_label)
-    out += struct.pack("<f", h.eta) + _varint(h.seed)
-    resp = h.respacing.encode("ascii")
-    out += bytes([NOISE_SCHEDULES.index(h.noise_schedule)]) + _varint(h.num_timesteps) + _varint(len(resp)) + resp
-    out += h.fingerprint + bytes([COMPUTE_DTYPES.index(h.compute_dtype)])
-    out += b"".join(_varint(v) for v in (*h.size, *h.original_size))
-    jv = h.jax_version.encode("ascii")
-    out += bytes([SIZE_POLICIES.index(h.size_policy)]) + _varint(len(jv)) + jv
-    out += bytes([PRNG_IMPLS.index(h.prng_impl), CODEBOOK_GENERATORS.index(h.generator)])
-    out += struct.pack(">I", h.codebook_check)
-    if h.latent_schedule is not None:
+    if s.t_range is not None:
+        out += _varint(s.t_range[0]) + _varint(s.t_range[1])
+    if t.class_label is not None:
+        out += _varint(t.class_label)
+    out += struct.pack("<f", s.eta) + _varint(p.seed)
+    resp = s.respacing.encode("ascii")
+    out += bytes([NOISE_SCHEDULES.index(m.noise_schedule)]) + _varint(m.num_timesteps) + _varint(len(resp)) + resp
+    out += m.fingerprint + bytes([COMPUTE_DTYPES.index(m.compute_dtype)])
+    out += b"".join(_varint(v) for v in (*g.size, *g.original_size))
+    jv = p.jax_version.encode("ascii")
+    out += bytes([SIZE_POLICIES.index(g.size_policy)]) + _varint(len(jv)) + jv
+    out += bytes([PRNG_IMPLS.index(p.prng_impl), CODEBOOK_GENERATORS.index(s.generator)])
+    out += struct.pack(">I", p.codebook_check)
+    if s.latent_schedule is not None:
         from ddcm_jax.respacing import LATENT_SCHEDULES
 
-        out += bytes([LATENT_SCHEDULES.index(h.latent_schedule)]) + _varint(h.no_bits_steps)
-        out.append(int(h.prompt_hash is not None))
-        if h.prompt_hash is not None:
-            out += h.prompt_hash + struct.pack("<f", h.guidance)
+        out += bytes([LATENT_SCHEDULES.index(s.latent_schedule)]) + _varint(s.no_bits_steps)
+        out.append(int(t.prompt_hash is not None))
+        if t.prompt_hash is not None:
+            out += t.prompt_hash + struct.pack("<f", t.guidance)
     return bytes(out)
 
 
@@ -611,6 +682,7 @@ def _read_header(r: _Reader) -> Header:
     generator = r.enum(CODEBOOK_GENERATORS, "codebook generator")
     check = struct.unpack(">I", r.take(4, "codebook check"))[0]
     latent: dict[str, Any] = {}
+    prompt: dict[str, Any] = {}
     if version == LATENT_VERSION:
         from ddcm_jax.respacing import LATENT_SCHEDULES
 
@@ -620,17 +692,14 @@ def _read_header(r: _Reader) -> Header:
         if prompt_flags >> 1:
             raise ValueError(f"unknown prompt flags 0x{prompt_flags:02x}")
         if prompt_flags & 1:
-            latent["prompt_hash"] = r.take(PROMPT_HASH_BYTES, "prompt hash")
-            latent["guidance"] = r.f32("guidance")
+            prompt["prompt_hash"] = r.take(PROMPT_HASH_BYTES, "prompt hash")
+            prompt["guidance"] = r.f32("guidance")
+    spec = StoredSpec(rule, steps, k, m, c, generator, eta, respacing, t_range, bool(flags & 4), **latent)
     return Header(
-        rule=rule, steps=steps, codebook_size=k, fingerprint=fingerprint, size=size,
-        num_atoms=m, coef_bits=c, task=task, factor=factor, blur_kernel=blur_kernel,
-        blur_sigma=blur_sigma, t_range=t_range, class_label=class_label, eta=eta, seed=seed,
-        noise_schedule=noise_schedule, num_timesteps=num_timesteps, respacing=respacing,
-        clip=bool(flags & 4), compute_dtype=compute_dtype, original_size=original,
-        size_policy=size_policy, jax_version=jax_version, prng_impl=prng_impl, generator=generator,
-        threefry_partitionable=bool(flags & 8), codebook_check=check, **latent,
-    )  # fmt: skip
+        spec, Geometry(size, original, size_policy), ModelId(fingerprint, noise_schedule, num_timesteps, compute_dtype),
+        Task(task, factor, blur_kernel, blur_sigma, class_label, **prompt),
+        Provenance(seed, jax_version, prng_impl, bool(flags & 8), check),
+    )
 
 
 # --- payload ------------------------------------------------------------------------------------
@@ -641,19 +710,19 @@ def idle_step(rule: str, num_atoms: int, coeff_width: int) -> tuple[list[int], l
     return (list(range(num_atoms)) if rule == "turbo" else [0] * num_atoms), [0] * coeff_width
 
 
-def _pack(h: Header, indices: np.ndarray, coeffs: np.ndarray, coded: np.ndarray) -> bytes:
-    b = _ceil_log2(h.codebook_size)
+def _pack(s: StoredSpec, indices: np.ndarray, coeffs: np.ndarray, coded: np.ndarray) -> bytes:
+    b = _ceil_log2(s.codebook_size)
     parts: list[str] = []
     for i in np.flatnonzero(coded):
         idx, co = [int(v) for v in indices[i]], [int(v) for v in coeffs[i]]
-        if h.rule == "turbo":
-            n_rank = _ceil_log2(math.comb(h.codebook_size, h.num_atoms))
-            parts.append(format(rank_subset(idx, h.codebook_size), f"0{n_rank}b") if n_rank else "")
+        if s.rule == "turbo":
+            n_rank = _ceil_log2(math.comb(s.codebook_size, s.num_atoms))
+            parts.append(format(rank_subset(idx, s.codebook_size), f"0{n_rank}b") if n_rank else "")
             parts.append("".join("1" if s else "0" for s in co))
         else:
             parts.append(format(idx[0], f"0{b}b") if b else "")
-            for m in range(1, h.num_atoms):
-                parts.append(format(co[m - 1], f"0{h.coef_bits}b") + (format(idx[m], f"0{b}b") if b else ""))
+            for m in range(1, s.num_atoms):
+                parts.append(format(co[m - 1], f"0{s.coef_bits}b") + (format(idx[m], f"0{b}b") if b else ""))
     bits = "".join(parts)
     if not bits:
         return b""
@@ -670,19 +739,19 @@ def _fields(buf: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
     return (word >> (32 - (offsets & 7) - width)) & ((1 << width) - 1)
 
 
-def _unpack(h: Header, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _unpack(s: StoredSpec, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The code of every step from an exact-length payload (`decode` checked the length)."""
-    step_bits = bits_per_step(h.rule, h.codebook_size, h.num_atoms, h.coef_bits)
+    step_bits = s.step_bits
     rows = np.flatnonzero(coded)
     pad = 8 * len(payload) - len(rows) * step_bits
     if pad and payload[-1] & ((1 << pad) - 1):
         raise ValueError("nonzero padding bits after the payload")
-    m, k = h.num_atoms, h.codebook_size
+    m, k = s.num_atoms, s.codebook_size
     buf = np.frombuffer(payload + bytes(4), np.uint8)
     base = np.arange(len(rows), dtype=np.int64)[:, None] * step_bits
     indices = np.zeros((len(coded), m), np.int32)
-    coeffs = np.zeros((len(coded), h.coeff_width), np.int32)
-    if h.rule == "turbo":
+    coeffs = np.zeros((len(coded), s.coeff_width), np.int32)
+    if s.rule == "turbo":
         n_rank, total = _rank_bits(k, m), math.comb(k, m)
         indices[~coded] = np.arange(m)
         coeffs[rows] = _fields(buf, base + n_rank + np.arange(m), 1)
@@ -695,13 +764,13 @@ def _unpack(h: Header, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, n
             indices[i] = unrank_subset(rank, k, m)
         return indices, coeffs
     b = _ceil_log2(k)
-    at = np.arange(m, dtype=np.int64) * (b + h.coef_bits)  # index m: m (b + C); coefficient m: m (b + C) - C
+    at = np.arange(m, dtype=np.int64) * (b + s.coef_bits)  # index m: m (b + C); coefficient m: m (b + C) - C
     idx = _fields(buf, base + at, b)
     if idx.size and idx.max() >= k:
         bad = int(np.flatnonzero(idx.max(axis=1) >= k)[0])
         raise ValueError(f"atom index {int(idx[bad].max())} >= K = {k} at step {int(rows[bad])}")
     indices[rows] = idx
-    coeffs[rows] = _fields(buf, base + at[1:] - h.coef_bits, h.coef_bits)
+    coeffs[rows] = _fields(buf, base + at[1:] - s.coef_bits, s.coef_bits)
     return indices, coeffs
 
 
@@ -747,25 +816,26 @@ def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
     Raises ValueError if the code does not fit the header (shapes, index range,
     turbo sets not sorted and distinct, defaults outside t_range).
     """
+    s = header.spec
     indices = np.asarray(indices, np.int64)
-    rows = header.code_rows
-    coeffs = np.asarray(coeffs, np.int64).reshape(rows, header.coeff_width)
-    if indices.shape != (rows, header.num_atoms):
-        raise ValueError(f"indices must be {(rows, header.num_atoms)}, got {indices.shape}")
-    if indices.size and (indices.min() < 0 or indices.max() >= header.codebook_size):
+    rows = s.code_rows
+    coeffs = np.asarray(coeffs, np.int64).reshape(rows, s.coeff_width)
+    if indices.shape != (rows, s.num_atoms):
+        raise ValueError(f"indices must be {(rows, s.num_atoms)}, got {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= s.codebook_size):
         raise ValueError("atom index outside 0..K-1")
     coded = code_mask(header)
-    top = 2 if header.rule == "turbo" else 2**header.coef_bits
+    top = 2 if s.rule == "turbo" else 2**s.coef_bits
     if coeffs.size and (coeffs.min() < 0 or coeffs.max() >= top):
         raise ValueError("coefficient outside its bit width")
-    if header.rule == "turbo" and (np.diff(indices, axis=1) <= 0).any():
+    if s.rule == "turbo" and (np.diff(indices, axis=1) <= 0).any():
         raise ValueError("turbo atom sets must be sorted and distinct")
-    default_idx, default_co = idle_step(header.rule, header.num_atoms, header.coeff_width)
+    default_idx, default_co = idle_step(s.rule, s.num_atoms, s.coeff_width)
     for i in np.flatnonzero(~coded):
         if list(indices[i]) != default_idx or list(coeffs[i]) != default_co:
             raise ValueError(f"step {i} is outside t_range but does not hold the default code")
     head = _header_bytes(header)
-    body = head + _pack(header, indices, coeffs, coded)
+    body = head + _pack(s, indices, coeffs, coded)
     return body + struct.pack(">I", zlib.crc32(body))
 
 
@@ -812,5 +882,5 @@ def decode(data: bytes, source: str = "<bytes>") -> Bitstream:
     h, start = head.header, head.header_bytes
     with _naming(source):
         coded = code_mask(h)
-        indices, coeffs = _unpack(h, data[start : start + head.payload_bytes], coded)
+        indices, coeffs = _unpack(h.spec, data[start : start + head.payload_bytes], coded)
     return Bitstream(h, head.header_bytes, head.payload_bytes, indices=indices, coeffs=coeffs)

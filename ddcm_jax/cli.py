@@ -86,6 +86,8 @@ def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
 
 def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True, restore: bool = False,
             prompts: bool = True) -> None:  # fmt: skip
+    from ddcm_jax.bitstream import CODEBOOK_GENERATORS  # NumPy only: --help stays fast
+
     g = p.add_argument_group("coding")
     if restore:
         g.add_argument("--rule", choices=["turbo", "ddcm"], default="turbo",
@@ -133,7 +135,7 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        "own prediction is not used)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="codebook and start-noise seed, 0..2^32-1")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (DDCM uses 1)")
-    g.add_argument("--generator", choices=["philox", "threefry", "shift"], default="philox",
+    g.add_argument("--generator", choices=CODEBOOK_GENERATORS, default="philox",
                    help="how codebook atoms are drawn (recorded in the file); shift: the structured, "
                    "FFT-scored family (research)")  # fmt: skip
     if policy:
@@ -674,10 +676,10 @@ def _load_model(path: Path) -> Any:
 
 
 def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, **extra: Any) -> dict[str, Any]:
-    h = enc.header
+    g = enc.header.geometry
     # bpp over the pixels the user gets back: the input's (crop: its centre square).
-    out_pixels = min(h.original_size) ** 2 if h.size_policy == "crop" else h.original_size[0] * h.original_size[1]
-    coded_pixels = h.size[0] * h.size[1]
+    out_pixels = min(g.original_size) ** 2 if g.size_policy == "crop" else g.original_size[0] * g.original_size[1]
+    coded_pixels = g.size[0] * g.size[1]
     return {
         "file": None if source is None else str(source),
         "outputs": [str(p) for p in outputs],
@@ -686,7 +688,7 @@ def _record(enc: Any, source: Path | None, outputs: list[Path], seconds: float, 
         "bpp": enc.payload_bits / out_pixels,
         "bpp_file": 8 * len(enc.data) / out_pixels,
         "bpp_coded": enc.payload_bits / coded_pixels,
-        "coded_size": list(h.size),
+        "coded_size": list(g.size),
         "seconds": round(seconds, 3),
         **extra,
     }
@@ -998,9 +1000,9 @@ def cmd_decompress(args: argparse.Namespace) -> int:
             head = bitstream.decode_header(data, name).header
             where = args.model
             if where is None:
-                where = find_model(head.fingerprint_hex)
+                where = find_model(head.model.fingerprint_hex, models)
                 if where is None:
-                    raise InputError(f"{name}: needs model {head.fingerprint_hex}…, which is not "
+                    raise InputError(f"{name}: needs model {head.model.fingerprint_hex}…, which is not "
                                      "among the known models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
             if where not in models:
                 models[where] = _load_model(where)
@@ -1008,7 +1010,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
             codec.check_prompt(head, args.prompt, name)
             # The output is resampled to, and written at, the size the header claims.
             for stage in ("resample", "png"):
-                memory.check_host(stage, *head.original_size, what=f"{name}: decoding", budget=budget)
+                memory.check_host(stage, *head.geometry.original_size, what=f"{name}: decoding", budget=budget)
             stream = bitstream.decode(data, name)
             del data
             ready.append((job, stream, where, t0))
@@ -1032,7 +1034,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
                 images.commit_files({out: images.png_bytes(pixels)})
                 h = stream.header
                 run.records.append({"file": str(job.source), "outputs": [str(out)], "bytes": stream.total_bytes,
-                                    "bpp": stream.payload_bits / (h.size[0] * h.size[1]),
+                                    "bpp": stream.payload_bits / (h.geometry.size[0] * h.geometry.size[1]),
                                     "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
                 run.say(f"{job.source} -> {out}")
             except Exception as e:
@@ -1079,31 +1081,31 @@ def describe(stream: Any, nbytes: int) -> dict[str, Any]:
     from ddcm_jax import bitstream
 
     h = stream.header
-    coded = h.size[0] * h.size[1]
+    s, g, m, t, p = h.spec, h.geometry, h.model, h.task, h.provenance
+    coded = g.size[0] * g.size[1]
     n_coded = int(bitstream.code_mask(h).sum())
-    schedule = (f"{h.noise_schedule}/{h.num_timesteps}/{h.respacing_or_steps}" if h.latent_schedule is None
-                else f"{h.noise_schedule}/{h.num_timesteps}/latent-{h.latent_schedule}")  # fmt: skip
+    steps = s.respacing_or_steps if s.latent_schedule is None else f"latent-{s.latent_schedule}"
     out = {
         "format_version": h.version,
         "bytes": nbytes, "header_bytes": stream.header_bytes, "payload_bytes": stream.payload_bytes, "crc_bytes": 4,
         "payload_bits": stream.payload_bits, "coded_steps": n_coded,
         "bpp": stream.payload_bits / coded, "bpp_file": 8 * nbytes / coded,
-        "rule": h.rule, "task": h.task, "steps": h.steps, "codebook_size": h.codebook_size,
-        "num_atoms": h.num_atoms, "coef_bits": h.coef_bits,
-        "t_range": None if h.t_range is None else list(h.t_range), "eta": h.eta, "seed": h.seed,
-        "schedule": schedule, "clip": h.clip,
-        "class_label": h.class_label, "model": h.fingerprint_hex, "compute_dtype": h.compute_dtype,
-        "coded_size": list(h.size), "original_size": list(h.original_size), "size_policy": h.size_policy,
-        "jax_version": h.jax_version, "prng": h.prng_impl, "generator": h.generator,
-        "threefry_partitionable": h.threefry_partitionable,
+        "rule": s.rule, "task": t.name, "steps": s.steps, "codebook_size": s.codebook_size,
+        "num_atoms": s.num_atoms, "coef_bits": s.coef_bits,
+        "t_range": None if s.t_range is None else list(s.t_range), "eta": s.eta, "seed": p.seed,
+        "schedule": f"{m.noise_schedule}/{m.num_timesteps}/{steps}", "clip": s.clip,
+        "class_label": t.class_label, "model": m.fingerprint_hex, "compute_dtype": m.compute_dtype,
+        "coded_size": list(g.size), "original_size": list(g.original_size), "size_policy": g.size_policy,
+        "jax_version": p.jax_version, "prng": p.prng_impl, "generator": s.generator,
+        "threefry_partitionable": p.threefry_partitionable,
     }  # fmt: skip
-    if h.latent_schedule is not None:
-        out.update(no_bits_steps=h.no_bits_steps, prompt_hash=None if h.prompt_hash is None else h.prompt_hash.hex(),
-                   guidance=h.guidance)  # fmt: skip
-    if h.task == "super-resolution":
-        out["factor"] = h.factor
-    if h.task == "blur":
-        out.update(blur_kernel=h.blur_kernel, blur_sigma=h.blur_sigma)
+    if s.latent_schedule is not None:
+        out.update(no_bits_steps=s.no_bits_steps, prompt_hash=None if t.prompt_hash is None else t.prompt_hash.hex(),
+                   guidance=t.guidance)  # fmt: skip
+    if t.name == "super-resolution":
+        out["factor"] = t.factor
+    if t.name == "blur":
+        out.update(blur_kernel=t.blur_kernel, blur_sigma=t.blur_sigma)
     return out
 
 
@@ -1179,9 +1181,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
             if job.source.suffix.lower() == ".ddcm":
                 data = _read_limited(job.source)
                 head = bitstream.decode_header(data, name).header
-                where = args.model or find_model(head.fingerprint_hex)
+                where = args.model or find_model(head.model.fingerprint_hex, models)
                 if where is None:
-                    raise InputError(f"{name}: needs model {head.fingerprint_hex}…, which is not among the known "
+                    raise InputError(f"{name}: needs model {head.model.fingerprint_hex}…, which is not among the known "
                                      "models (DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
                 model = model_for(where)
                 codec.check_model(head, model, name, budget=budget)
@@ -1203,8 +1205,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 files[job.stem.with_suffix(".ddcm")] = enc.data
                 files[job.stem.with_suffix(".png")] = images.png_bytes(enc.decoded)
                 stream = bitstream.decode(enc.data, name)
-            if args.tskip > stream.header.steps:
-                raise InputError(f"{name}: --tskip {args.tskip} is past the code's {stream.header.steps} steps")
+            if args.tskip > stream.header.spec.steps:
+                raise InputError(f"{name}: --tskip {args.tskip} is past the code's {stream.header.spec.steps} steps")
             with run.steps("edit") as progress:
                 edited = codec.decode_streams(model, [stream], progress=progress, prompt=args.prompt,
                                               edit_prompt=args.dst_prompt, tskip=args.tskip)[0]  # fmt: skip

@@ -325,7 +325,8 @@ def static_field(default: Any = dataclasses.MISSING) -> Any:
 class AtomSource:
     """One step's codebook: K atoms of `shape`, from a root key and step index, or an array.
 
-    `generator` is "philox", "threefry" or "array" (then `array` is (K, *shape)).
+    `generator` names one of `GENERATORS` ("philox", "threefry", "shift") or is
+    "array" (then `array` is (K, *shape)).
     `chunk` atoms are generated and scored at a time (None: `chunk_for` the
     default memory budget). With `axis_name`, the codebook is split across the
     devices of that mesh axis (inside `shard_map`): each scores a contiguous

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax import bitstream, images, latent, memory
-from ddcm_jax.bitstream import Bitstream, BitstreamError, Header
+from ddcm_jax.bitstream import Bitstream, BitstreamError, Geometry, Header, Task
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.memory import MemoryBudgetError, check_fits
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
@@ -77,10 +77,10 @@ class Encoded:
 
     data: bytes
     header: Header
-    decoded: np.ndarray  # uint8 (H, W, 3) in the output geometry: decode_bytes returns exactly this
-    reference: np.ndarray | None  # uint8, the input in the same geometry (None for generation)
+    decoded: Pixels  # in the output geometry: decode_bytes returns exactly this
+    reference: Pixels | None  # the input in the same geometry (None for generation)
     notes: tuple[str, ...] = ()
-    degraded: np.ndarray | None = None  # restoration: uint8 view of the measurement y (see `_degraded_view`)
+    degraded: Pixels | None = None  # restoration: uint8 view of the measurement y (see `_degraded_view`)
     consistency_db: float | None = None  # restoration: PSNR of A(decoded) vs y at the coded size, in dB
 
     @property
@@ -114,40 +114,30 @@ def prompt_hash(prompt: str) -> bytes:
     return hashlib.sha256(prompt.encode("utf-8")).digest()[: bitstream.PROMPT_HASH_BYTES]
 
 
-def header_for(model: Any, spec: CodeSpec, *, seed: int, size: tuple[int, int], original: tuple[int, int],
-               policy: str, partitionable: bool, prompt: str | None = None, guidance: float = 0.0,
-               **extra: Any) -> Header:  # fmt: skip
-    """The file header of an image coded under `spec`: the spec, the geometry, the model, the provenance.
-
-    `extra`: the task's fields (task, factor, blur_kernel, blur_sigma, class_label).
-    A latent model's header adds the spec's named schedule and no-bits steps,
-    and the hash of the prompt (with its guidance) when one conditioned the code.
-    """
+def header_for(model: Any, spec: CodeSpec, *, seed: int, geometry: Geometry, partitionable: bool,
+               task: Task | None = None) -> Header:  # fmt: skip
+    """The file header of a code made under `spec`: the spec, the geometry, the model, the task, the provenance."""
     rule = spec.rule
     if rule.code_name is None:
         raise ValueError(f"rule {type(rule).__name__} cannot be stored in a file")
+    stored = bitstream.StoredSpec(rule.code_name, spec.steps, spec.codebook_size, rule.num_atoms,
+                                  rule.coef_bits if rule.code_name == "mp" else 0, spec.generator, spec.eta,
+                                  spec.respacing, spec.t_range, spec.clip, spec.schedule, spec.no_bits_steps)  # fmt: skip
     if latent.is_latent_model(model):
         sc = model.config.scheduler
-        return Header(
-            rule=rule.code_name, steps=spec.steps, codebook_size=spec.codebook_size, num_atoms=rule.num_atoms,
-            coef_bits=rule.coef_bits if rule.code_name == "mp" else 0, fingerprint=_fingerprint_bytes(model),
-            size=size, original_size=original, size_policy=policy, t_range=spec.t_range, eta=spec.eta, seed=seed,
-            noise_schedule=sc.beta_schedule, num_timesteps=sc.num_train_timesteps, clip=False,
-            compute_dtype="float32", jax_version=jax.__version__, threefry_partitionable=partitionable,
-            generator=spec.generator, codebook_check=codebook_check(seed, partitionable, spec.generator),
-            latent_schedule=spec.schedule, no_bits_steps=spec.no_bits_steps,
-            prompt_hash=prompt_hash(prompt) if prompt else None, guidance=guidance if prompt else 0.0, **extra,
-        )  # fmt: skip
-    d = model.config.diffusion
-    return Header(
-        rule=rule.code_name, steps=spec.steps, codebook_size=spec.codebook_size, num_atoms=rule.num_atoms,
-        coef_bits=rule.coef_bits if rule.code_name == "mp" else 0, fingerprint=_fingerprint_bytes(model),
-        size=size, original_size=original, size_policy=policy, t_range=spec.t_range, eta=spec.eta,
-        seed=seed, noise_schedule=d.noise_schedule, num_timesteps=d.num_timesteps, respacing=spec.respacing,
-        clip=spec.clip, compute_dtype=model.config.compute_dtype, jax_version=jax.__version__,
-        threefry_partitionable=partitionable, generator=spec.generator,
-        codebook_check=codebook_check(seed, partitionable, spec.generator), **extra,
-    )  # fmt: skip
+        schedule, dtype = (sc.beta_schedule, sc.num_train_timesteps), "float32"
+    else:
+        d = model.config.diffusion
+        schedule, dtype = (d.noise_schedule, d.num_timesteps), model.config.compute_dtype
+    provenance = bitstream.Provenance(seed, jax.__version__, PRNG_IMPL, partitionable,
+                                      codebook_check(seed, partitionable, spec.generator))  # fmt: skip
+    model_id = bitstream.ModelId(_fingerprint_bytes(model), *schedule, dtype)
+    return Header(stored, geometry, model_id, task or Task(), provenance)
+
+
+def _prompt_task(name: str, prompt: str | None, guidance: float) -> Task:
+    """A latent code's task: the prompt's hash and guidance when one conditioned it."""
+    return Task(name, prompt_hash=prompt_hash(prompt) if prompt else None, guidance=guidance if prompt else 0.0)
 
 
 def spec_of(h: Header, rule: Any = None) -> CodeSpec:
@@ -156,13 +146,14 @@ def spec_of(h: Header, rule: Any = None) -> CodeSpec:
     Values are the header's canonical ones (eta rounded to float32): an
     encoder samples with them so that its decoder replays the same arithmetic.
     """
-    rule = replay_rule(h.rule, h.num_atoms, max(h.coef_bits, 1)) if rule is None else rule
-    return CodeSpec(h.steps, h.codebook_size, rule, h.generator, h.eta, h.respacing, h.t_range, h.clip,
-                    h.latent_schedule, h.no_bits_steps)  # fmt: skip
+    s = h.spec
+    rule = replay_rule(s.rule, s.num_atoms, max(s.coef_bits, 1)) if rule is None else rule
+    return CodeSpec(s.steps, s.codebook_size, rule, s.generator, s.eta, s.respacing, s.t_range, s.clip,
+                    s.latent_schedule, s.no_bits_steps)  # fmt: skip
 
 
 def _key(h: Header) -> jax.Array:
-    return jax.random.key(h.seed, impl=h.prng_impl)
+    return jax.random.key(h.provenance.seed, impl=h.provenance.prng_impl)
 
 
 def _keys(headers: list[Header]) -> jax.Array:
@@ -172,8 +163,13 @@ def _keys(headers: list[Header]) -> jax.Array:
 def _finish(h: Header, x: Any, indices: Any, coeffs: Any, reference: np.ndarray | None,
             notes: tuple[str, ...]) -> Encoded:  # fmt: skip
     data = bitstream.encode(h, np.asarray(indices), np.asarray(coeffs))
-    decoded = images.restore_geometry(images.from_model(np.asarray(x)), h.size_policy, h.original_size)
+    decoded = _restore(x, h)
     return Encoded(data, h, decoded, reference, tuple(notes))
+
+
+def _restore(x: Any, h: Header) -> np.ndarray:
+    """The model's output x (H, W, 3) in [-1, 1] as the input's pixels: the size policy undone."""
+    return images.restore_geometry(images.from_model(np.asarray(x)), h.geometry.size_policy, h.geometry.original_size)
 
 
 def _listener(progress: Progress | None) -> Progress:
@@ -262,9 +258,9 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
         if task != "compression":
             raise ValueError(f"{task}: restoration runs on pixel-space models; latent models compress and generate")
         spec = _latent_spec(spec, coded.shape[1:3], no_bits_steps, schedule)
-        heads = [header_for(model, spec, seed=seed, size=coded.shape[1:3], original=o, policy=size_policy,
-                            partitionable=partitionable, prompt=prompt, guidance=guidance)
-                 for o in originals]  # fmt: skip
+        task_fields = _prompt_task(task, prompt, guidance)
+        heads = [header_for(model, spec, seed=seed, geometry=Geometry(coded.shape[1:3], o, size_policy),
+                            partitionable=partitionable, task=task_fields) for o in originals]  # fmt: skip
         with jax.threefry_partitionable(partitionable):
             res = latent.encode(model, spec_of(heads[0], spec.rule), np.stack([images.to_model(c) for c in coded]),
                                 key=_keys(heads), prompt=prompt, guidance=guidance,
@@ -277,25 +273,23 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
         raise ValueError("schedules, no-bits steps and prompts are settings of latent (Stable Diffusion) models")
     mesh = mesh_for(len(pixel_list)) if mesh is None else mesh
     x = np.stack([images.to_model(c) for c in coded])
-    extra: dict[str, Any] = {}
+    task_fields = Task()
     if task != "compression":
         op = make_operator(task, coded.shape[1:3], **op_args)
         rule = TurboMSE(op, spec.rule.num_atoms) if isinstance(spec.rule, Turbo) else MSE(op)
         spec = spec.replace(rule=rule, t_range=None)
-        extra["task"] = task
-        if task == "super-resolution":
-            extra["factor"] = op.factor
-        elif task == "blur":
-            extra.update(blur_kernel=op.kernel_size, blur_sigma=float(op.sigma))
-    heads = [header_for(model, spec, seed=seed, size=coded.shape[1:3], original=o, policy=size_policy,
-                        partitionable=partitionable, **extra) for o in originals]  # fmt: skip
+        sr, blur = task == "super-resolution", task == "blur"
+        task_fields = Task(task, factor=op.factor if sr else None, blur_kernel=op.kernel_size if blur else None,
+                           blur_sigma=float(op.sigma) if blur else None)  # fmt: skip
+    heads = [header_for(model, spec, seed=seed, geometry=Geometry(coded.shape[1:3], o, size_policy),
+                        partitionable=partitionable, task=task_fields) for o in originals]  # fmt: skip
     run = spec_of(heads[0], spec.rule)
     with jax.threefry_partitionable(partitionable):
         if task == "compression":
             res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads), progress=_listener(progress))
         else:
             res = encode_sharded(model, run, mesh=mesh, key=_keys(heads), measurements=jax.vmap(op)(jnp.asarray(x)),
-                                 image_shape=(*heads[0].size, 3), progress=_listener(progress))  # fmt: skip
+                                 image_shape=(*heads[0].geometry.size, 3), progress=_listener(progress))  # fmt: skip
     notes = notes or [()] * len(pixel_list)
     out = [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, size_policy), n)
            for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
@@ -328,7 +322,7 @@ def _sign_bits(spec: CodeSpec, coeffs: Any) -> np.ndarray:
 
 
 def _signs(h: Header, coeffs: np.ndarray) -> np.ndarray:
-    return 1 - 2 * np.asarray(coeffs) if h.rule == "turbo" else np.asarray(coeffs)
+    return 1 - 2 * np.asarray(coeffs) if h.spec.rule == "turbo" else np.asarray(coeffs)
 
 
 def _psnr_pm1(a: np.ndarray, b: np.ndarray) -> float:
@@ -343,9 +337,10 @@ def _degraded_view(y: np.ndarray, h: Header) -> np.ndarray:
     if y.shape[-1] == 1:
         y = np.repeat(y, 3, axis=-1)
     view = images.from_model(y)
-    if view.shape[:2] != tuple(h.size):  # super-resolution: the small image itself
+    g = h.geometry
+    if view.shape[:2] != tuple(g.size):  # super-resolution: the small image itself
         return view
-    return images.restore_geometry(view, h.size_policy, h.original_size)
+    return images.restore_geometry(view, g.size_policy, g.original_size)
 
 
 def encode_image(model: Any, pixels: Pixels, spec: CodeSpec, *, notes: tuple[str, ...] = (),
@@ -403,8 +398,9 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
         spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=size, rule=rule,
                                 schedule=schedule or spec.schedule, no_bits_steps=0, generator=spec.generator)  # fmt: skip
         recorded = None if ccfg_subset is not None else prompt  # compressed CFG decodes without its prompt
-        heads = [header_for(model, spec, seed=sd, size=size, original=size, policy="none", task="generation",
-                            partitionable=partitionable, prompt=recorded, guidance=guidance) for sd in seeds]  # fmt: skip
+        task_fields = _prompt_task("generation", recorded, guidance)
+        heads = [header_for(model, spec, seed=sd, geometry=Geometry(size), partitionable=partitionable,
+                            task=task_fields) for sd in seeds]  # fmt: skip
         with jax.threefry_partitionable(partitionable):
             res = latent.encode(model, spec_of(heads[0], spec.rule), None, key=_keys(heads), image_shape=(*size, 3),
                                 prompt=prompt, guidance=guidance, progress=_listener(progress))  # fmt: skip
@@ -414,8 +410,8 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
     n = model.config.architecture.image_size
     check_fits(model.config.architecture, n, n, budget=budget)
     spec = spec.replace(rule=Random(), t_range=None)
-    heads = [header_for(model, spec, seed=sd, size=(n, n), original=(n, n), policy="none", task="generation",
-                        class_label=class_label, partitionable=partitionable) for sd in seeds]  # fmt: skip
+    heads = [header_for(model, spec, seed=sd, geometry=Geometry((n, n)), partitionable=partitionable,
+                        task=Task("generation", class_label=class_label)) for sd in seeds]  # fmt: skip
     labels = None if class_label is None else jnp.full((len(seeds),), class_label, jnp.int32)
     with jax.threefry_partitionable(partitionable):
         res = encode_sharded(model, spec_of(heads[0], spec.rule), mesh=mesh_for(len(seeds)) if mesh is None else mesh,
@@ -430,7 +426,7 @@ def generate_image(model: Any, spec: CodeSpec, *, seed: int = 0, class_label: in
     return generate_images(model, spec, [seed], class_label=class_label, **kw)[0]
 
 
-def check_model(h: Header, model: Any, source: str, *, budget: int | None = None) -> None:
+def check_model(h: Header, model: Any, source: str, *, budget: int) -> None:
     """Raise BitstreamError unless `model` can decode a file with header `h` faithfully.
 
     Needs only the header (`bitstream.decode_header`): check before decoding the payload.
@@ -438,56 +434,56 @@ def check_model(h: Header, model: Any, source: str, *, budget: int | None = None
     from ddcm_jax.printable import printable
 
     source = printable(source)
-    if not h.matches_fingerprint(str(model.fingerprint)):
-        raise BitstreamError(f"{source}: made with model {h.fingerprint_hex}…, not with this one "
+    if not h.model.matches(str(model.fingerprint)):
+        raise BitstreamError(f"{source}: made with model {h.model.fingerprint_hex}…, not with this one "
                              f"({str(model.fingerprint)[:39]}…)")  # fmt: skip
-    if latent.is_latent_model(model) or h.latent_schedule is not None:
+    if latent.is_latent_model(model) or h.spec.latent_schedule is not None:
         _check_latent_model(h, model, source, budget)
         return
     arch, d = model.config.architecture, model.config.diffusion
-    if (h.noise_schedule, h.num_timesteps) != (d.noise_schedule, d.num_timesteps):
-        raise BitstreamError(f"{source}: encoded with the {h.noise_schedule}/{h.num_timesteps} schedule, "
+    m, g, label = h.model, h.geometry, h.task.class_label
+    if (m.noise_schedule, m.num_timesteps) != (d.noise_schedule, d.num_timesteps):
+        raise BitstreamError(f"{source}: encoded with the {m.noise_schedule}/{m.num_timesteps} schedule, "
                              f"the model uses {d.noise_schedule}/{d.num_timesteps}")  # fmt: skip
-    if h.compute_dtype != model.config.compute_dtype:
-        raise BitstreamError(f"{source}: encoded with {h.compute_dtype} compute, this model directory "
+    if m.compute_dtype != model.config.compute_dtype:
+        raise BitstreamError(f"{source}: encoded with {m.compute_dtype} compute, this model directory "
                              f"computes in {model.config.compute_dtype}")  # fmt: skip
-    if (h.class_label is None) != (arch.num_classes is None):
-        raise BitstreamError(f"{source}: class label {h.class_label} does not fit this "
+    if (label is None) != (arch.num_classes is None):
+        raise BitstreamError(f"{source}: class label {label} does not fit this "
                              f"{'class-conditional' if arch.num_classes else 'unconditional'} model")  # fmt: skip
-    if h.class_label is not None and h.class_label >= arch.num_classes:
-        raise BitstreamError(f"{source}: class label {h.class_label} >= the model's {arch.num_classes} classes")
-    if h.size[0] % arch.size_multiple or h.size[1] % arch.size_multiple:
-        raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not a multiple of "
-                             f"{arch.size_multiple}, which this network needs")  # fmt: skip
-    if h.size_policy == "pad" and any(c - o >= arch.size_multiple for c, o in zip(h.size, h.original_size, strict=True)):
-        raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not {h.original_size[0]}x"
-                             f"{h.original_size[1]} padded to a multiple of {arch.size_multiple}")  # fmt: skip
+    if label is not None and label >= arch.num_classes:
+        raise BitstreamError(f"{source}: class label {label} >= the model's {arch.num_classes} classes")
+    (hc, wc), (h0, w0), mult = g.size, g.original_size, arch.size_multiple
+    if hc % mult or wc % mult:
+        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this network needs")
+    if g.size_policy == "pad" and (hc - h0 >= mult or wc - w0 >= mult):
+        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not {h0}x{w0} padded to a multiple of {mult}")
     _check_budget_and_atoms(h, model, source, budget)
 
 
-def _check_budget_and_atoms(h: Header, model: Any, source: str, budget: int | None) -> None:
+def _check_budget_and_atoms(h: Header, model: Any, source: str, budget: int) -> None:
     """Both families: decoding fits the memory budget, and this JAX draws the encoder's atoms."""
     try:
-        fits(model, *h.size, budget=memory.budget_bytes() if budget is None else budget)
+        fits(model, *h.geometry.size, budget=budget)
     except MemoryBudgetError as e:
         raise BitstreamError(f"{source}: decoding {e}") from None
-    if codebook_check(h.seed, h.threefry_partitionable, h.generator) != h.codebook_check:
+    p, generator = h.provenance, h.spec.generator
+    if codebook_check(p.seed, p.threefry_partitionable, generator) != p.codebook_check:
         raise BitstreamError(f"{source}: this JAX ({jax.__version__}) draws other codebook atoms than the "
-                             f"encoder's (jax {h.jax_version or '?'}, {h.generator}); it cannot decode the file")  # fmt: skip
+                             f"encoder's (jax {p.jax_version or '?'}, {generator}); it cannot decode the file")  # fmt: skip
 
 
-def _check_latent_model(h: Header, model: Any, source: str, budget: int | None) -> None:
-    if not latent.is_latent_model(model) or h.latent_schedule is None:
-        kind = "a latent (Stable Diffusion)" if h.latent_schedule is not None else "a pixel-space"
+def _check_latent_model(h: Header, model: Any, source: str, budget: int) -> None:
+    if not latent.is_latent_model(model) or h.spec.latent_schedule is None:
+        kind = "a latent (Stable Diffusion)" if h.spec.latent_schedule is not None else "a pixel-space"
         raise BitstreamError(f"{source}: {kind} code; this model is not one")
-    sc = model.config.scheduler
-    if (h.noise_schedule, h.num_timesteps) != (sc.beta_schedule, sc.num_train_timesteps):
-        raise BitstreamError(f"{source}: encoded with the {h.noise_schedule}/{h.num_timesteps} schedule, "
+    sc, m = model.config.scheduler, h.model
+    if (m.noise_schedule, m.num_timesteps) != (sc.beta_schedule, sc.num_train_timesteps):
+        raise BitstreamError(f"{source}: encoded with the {m.noise_schedule}/{m.num_timesteps} schedule, "
                              f"the model uses {sc.beta_schedule}/{sc.num_train_timesteps}")  # fmt: skip
-    m = latent.size_multiple(model)
-    if h.size[0] % m or h.size[1] % m:
-        raise BitstreamError(f"{source}: coded size {h.size[0]}x{h.size[1]} is not a multiple of {m}, "
-                             "which this model needs")  # fmt: skip
+    mult, (hc, wc) = latent.size_multiple(model), h.geometry.size
+    if hc % mult or wc % mult:
+        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this model needs")
     _check_budget_and_atoms(h, model, source, budget)
 
 
@@ -495,23 +491,22 @@ def check_prompt(h: Header, prompt: str | None, source: str) -> None:
     """Raise BitstreamError unless `prompt` is the one the file was conditioned on (none: none)."""
     from ddcm_jax.printable import printable
 
-    if h.prompt_hash is None:
+    if h.task.prompt_hash is None:
         if prompt:
             raise BitstreamError(f"{printable(source)}: coded without a prompt; do not give one")
         return
     if not prompt:
-        raise BitstreamError(f"{printable(source)}: coded with a prompt (guidance {h.guidance:g}); give the same "
+        raise BitstreamError(f"{printable(source)}: coded with a prompt (guidance {h.task.guidance:g}); give the same "
                              "prompt to decode it")  # fmt: skip
-    if prompt_hash(prompt) != h.prompt_hash:
+    if prompt_hash(prompt) != h.task.prompt_hash:
         raise BitstreamError(f"{printable(source)}: the prompt given is not the one the file was coded with")
 
 
 def decode_signature(h: Header) -> tuple[Any, ...]:
     """What files must share to be decoded side by side (everything but seed and original size)."""
-    return (h.rule, h.steps, h.codebook_size, h.num_atoms, h.coef_bits, h.eta, h.noise_schedule, h.num_timesteps,
-            h.respacing_or_steps, h.clip, h.size, h.size_policy, h.class_label, h.generator, h.prng_impl,
-            h.threefry_partitionable, h.fingerprint, h.latent_schedule, h.no_bits_steps, h.prompt_hash,
-            h.guidance)  # fmt: skip
+    spec = dataclasses.replace(h.spec, respacing=h.spec.respacing_or_steps)  # "" and "T" are one schedule
+    p = h.provenance
+    return spec, h.model, h.task, h.geometry.size, h.geometry.size_policy, p.prng_impl, p.threefry_partitionable
 
 
 def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
@@ -528,24 +523,22 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
     if len({decode_signature(h) for h in heads}) != 1:
         raise ValueError("files decoded together must share their decoding settings")
     h = heads[0]
-    if h.latent_schedule is not None:
-        with jax.threefry_partitionable(h.threefry_partitionable):
+    if h.spec.latent_schedule is not None:
+        with jax.threefry_partitionable(h.provenance.threefry_partitionable):
             res = latent.decode(model, spec_of(h), np.stack([st.indices for st in streams]),
                                 np.stack([_signs(h, st.coeffs) for st in streams]), key=_keys(heads),
-                                image_shape=(*h.size, 3), prompt=prompt, guidance=h.guidance,
+                                image_shape=(*h.geometry.size, 3), prompt=prompt, guidance=h.task.guidance,
                                 edit_prompt=edit_prompt, tskip=tskip, progress=_listener(progress))  # fmt: skip
-        return [images.restore_geometry(images.from_model(np.asarray(res.image[b])), hb.size_policy, hb.original_size)
-                for b, hb in enumerate(heads)]  # fmt: skip
+        return [_restore(res.image[b], hb) for b, hb in enumerate(heads)]
     if edit_prompt is not None:
         raise ValueError("text-based editing needs a latent code made with a prompt")
-    labels = None if h.class_label is None else jnp.full((len(heads),), h.class_label, jnp.int32)
-    with jax.threefry_partitionable(h.threefry_partitionable):
+    labels = None if h.task.class_label is None else jnp.full((len(heads),), h.task.class_label, jnp.int32)
+    with jax.threefry_partitionable(h.provenance.threefry_partitionable):
         x = decode_sharded(model, spec_of(h), np.stack([st.indices for st in streams]),
                            np.stack([st.coeffs for st in streams]), mesh=mesh_for(len(streams)) if mesh is None
-                           else mesh, key=_keys(heads), image_shape=(*h.size, 3), class_label=labels,
+                           else mesh, key=_keys(heads), image_shape=(*h.geometry.size, 3), class_label=labels,
                            progress=_listener(progress))  # fmt: skip
-    return [images.restore_geometry(images.from_model(np.asarray(x[b])), hb.size_policy, hb.original_size)
-            for b, hb in enumerate(heads)]  # fmt: skip
+    return [_restore(x[b], hb) for b, hb in enumerate(heads)]
 
 
 def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any = None,
@@ -557,6 +550,7 @@ def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any 
     (or, for a latent code, a `prompt` that is not the encoder's); the header is
     checked against the model before the payload is decoded.
     """
+    budget, _ = _edge(budget, False)
     head = bitstream.decode_header(data, source).header
     check_model(head, model, source, budget=budget)
     check_prompt(head, prompt, source)

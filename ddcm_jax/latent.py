@@ -183,10 +183,14 @@ def no_bits_steps_heuristic(steps: int, codebook_size: int, num_atoms: int, heig
     """Turbo-DDCM's `get_no_bits_steps`: the more bits per pixel all T-1 steps would carry, the
     fewer steps go without bits (0 <= NBS <= T - 2), by log-spaced bpp bins over 0.01..0.15."""
     bits = (steps - 1) * (math.ceil(math.log2(math.comb(codebook_size, num_atoms))) + num_atoms)
-    bpp = round(bits / (height * width), 8)
-    param = 70 if height * width <= 768**2 else 20
+    return no_bits_steps_for_bpp(bits / (height * width), steps, height * width)
+
+
+def no_bits_steps_for_bpp(bpp: float, steps: int, pixels: int) -> int:
+    """The NBS bin of `bpp` (bits per pixel if all T-1 steps carried bits) for an image of `pixels`."""
+    param = 70 if pixels <= 768**2 else 20
     bins = _torch_logspace_f32(np.log10(np.float32(0.01)), np.log10(np.float32(0.15)), param)
-    bucket = int(np.searchsorted(bins.astype(np.float64), bpp, side="left"))  # torch.bucketize, right=False
+    bucket = int(np.searchsorted(bins.astype(np.float64), round(bpp, 8), side="left"))  # torch.bucketize, right=False
     return max(0, min(steps - 2, param - bucket - 1))
 
 

@@ -581,7 +581,7 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
 
     target = M.check_save_target(model_dir, overwrite)
     where = printable(target)
-    M._check_tree_matches(params, abstract_params(config), where)
+    M.check_tree_matches(params, abstract_params(config), where)
     if tokenizer_hashes(tokenizer_files) != config.tokenizer_files:
         raise M.ModelDirError(f"{where}: tokenizer files do not match the config's hashes")
     if not _all_dicts(params):  # e.g. FrozenDicts: plain dicts over the same leaves
@@ -592,9 +592,9 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
     need = sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) + (1 << 20)
     need += sum(len(b) for b in tokenizer_files.values())
     try:
-        created = M._make_parents(target.parent)
+        created = M.make_parents(target.parent)
     except OSError as e:
-        raise M.ModelDirError(f"{where}: cannot create the folder ({M._reason(e)})") from None
+        raise M.ModelDirError(f"{where}: cannot create the folder ({M.error_reason(e)})") from None
     stage = backup = None
     try:
         free = shutil.disk_usage(target.parent).free
@@ -603,14 +603,14 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
                 f"{where}: not enough free space ({os.strerror(errno.ENOSPC)}: "
                 f"about {need:,} bytes needed, {free:,} free)"
             )
-        stage = M._fresh_name(target.parent, target.name, "staging")
+        stage = M.fresh_name(target.parent, target.name, "staging")
         stage.mkdir()
         # orbax copies NumPy leaves before writing (and compression buffers them again):
         # move each leaf to a CPU jax array first (the NumPy copy is released at once) and
         # write uncompressed, so that saving adds little to one copy of the parameters.
         cpu = jax.devices("cpu")[0]
         _replace_leaves(params, lambda a: jax.device_put(a, cpu))
-        with M._quiet_orbax():
+        with M.quiet_orbax():
             checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
             try:
                 checkpointer.save(stage / "params", args=ocp.args.PyTreeSave(params))
@@ -622,7 +622,7 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
         (stage / "model.json").write_text(meta)
         M.check_save_target(target, overwrite)  # again: something may have appeared meanwhile
         if os.path.lexists(target):
-            backup = M._fresh_name(target.parent, target.name, "replaced")
+            backup = M.fresh_name(target.parent, target.name, "replaced")
             os.rename(target, backup)
         try:
             os.rename(stage, target)
@@ -637,10 +637,10 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
     except BaseException as e:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-        M._remove_empty(created)
+        M.remove_empty(created)
         if isinstance(e, M.ModelDirError) or not isinstance(e, Exception):
             raise
-        raise M.ModelDirError(f"{where}: cannot write ({M._reason(e)})") from None
+        raise M.ModelDirError(f"{where}: cannot write ({M.error_reason(e)})") from None
     return latent_fingerprint(config, arrays)
 
 
@@ -651,11 +651,11 @@ def _read_json_object(meta: Path) -> Any:
     where = printable(meta)
     try:
         with meta.open("rb") as f:
-            raw = f.read(M._MAX_MODEL_JSON + 1)
+            raw = f.read(M.MAX_MODEL_JSON + 1)
     except OSError as e:
-        raise M.ModelDirError(f"{where}: cannot read ({M._reason(e)})") from None
-    if len(raw) > M._MAX_MODEL_JSON:
-        raise M.ModelDirError(f"{where}: larger than {M._MAX_MODEL_JSON} bytes")
+        raise M.ModelDirError(f"{where}: cannot read ({M.error_reason(e)})") from None
+    if len(raw) > M.MAX_MODEL_JSON:
+        raise M.ModelDirError(f"{where}: larger than {M.MAX_MODEL_JSON} bytes")
 
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -701,7 +701,7 @@ def _load_tokenizer(root: Path, config: LatentModelConfig) -> Any:
     try:
         present = sorted(p.name for p in folder.iterdir())
     except OSError as e:
-        raise M.ModelDirError(f"{printable(folder)}: cannot read ({M._reason(e)})") from None
+        raise M.ModelDirError(f"{printable(folder)}: cannot read ({M.error_reason(e)})") from None
     listed = [name for name, _ in config.tokenizer_files]
     if present != listed:
         raise M.ModelDirError(
@@ -713,7 +713,7 @@ def _load_tokenizer(root: Path, config: LatentModelConfig) -> Any:
             with path.open("rb") as f:
                 data = f.read(_MAX_TOKENIZER_FILE + 1)
         except OSError as e:
-            raise M.ModelDirError(f"{printable(path)}: cannot read ({M._reason(e)})") from None
+            raise M.ModelDirError(f"{printable(path)}: cannot read ({M.error_reason(e)})") from None
         if _sha256(data) != digest:
             raise M.ModelDirError(f"{printable(path)}: edited since the model was saved (hash mismatch)")
     try:
@@ -751,12 +751,12 @@ def load_latent_model(model_dir: str | os.PathLike, *, verify: bool = True) -> L
     expected = abstract_params(config)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), expected)
     try:
-        params = M._restore_params(root / "params", target)
+        params = M.restore_params(root / "params", target)
     except MemoryError:
         raise M.ModelDirError(f"{printable(root / 'params')}: cannot restore parameters (out of memory)") from None
     except Exception as e:  # orbax raises many types; all mean "unreadable"
-        raise M.ModelDirError(f"{printable(root / 'params')}: cannot restore parameters ({M._reason(e)})") from None
-    M._check_tree_matches(params, expected, printable(root))
+        raise M.ModelDirError(f"{printable(root / 'params')}: cannot restore parameters ({M.error_reason(e)})") from None
+    M.check_tree_matches(params, expected, printable(root))
     if verify:
         actual = M.fingerprint(params)
         if actual != arrays:

@@ -67,7 +67,7 @@ def forward_bytes(arch: object, height: int, width: int) -> int:
     return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
-def check_fits(arch: object, height: int, width: int, *, budget: int | None = None, codebook_chunk: int = 64,
+def check_fits(arch: object, height: int, width: int, *, budget: int, codebook_chunk: int = 64,
                what: str = "") -> None:  # fmt: skip
     """Raise MemoryBudgetError if sampling an (height, width) image would exceed the budget.
 
@@ -79,15 +79,14 @@ def check_fits(arch: object, height: int, width: int, *, budget: int | None = No
     from ddcm_jax.models.adm import activation_bound
 
     own = (codebook_chunk + 8) * height * width * 3 * 4
-    limit = budget_bytes() if budget is None else budget
-    if activation_bound(arch, int(height), int(width)) + own <= limit:
+    if activation_bound(arch, int(height), int(width)) + own <= budget:
         return  # fits even by the arithmetic over-estimate: no need to compile the network to ask XLA
     need = forward_bytes(arch, int(height), int(width)) + own
-    if need > limit:
+    if need > budget:
         prefix = f"{what}: " if what else ""
         raise MemoryBudgetError(
             f"{prefix}a {height}x{width} image needs about {format_bytes(need)} with this model "
-            f"(budget {format_bytes(limit)}; set DDCM_MEMORY_LIMIT to change it)"
+            f"(budget {format_bytes(budget)}; set DDCM_MEMORY_LIMIT to change it)"
         )
 
 
@@ -116,14 +115,13 @@ def host_bytes(stage: str, height: int, width: int) -> int:
     return HOST_BYTES_PER_PIXEL[stage] * int(height) * int(width)
 
 
-def check_host(stage: str, height: int, width: int, *, what: str = "", budget: int | None = None) -> None:
+def check_host(stage: str, height: int, width: int, *, budget: int, what: str = "") -> None:
     """Raise MemoryBudgetError if the host-side `stage` at (height, width) would exceed the budget."""
     need = host_bytes(stage, height, width)
-    limit = budget_bytes() if budget is None else budget
-    if need > limit:
+    if need > budget:
         prefix = f"{what}: " if what else ""
         verb = {"load": "loading", "resample": "resampling", "png": "writing", "lpips": "LPIPS of"}[stage]
         raise MemoryBudgetError(
             f"{prefix}{verb} a {width}x{height} image needs about {format_bytes(need)} "
-            f"(budget {format_bytes(limit)}; set DDCM_MEMORY_LIMIT to change it)"
+            f"(budget {format_bytes(budget)}; set DDCM_MEMORY_LIMIT to change it)"
         )

@@ -63,7 +63,7 @@ __all__ = [
 
 MODEL_FORMAT = "ddcm_jax.model"
 MODEL_FORMAT_VERSION = 1
-_MAX_MODEL_JSON = 1 << 20
+MAX_MODEL_JSON = 1 << 20
 
 
 class ModelDirError(ValueError):
@@ -281,7 +281,7 @@ class DiffusionModel:
         )
 
 
-def _check_tree_matches(params: Any, expected: Any, where: str) -> None:
+def check_tree_matches(params: Any, expected: Any, where: str) -> None:
     got = dict(_leaves_in_canonical_order(params))
     want = dict(_leaves_in_canonical_order(expected))
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
@@ -313,14 +313,10 @@ def _check_tree_matches(params: Any, expected: Any, where: str) -> None:
 # The failure itself reaches us as an exception, which we turn into one line, so
 # we drop exactly that unraisable message and silence orbax's logger while it works.
 
-_UNRAISABLE_FILTER_INSTALLED = False
-
-
 def _install_unraisable_filter() -> None:
-    global _UNRAISABLE_FILTER_INSTALLED
-    if _UNRAISABLE_FILTER_INSTALLED:
-        return
     previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loop", False):  # installed already (the hook is process-wide)
+        return
 
     def hook(unraisable: Any, _previous: Any = previous) -> None:
         exc = unraisable.exc_value
@@ -328,12 +324,12 @@ def _install_unraisable_filter() -> None:
             return
         _previous(unraisable)
 
+    hook.drops_closed_event_loop = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    _UNRAISABLE_FILTER_INSTALLED = True
 
 
 @contextlib.contextmanager
-def _quiet_orbax() -> Iterator[None]:
+def quiet_orbax() -> Iterator[None]:
     """Run orbax without its failure noise; on failure, settle what it left in flight.
 
     After a failed operation orbax drops tasks, futures and tensorstore handles
@@ -393,7 +389,7 @@ def _remove_tree(path: Path) -> None:
     """rmtree until the folder stays gone (late writes of a failed orbax save can recreate it)."""
     for _ in range(20):
         shutil.rmtree(path, ignore_errors=True)
-        with _quiet_orbax():
+        with quiet_orbax():
             gc.collect()
         time.sleep(0.02)
         if not os.path.lexists(path):
@@ -403,7 +399,7 @@ def _remove_tree(path: Path) -> None:
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
     """One short line for an OS / orbax / tensorstore error (their messages embed long specs)."""
     if isinstance(e, OSError) and e.strerror:
         return printable(e.strerror)
@@ -444,11 +440,11 @@ def check_save_target(model_dir: str | os.PathLike, overwrite: bool = False) -> 
         if not (target / "model.json").is_file():
             raise ModelDirError(f"{where}: is not a model directory (no model.json); refusing to replace it")
     except OSError as e:
-        raise ModelDirError(f"{where}: cannot inspect ({_reason(e)})") from None
+        raise ModelDirError(f"{where}: cannot inspect ({error_reason(e)})") from None
     return target
 
 
-def _make_parents(folder: Path) -> list[Path]:
+def make_parents(folder: Path) -> list[Path]:
     """mkdir -p `folder`; returns the folders it created, deepest last."""
     missing = []
     for p in [folder, *folder.parents]:
@@ -461,18 +457,18 @@ def _make_parents(folder: Path) -> list[Path]:
             p.mkdir()
             created.append(p)
     except OSError:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     return created
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty(folders: list[Path]) -> None:
     for p in reversed(folders):
         with contextlib.suppress(OSError):
             p.rmdir()
 
 
-def _fresh_name(parent: Path, base: str, tag: str) -> Path:
+def fresh_name(parent: Path, base: str, tag: str) -> Path:
     return parent / f".{base[:100]}.{tag}-{secrets.token_hex(6)}"
 
 
@@ -490,15 +486,15 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
 
     target = check_save_target(model_dir, overwrite)
     where = printable(target)
-    _check_tree_matches(params, abstract_params(config.architecture), where)
+    check_tree_matches(params, abstract_params(config.architecture), where)
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
     fp = fingerprint(params)
     meta = json.dumps(config.to_json(fp), indent=2) + "\n"
     need = sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) + len(meta) + (1 << 20)
     try:
-        created = _make_parents(target.parent)
+        created = make_parents(target.parent)
     except OSError as e:
-        raise ModelDirError(f"{where}: cannot create the folder ({_reason(e)})") from None
+        raise ModelDirError(f"{where}: cannot create the folder ({error_reason(e)})") from None
     stage = backup = None
     try:
         free = shutil.disk_usage(target.parent).free
@@ -508,9 +504,9 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
                 f"about {need:,} bytes needed, {free:,} free)"
             )
         # os.mkdir, not mkdtemp: the folder gets the umask's permissions like any other.
-        stage = _fresh_name(target.parent, target.name, "staging")
+        stage = fresh_name(target.parent, target.name, "staging")
         stage.mkdir()
-        with _quiet_orbax():
+        with quiet_orbax():
             checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
             try:
                 checkpointer.save(stage / "params", args=ocp.args.StandardSave(params))
@@ -519,7 +515,7 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
         (stage / "model.json").write_text(meta)
         check_save_target(target, overwrite)  # again: something may have appeared meanwhile
         if os.path.lexists(target):
-            backup = _fresh_name(target.parent, target.name, "replaced")
+            backup = fresh_name(target.parent, target.name, "replaced")
             os.rename(target, backup)
         try:
             os.rename(stage, target)
@@ -534,10 +530,10 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
     except BaseException as e:
         if stage is not None:
             _remove_tree(stage)
-        _remove_empty(created)
+        remove_empty(created)
         if isinstance(e, ModelDirError) or not isinstance(e, Exception):
             raise
-        raise ModelDirError(f"{where}: cannot write ({_reason(e)})") from None
+        raise ModelDirError(f"{where}: cannot write ({error_reason(e)})") from None
     return fp
 
 
@@ -575,13 +571,13 @@ def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
         if meta.exists() and not meta.is_file():  # a folder or a FIFO (which would block)
             raise ModelDirError(f"{where}: not a regular file")
         with meta.open("rb") as f:
-            raw = f.read(_MAX_MODEL_JSON + 1)
+            raw = f.read(MAX_MODEL_JSON + 1)
     except FileNotFoundError:
         raise ModelDirError(f"{printable(root)}: not a model directory (no model.json)") from None
     except OSError as e:
-        raise ModelDirError(f"{where}: cannot read ({_reason(e)})") from None
-    if len(raw) > _MAX_MODEL_JSON:
-        raise ModelDirError(f"{where}: larger than {_MAX_MODEL_JSON} bytes")
+        raise ModelDirError(f"{where}: cannot read ({error_reason(e)})") from None
+    if len(raw) > MAX_MODEL_JSON:
+        raise ModelDirError(f"{where}: larger than {MAX_MODEL_JSON} bytes")
 
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -598,10 +594,10 @@ def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
         raise ModelDirError(f"{where}: {printable(e)[:300]}") from None
 
 
-def _restore_params(params_dir: Path, target: Any) -> Any:
+def restore_params(params_dir: Path, target: Any) -> Any:
     import orbax.checkpoint as ocp
 
-    with _quiet_orbax():
+    with quiet_orbax():
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         try:
             return checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
@@ -620,9 +616,6 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = T
     diffusers`) loads as a `ddcm_jax.latent_model.LatentDiffusionModel`.
     """
     root = resolve_model_dir(model_dir).absolute()
-    handed = _take_handoff(root)
-    if handed is not None:
-        return handed
     from ddcm_jax.latent_model import is_latent_model_dir, load_latent_model
 
     if is_latent_model_dir(root):  # family "sd": a LatentDiffusionModel (see latent_model.py)
@@ -631,12 +624,12 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = T
     expected = abstract_params(config.architecture)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), expected)
     try:
-        params = _restore_params(root / "params", target)
+        params = restore_params(root / "params", target)
     except MemoryError:
         raise ModelDirError(f"{printable(root / 'params')}: cannot restore parameters (out of memory)") from None
     except Exception as e:  # orbax raises many types; all mean "unreadable"
-        raise ModelDirError(f"{printable(root / 'params')}: cannot restore parameters ({_reason(e)})") from None
-    _check_tree_matches(params, expected, printable(root))
+        raise ModelDirError(f"{printable(root / 'params')}: cannot restore parameters ({error_reason(e)})") from None
+    check_tree_matches(params, expected, printable(root))
     if verify:
         actual = fingerprint(params)
         if actual != fp:
@@ -669,38 +662,16 @@ def known_model_dirs() -> list[Path]:
     return found
 
 
-# find_model loads each candidate to verify it; it remembers folders that passed
-# (by the stat of their files, so an edited folder is verified again) and hands the
-# model it loaded to the next load_model of the same unchanged folder.
-_VERIFIED: dict[Path, tuple[Any, ...]] = {}
-_HANDOFF: list[tuple[Path, tuple[Any, ...], DiffusionModel]] = []
-
-
-def _signature(root: Path) -> tuple[Any, ...]:
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            st = os.stat(os.path.join(dirpath, name))
-            entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(entries)
-
-
-def _take_handoff(root: Path) -> DiffusionModel | None:
-    if not _HANDOFF or _HANDOFF[0][0] != root:
-        return None
-    _, sig, model = _HANDOFF.pop()
-    try:
-        return model if _signature(root) == sig else None
-    except OSError:
-        return None
-
-
-def find_model(fingerprint_prefix: str) -> Path | None:
+def find_model(fingerprint_prefix: str, loaded: dict[Path, Any] | None = None) -> Path | None:
     """The first known MODEL_DIR whose fingerprint starts with `fingerprint_prefix` ('sha256:…')
     and that loads and verifies; a folder that does not is skipped, so a damaged copy
     found through DDCM_MODELS cannot shadow an intact one later in the search order
-    (such as the packaged default)."""
+    (such as the packaged default).
+
+    `loaded`: the caller's models by folder. A folder in it counts as verified,
+    and the model a search loads is put in it, so a run loads each model once.
+    """
+    loaded = {} if loaded is None else loaded
     from ddcm_jax.latent_model import is_latent_model_dir, read_latent_model_json
 
     for d in known_model_dirs():
@@ -710,18 +681,11 @@ def find_model(fingerprint_prefix: str) -> Path | None:
             continue
         if not fp.startswith(fingerprint_prefix):
             continue
-        root = d.absolute()
-        try:
-            sig = _signature(root)
-        except OSError:
-            continue
-        if _VERIFIED.get(root) == sig:
+        if d in loaded:
             return d
         try:
-            model = load_model(root)
+            loaded[d] = load_model(d)
         except ModelDirError:
             continue
-        _VERIFIED[root] = sig
-        _HANDOFF[:] = [(root, sig, model)]
         return d
     return None

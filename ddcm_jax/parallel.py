@@ -1,8 +1,7 @@
 """Sharding at the call site: a device mesh with a data axis (images) and a codebook axis (atoms).
 
-The math never names a device axis. `compress_sharded` wraps the single-image
-`compress` in `shard_map`: each device of the "data" axis compresses its own
-images; with a "codebook" axis of size n > 1, every codebook is split into n
+The math never names a device axis. `encode_sharded` runs the sampler's own
+batch function on each device of the "data" axis, each on its own images; with a "codebook" axis of size n > 1, every codebook is split into n
 contiguous index ranges scored on different devices, and the best atoms are
 combined exactly as one device would have ranked them (ties to the lower
 index), so the indices do not depend on n.

@@ -19,9 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
-
 from ddcm_jax import bitstream
+from ddcm_jax.latent import no_bits_steps_for_bpp
 from ddcm_jax.selection import DDCM, Turbo
 from ddcm_jax.spec import CodeSpec, SpecError
 
@@ -51,16 +50,6 @@ def _largest_m(budget_per_row: float, k: int) -> int:
     return lo
 
 
-def _nbs_for_rate(bpp: float, steps: int, pixels: int) -> int:
-    """Turbo-DDCM's no-bits-steps bins (`ddcm_jax.latent.no_bits_steps_heuristic`) at the target rate."""
-    from ddcm_jax.latent import _torch_logspace_f32
-
-    param = 70 if pixels <= 768**2 else 20
-    bins = _torch_logspace_f32(np.log10(np.float32(0.01)), np.log10(np.float32(0.15)), param)
-    bucket = int(np.searchsorted(bins.astype(np.float64), round(bpp, 8), side="left"))
-    return max(0, min(steps - 2, param - bucket - 1))
-
-
 def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
             max_steps: int | None = None) -> CodeSpec:  # fmt: skip
     """`spec` with the operating point whose payload is the largest not above `bpp` x `pixels` bits.
@@ -80,7 +69,7 @@ def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
 
 def _turbo(spec: CodeSpec, budget: int, bpp: float, pixels: int, latent: bool) -> CodeSpec:
     k, steps = spec.codebook_size, spec.steps
-    first = _nbs_for_rate(bpp, steps, pixels) if latent else 0
+    first = no_bits_steps_for_bpp(bpp, steps, pixels) if latent else 0
     for nbs in range(first, (steps - 2 if latent else 0) + 1):
         rows = steps - 1 - nbs
         m = _largest_m(budget / rows, k)

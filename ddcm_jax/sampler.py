@@ -36,7 +36,7 @@ from ddcm_jax import latent
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import Random, StepContext, replay_rule
-from ddcm_jax.shapes import Coeffs, Image, Indices, Key, Label, Measurement, Weights
+from ddcm_jax.shapes import Codebook, Coeffs, Image, Indices, Key, Label, Measurement, Weights
 from ddcm_jax.spec import CodeSpec
 from ddcm_jax.stepping import PRNG_IMPL, Progress, Window, as_key, run_steps
 
@@ -128,9 +128,9 @@ def step(x_t: jax.Array, eps_hat: jax.Array, s: SchedT, noise: jax.Array,
 class CompressResult:
     """A pytree, so it can leave `jit` / `vmap`."""
 
-    indices: jax.Array  # (steps-1, M) int32, or (B, steps-1, M)
-    coeffs: jax.Array  # (steps-1, M-1) matching pursuit, (steps-1, M) turbo signs, else (steps-1, 0)
-    image: jax.Array  # the reconstruction; `decompress(indices, coeffs)` returns the same
+    indices: Indices
+    coeffs: Coeffs  # (steps-1, M-1) matching pursuit, (steps-1, M) turbo signs, else (steps-1, 0)
+    image: Image  # the reconstruction; `decompress(indices, coeffs)` returns the same
 
 
 def bits_per_image(steps: int, codebook_size: int, num_atoms: int = 1, coef_bits: int = 1,
@@ -304,8 +304,13 @@ def _per_image(one: Any, args: dict[str, Any], batch: bool) -> Any:
     def batched(name: str, v: Any) -> bool:
         if v is None:
             return False
-        rank = as_key(v).ndim if name == "key" else np.ndim(v)
-        return name == "measurement" or rank == _SINGLE_RANK[name] + 1
+        if name == "measurement":
+            return True
+        rank, single = (as_key(v).ndim if name == "key" else np.ndim(v)), _SINGLE_RANK[name]
+        if rank > single + 1:
+            raise ValueError(f"{name} has shape {np.shape(v)}: at most {single} axes for one image, shared by the "
+                             f"batch, or {single + 1} with the batch first")  # fmt: skip
+        return rank == single + 1
 
     names = [n for n, v in args.items() if batched(n, v)]
     sizes = {n: np.shape(args[n])[0] for n in names}
@@ -317,7 +322,7 @@ def _per_image(one: Any, args: dict[str, Any], batch: bool) -> Any:
 
 def encode(model: Any, spec: CodeSpec, image: Image | None = None, *, key: Key,
            measurement: Measurement | None = None, image_shape: tuple[int, ...] | None = None,
-           x_T: Image | None = None, codebook: jax.Array | None = None, weights: Weights | None = None,
+           x_T: Image | None = None, codebook: Codebook | None = None, weights: Weights | None = None,
            class_label: Label | None = None, schedule: Schedule | None = None,
            codebook_chunk: int | None = None, progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Choose the code of `image` (H, W, 3) or a batch (B, H, W, 3) under `spec`.
@@ -389,7 +394,7 @@ def encode_split(model: Any, spec: CodeSpec, image: Any, *, key: Any, measuremen
 
 
 def decode(model: Any, spec: CodeSpec, indices: Indices, coeffs: Coeffs | None = None, *, key: Key,
-           image_shape: tuple[int, ...], x_T: Image | None = None, codebook: jax.Array | None = None,
+           image_shape: tuple[int, ...], x_T: Image | None = None, codebook: Codebook | None = None,
            class_label: Label | None = None, schedule: Schedule | None = None,
            progress: Progress | None = None, window: Window | None = None) -> Image:  # fmt: skip
     """Rebuild the image from its code, regenerating only the chosen atoms.
@@ -439,7 +444,7 @@ def _start(key: Any, shape: tuple[int, ...]) -> jax.Array:
 
 def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_atoms: int = 1,
              coef_bits: int = 1, rule: Any = "ddcm", key: Key, x_T: Image | None = None,
-             codebook: jax.Array | None = None, weights: Weights | None = None,
+             codebook: Codebook | None = None, weights: Weights | None = None,
              t_range: tuple[int, int] | None = None, class_label: Label | None = None,
              schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
              generator: str = "philox", codebook_chunk: int | None = None,
@@ -493,7 +498,7 @@ def compress(model: Any, image: Image, *, steps: int, codebook_size: int, num_at
 
 def restore(model: Any, measurement: Measurement, operator: Any, *, steps: int, codebook_size: int,
             rule: Any = "mse", key: Key, image_shape: tuple[int, ...] | None = None,
-            x_T: Image | None = None, codebook: jax.Array | None = None,
+            x_T: Image | None = None, codebook: Codebook | None = None,
             class_label: Label | None = None, schedule: Schedule | None = None, eta: float = 1.0,
             clip: bool = True, generator: str = "philox", codebook_chunk: int | None = None,
             progress: Progress | None = None) -> CompressResult:  # fmt: skip
@@ -562,10 +567,10 @@ def sample(model: Any, *, steps: int, key: Key, image_shape: tuple[int, ...] | N
     return run_steps(call, jnp.asarray(x_T, jnp.float32), xs.i.shape[0], progress)[0]
 
 
-def decompress(model: Any, indices: Any, coeffs: Coeffs | None = None, *, steps: int, codebook_size: int,
+def decompress(model: Any, indices: Indices, coeffs: Coeffs | None = None, *, steps: int, codebook_size: int,
                image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1,
                rule: Any = "ddcm", key: Key, x_T: Image | None = None,
-               codebook: jax.Array | None = None, class_label: Label | None = None,
+               codebook: Codebook | None = None, class_label: Label | None = None,
                schedule: Schedule | None = None, eta: float = 1.0, clip: bool = True,
                generator: str = "philox", progress: Progress | None = None, no_bits_steps: int | None = None,
                t_range: tuple[int, int] | None = None, prompt: str | None = None,

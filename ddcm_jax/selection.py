@@ -35,6 +35,7 @@ import numpy as np
 
 from ddcm_jax import bitstream
 from ddcm_jax.codebook import AtomSource, dot, static_field
+from ddcm_jax.shapes import Atoms, Key, StepIndices
 
 __all__ = [
     "DDCM",
@@ -409,9 +410,9 @@ def _weighted_sum(book: AtomSource, p: jax.Array) -> jax.Array:
     return total
 
 
-def select_atoms(key: jax.Array, residual: jax.Array, codebook_size: int, *, step: int = 0,
+def select_atoms(key: Key, residual: Atoms, codebook_size: int, *, step: int = 0,
                  num_atoms: int = 1, coef_bits: int = 1, rule: Any = "ddcm",
-                 generator: str = "philox") -> tuple[jax.Array, jax.Array]:  # fmt: skip
+                 generator: str = "philox") -> tuple[StepIndices, Atoms]:  # fmt: skip
     """One step's selection over a key-derived codebook, for research on rules.
 
     Scores the atoms of step `step` of the codebook with root `key` against

@@ -11,7 +11,10 @@ from typing import Annotated, Any
 
 import jax
 
-__all__ = ["Code", "Coeffs", "Image", "Indices", "Key", "Label", "Measurement", "Pixels", "Weights"]
+__all__ = [
+    "Atoms", "Code", "Codebook", "Coeffs", "Image", "Indices", "Key", "Label", "Measurement", "Pixels",
+    "StepIndices", "Weights",
+]  # fmt: skip
 
 Image = Annotated[jax.Array, "*B H W C float32 in [-1, 1]"]
 Weights = Annotated[jax.Array, "*B H W 1|C float32"]
@@ -22,3 +25,6 @@ Code = Annotated[Any, "(Indices, Coeffs)"]
 Key = Annotated[Any, "*B typed jax.random.key, or an int seed"]
 Label = Annotated[Any, "*B int class label"]
 Pixels = Annotated[Any, "H W 3 uint8 numpy array"]
+Codebook = Annotated[jax.Array, "steps-1 K H W C float32 (an explicit codebook instead of the key's)"]
+StepIndices = Annotated[jax.Array, "M int32 (one step's chosen atoms)"]
+Atoms = Annotated[jax.Array, "... float32 (a residual, or the noise built from atoms; one image's shape)"]

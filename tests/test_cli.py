@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from headers import forge as forge_header
 from PIL import Image
 
 from ddcm_jax import bitstream as bs
@@ -90,10 +90,7 @@ def _one_error_line(err: str, *fragments: str) -> None:
 def _forge(data: bytes, **fields) -> bytes:
     """Rewrite header fields of a valid file (no validation), payload kept, CRC recomputed."""
     stream = bs.decode(data)
-    fake = object.__new__(bs.Header)
-    for f in dataclasses.fields(bs.Header):
-        object.__setattr__(fake, f.name, fields.get(f.name, getattr(stream.header, f.name)))
-    body = bs._header_bytes(fake) + data[stream.header_bytes : -4]
+    body = bs._header_bytes(forge_header(stream.header, **fields)) + data[stream.header_bytes : -4]
     return body + struct.pack(">I", zlib.crc32(body))
 
 
@@ -200,11 +197,11 @@ def test_generate_restore_and_their_files_decode(tiny_model_dir, kodak_image, tm
         np.testing.assert_array_equal(np.asarray(Image.open(out / made.with_suffix(".png").name)),
                                       np.asarray(Image.open(made.with_suffix(".png"))))  # fmt: skip
     h = bs.decode((tmp_path / "g" / "gen_0001.ddcm").read_bytes()).header
-    assert (h.task, h.rule, h.seed) == ("generation", "random", 8)
+    assert (h.task.name, h.spec.rule, h.provenance.seed) == ("generation", "random", 8)
     h = bs.decode((tmp_path / "r" / "kodim23.ddcm").read_bytes()).header
-    assert (h.task, h.rule) == ("colorization", "mse")
+    assert (h.task.name, h.spec.rule) == ("colorization", "mse")
     h = bs.decode((tmp_path / "t" / "kodim23.ddcm").read_bytes()).header
-    assert (h.task, h.rule, h.num_atoms, h.factor) == ("super-resolution", "turbo", 4, 4)
+    assert (h.task.name, h.spec.rule, h.spec.num_atoms, h.task.factor) == ("super-resolution", "turbo", 4, 4)
 
 
 def test_console_script_exit_code_and_one_line(tmp_path):
@@ -254,7 +251,7 @@ def test_decoding_is_independent_of_threefry_setting(tiny_model_dir, kodak_image
         code, _, err = run(capsys, "compress", kodak_image, "-o", tmp_path, "--model", tiny_model_dir, *ENC,
                            "--save-reconstruction", "-q")  # fmt: skip
     assert code == 0, err
-    assert bs.decode((tmp_path / "kodim23.ddcm").read_bytes()).header.threefry_partitionable is False
+    assert bs.decode((tmp_path / "kodim23.ddcm").read_bytes()).header.provenance.threefry_partitionable is False
     code, _, err = run(capsys, "decompress", tmp_path / "kodim23.ddcm", "-o", tmp_path / "d", "--model",
                        tiny_model_dir, "-q")  # fmt: skip
     assert code == 0, err
@@ -285,7 +282,7 @@ def test_default_model_is_packaged_small_and_used_without_model(kodak_image, tmp
     assert code == 0, err
     assert "PSNR" in out
     data = (tmp_path / "rt" / "kodim23.ddcm").read_bytes()
-    assert bs.decode(data).header.matches_fingerprint(model.fingerprint)
+    assert bs.decode(data).header.model.matches(model.fingerprint)
     # Without --model, the decoder finds the packaged model by the header's fingerprint.
     code, _, err = run(capsys, "decompress", tmp_path / "rt" / "kodim23.ddcm", "-o", tmp_path / "dec", "-q")
     assert code == 0, err

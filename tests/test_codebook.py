@@ -69,6 +69,14 @@ def test_bits_to_normal_is_box_muller():
     np.testing.assert_allclose(z2, rad * np.sin(2 * np.pi * v), rtol=0, atol=4e-6)
 
 
+def test_every_generator_has_a_format_byte_and_a_class():
+    """A generator a key derives is one the file can name, and the reverse (one class + one byte each)."""
+    from ddcm_jax import bitstream
+    from ddcm_jax.codebook import GENERATORS
+
+    assert sorted(GENERATORS) == sorted(bitstream.CODEBOOK_GENERATORS)
+
+
 def _book(generator: str, key: int = 7, step: int = 3, size: int = 256, shape=SHAPE, **kw) -> AtomSource:
     return AtomSource(size, shape, generator, root=jax.random.key(key), step=jnp.int32(step), **kw)
 

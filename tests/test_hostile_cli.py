@@ -284,13 +284,12 @@ def test_tiny_images_say_why_lpips_is_missing(tiny_model_dir, tmp_path, capsys):
 
 
 def test_budget_refuses_a_file_claiming_a_huge_original(tiny_model_dir, reference, tmp_path, capsys, monkeypatch):
-    import dataclasses
 
     from ddcm_jax import bitstream
 
     stream = bitstream.decode(next((reference / "ddcm_v1_files" / "tiny_ddcm").glob("*.ddcm")).read_bytes())
-    assert stream.header.size_policy == "crop"
-    huge = dataclasses.replace(stream.header, original_size=(16384, 16384))
+    assert stream.header.geometry.size_policy == "crop"
+    huge = stream.header.replace(geometry={"original_size": (16384, 16384)})
     bad = tmp_path / "huge.ddcm"
     bad.write_bytes(bitstream.encode(huge, stream.indices, stream.coeffs))
     assert len(bad.read_bytes()) < 200

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ddcm_jax.convert import CheckpointError, read_state_dict
+from headers import make_header
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -584,7 +585,7 @@ def _forged_ddcm(path: Path, fingerprint: str) -> Path:
     it in check_model, after loading, so the error says which model was found, without decoding."""
     from ddcm_jax import bitstream as bs
 
-    h = bs.Header(rule="ddcm", steps=2, codebook_size=2, fingerprint=bytes.fromhex(fingerprint[7:39]),
+    h = make_header(rule="ddcm", steps=2, codebook_size=2, fingerprint=bytes.fromhex(fingerprint[7:39]),
                   size=(8, 8), class_label=0)  # fmt: skip
     path.write_bytes(bs.encode(h, np.zeros((1, 1), np.int64), np.zeros((1, 0), np.int64)))
     return path
@@ -617,14 +618,16 @@ def test_damaged_copy_does_not_shadow_the_packaged_model(tmp_path, monkeypatch, 
     fp = json.loads((packaged / "model.json").read_text())["fingerprint"]
     bad = _damage(packaged, tmp_path / "bad")
     monkeypatch.setenv("DDCM_MODELS", str(bad))
-    assert model_mod.find_model(fp[:39]) == packaged
-    # Found again without reloading the packaged model (the damaged copy is tried again and
-    # skipped again); the handed-over model is the verified one.
+    models: dict = {}
+    assert model_mod.find_model(fp[:39], models) == packaged
+    assert list(models) == [packaged] and models[packaged].fingerprint == fp  # the caller keeps what was loaded
+    # Found again with the caller's models without reloading the packaged model (the damaged
+    # copy is tried again and skipped again).
     loaded: list[Path] = []
     real_load = model_mod.load_model
     monkeypatch.setattr(model_mod, "load_model", lambda root, **kw: loaded.append(Path(root)) or real_load(root, **kw))
-    assert model_mod.find_model(fp[:39]) == packaged
-    assert packaged.absolute() not in loaded and loaded == [bad.absolute()]
+    assert model_mod.find_model(fp[:39], models) == packaged
+    assert loaded == [bad]
     monkeypatch.setattr(model_mod, "load_model", real_load)
     assert ddcm_jax.load_model(packaged).fingerprint == fp
     # A damaged copy of a model that has no intact copy: not found at all.

@@ -223,13 +223,13 @@ def test_refusals(model, image):
 
 
 def test_latent_header_roundtrip_and_refusals():
-    from ddcm_jax.bitstream import Header
+    from headers import flat_fields, make_header
 
     fp = bytes(range(16))
-    h = Header(rule="turbo", steps=10, codebook_size=64, num_atoms=4, fingerprint=fp, size=(128, 96),
+    h = make_header(rule="turbo", steps=10, codebook_size=64, num_atoms=4, fingerprint=fp, size=(128, 96),
                noise_schedule="scaled_linear", clip=False, latent_schedule="turbo", no_bits_steps=4,
                prompt_hash=bytes(16), guidance=7.5)  # fmt: skip
-    assert h.version == 2 and h.code_rows == 5
+    assert h.version == 2 and h.spec.code_rows == 5
     rng = np.random.default_rng(0)
     idx = np.sort(np.stack([rng.choice(64, 4, replace=False) for _ in range(5)]), axis=1)
     co = rng.integers(0, 2, (5, 4))
@@ -240,15 +240,15 @@ def test_latent_header_roundtrip_and_refusals():
     np.testing.assert_array_equal(st.coeffs, co)
     assert st.payload_bits == 5 * (bitstream.bits_per_step("turbo", 64, 4))
     # A pixel header stays version 1, byte for byte what it was.
-    pixel = Header(rule="ddcm", steps=5, codebook_size=16, fingerprint=fp, size=(32, 32))
+    pixel = make_header(rule="ddcm", steps=5, codebook_size=16, fingerprint=fp, size=(32, 32))
     assert bitstream.encode(pixel, np.zeros((4, 1)), np.zeros((4, 0)))[4] == 1
     bad = [dict(no_bits_steps=9), dict(latent_schedule="cosine"), dict(guidance=float("nan")),
            dict(prompt_hash=None), dict(clip=True), dict(t_range=(0, 500)), dict(task="colorization")]  # fmt: skip
     for change in bad:
         with pytest.raises(ValueError):
-            Header(**{**h.__dict__, **change})
+            make_header(**{**flat_fields(h), **change})
     with pytest.raises(ValueError, match="latent codes"):
-        Header(rule="ddcm", steps=5, codebook_size=16, fingerprint=fp, size=(32, 32), no_bits_steps=1)
+        make_header(rule="ddcm", steps=5, codebook_size=16, fingerprint=fp, size=(32, 32), no_bits_steps=1)
     with pytest.raises(bitstream.BitstreamError):  # a version-2 file relabelled version 1
         bitstream.decode(data[:4] + b"\x01" + data[5:])
 
@@ -267,8 +267,8 @@ def test_cli_latent_roundtrip_info(sd_tiny_model_dir, kodak, tmp_path, capsys):
 
     assert Image.open(out / "kodim23.png").size == (768, 512)  # the input's size, whole
     h = bitstream.decode((out / "kodim23.ddcm").read_bytes()).header
-    assert (h.version, h.latent_schedule, h.no_bits_steps, h.code_rows) == (2, "turbo", 2, 3)
-    assert h.size == (96, 128)  # fit: the longer side at the UNet's native 128, a multiple of 16
+    assert (h.version, h.spec.latent_schedule, h.spec.no_bits_steps, h.spec.code_rows) == (2, "turbo", 2, 3)
+    assert h.geometry.size == (96, 128)  # fit: the longer side at the UNet's native 128, a multiple of 16
     capsys.readouterr()
     assert main(["info", str(out / "kodim23.ddcm")]) == 0
     assert "2 no-bits steps" in capsys.readouterr().out
@@ -338,7 +338,7 @@ def test_cli_compressed_cfg_files_decode_without_the_prompt(sd_tiny_model_dir, t
     assert main(["generate", "-n", "1", "-o", str(gen), "--model", m, "-T", "5", "-K", "16", "-q",
                  "--prompt", "a photo of a cat", "--ccfg-subset", "4"]) == 0  # fmt: skip
     h = bitstream.decode_header((gen / "gen_0000.ddcm").read_bytes()).header
-    assert h.prompt_hash is None and h.task == "generation"
+    assert h.task.prompt_hash is None and h.task.name == "generation"
     assert main(["decompress", str(gen / "gen_0000.ddcm"), "-o", str(tmp_path / "d"), "--model", m, "-q"]) == 0
     assert (tmp_path / "d" / "gen_0000.png").read_bytes() == (gen / "gen_0000.png").read_bytes()
     capsys.readouterr()
@@ -372,7 +372,7 @@ def test_cli_edit_image_then_reedit_the_file(sd_tiny_model_dir, kodak, tmp_path,
                  "--no-bits-steps", "2", *edit]) == 0  # the settings of the other CLI tests: compiled once  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["kodim23.ddcm", "kodim23.png", "kodim23_edit.png"]
     h = bitstream.decode_header((out / "kodim23.ddcm").read_bytes()).header
-    assert h.prompt_hash is not None and h.guidance == 6.0
+    assert h.task.prompt_hash is not None and h.task.guidance == 6.0
     again = tmp_path / "again"
     assert main(["edit", str(out / "kodim23.ddcm"), "-o", str(again), "--model", m, *edit]) == 0
     assert (again / "kodim23_edit.png").read_bytes() == (out / "kodim23_edit.png").read_bytes()

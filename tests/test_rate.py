@@ -96,7 +96,7 @@ def test_cli_bpp_pixel(tiny_model_dir, kodak, tmp_path, capsys):
                  "--size", "32", "-T", "10", "-K", "64", "--bpp", "0.0005", "-q"]) == 0  # fmt: skip
     h = bitstream.decode_header((out / "kodim23.ddcm").read_bytes()).header
     budget = math.floor(0.0005 * 512 * 512)  # crop: the centre square is the image the user gets back
-    assert h.rule == "turbo" and bitstream.payload_bits(h) <= budget < 9 * turbo_bits(64, h.num_atoms + 1)
+    assert h.spec.rule == "turbo" and bitstream.payload_bits(h) <= budget < 9 * turbo_bits(64, h.spec.num_atoms + 1)
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["compress", str(kodak / "kodim23.png"), "-o", str(tmp_path / "x"), "--model", str(tiny_model_dir),
@@ -128,9 +128,9 @@ def test_cli_psnr_target(tiny_model_dir, kodak, tmp_path, capsys, target, reache
     note = next(n for n in rec["notes"] if n.startswith("--psnr"))
     # The search starts at the level's M (128, clipped to the ladder's top K / 2 = 8).
     if reached:  # every point reaches 1 dB: down from M = 8 to M = 1, 1 + log2(4) encodes
-        assert h.num_atoms == 1 and rec["psnr"] >= target and "reached" in note and "after 3 encodes" in note
+        assert h.spec.num_atoms == 1 and rec["psnr"] >= target and "reached" in note and "after 3 encodes" in note
     else:  # nothing reaches 99 dB: the start is also the top, M = 8, after one encode
-        assert h.num_atoms == 8 and rec["psnr"] < target and "did not reach" in note and "after 1 encodes" in note
+        assert h.spec.num_atoms == 8 and rec["psnr"] < target and "did not reach" in note and "after 1 encodes" in note
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 17])

@@ -456,11 +456,11 @@ def test_load_refuses_edited_arrays(converted, tmp_path) -> None:
 
     d = _copy_model(converted, tmp_path / "a")
     config, _ = LM.read_latent_model_json(d)
-    params = M._restore_params(d / "params", LM.abstract_params(config))
+    params = M.restore_params(d / "params", LM.abstract_params(config))
     params = jax.tree.map(np.array, params)
     params["unet"]["conv_in"]["bias"][0] += 1e-3
     shutil.rmtree(d / "params")
-    with M._quiet_orbax():
+    with M.quiet_orbax():
         ckpt = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         ckpt.save(d / "params", args=ocp.args.StandardSave(params))
         ckpt.close()

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from headers import make_header
 from PIL import Image
 
 from ddcm_jax import bitstream, images, train_data
@@ -111,7 +112,7 @@ def test_fit_policy_keeps_the_whole_picture_and_comes_back_at_its_size(size):
     assert back.shape == pixels.shape
     if max(size) <= 192:  # small inputs are not enlarged: exact
         np.testing.assert_array_equal(back, pixels)
-    header = bitstream.Header(rule="ddcm", steps=4, codebook_size=16, fingerprint=bytes(16), size=coded.shape[:2],
+    header = make_header(rule="ddcm", steps=4, codebook_size=16, fingerprint=bytes(16), size=coded.shape[:2],
                               original_size=size, size_policy="fit", jax_version="0.10.2")  # fmt: skip
     data = bitstream.encode(header, np.zeros((3, 1), np.int64), np.zeros((3, 0), np.int64))
     assert bitstream.decode_header(data).header == header  # the format holds it, its geometry checks accept it
