@@ -266,3 +266,17 @@ def test_fuzz_mutated_streams_fail_cleanly_or_decode(name, other, kind, a, b, fi
     assert out.indices.shape == (h.spec.steps - 1, h.spec.num_atoms)
     assert ((out.indices >= 0) & (out.indices < h.spec.codebook_size)).all()
     assert bs.encode(h, out.indices, out.coeffs) == data
+
+
+def test_header_parts_replace_and_revalidate():
+    """`Header.replace` swaps whole parts or fields of parts, and the result is validated again."""
+    h = header(rule="turbo", num_atoms=4, steps=6)
+    assert isinstance(h.spec, bs.StoredSpec) and h.geometry.size == (32, 32) and h.task.name == "compression"
+    g = h.replace(geometry={"original_size": (30, 20), "size_policy": "pad"})
+    assert g.geometry == bs.Geometry((32, 32), (30, 20), "pad") and g.spec == h.spec
+    assert bs.decode(bs.encode(g, *random_code(g))).header == g
+    assert h.replace(provenance=bs.Provenance(seed=9)).provenance.seed == 9
+    with pytest.raises(ValueError, match="turbo needs num_atoms <= codebook size"):
+        h.replace(spec={"num_atoms": 65})
+    with pytest.raises(ValueError, match="policy pad but original size"):
+        h.replace(geometry={"original_size": (64, 64), "size_policy": "pad"})

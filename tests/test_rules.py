@@ -170,6 +170,22 @@ def test_restore_a_batch_equals_single_calls(model, image):
         np.testing.assert_allclose(batch.image[b], one.image, atol=1e-4)
 
 
+def test_batch_arguments_are_shared_or_per_image_and_nothing_else(model, image):
+    """In a batch, keys and weights are one (shared) or one per image; a shape with more axes is refused."""
+    ims = jnp.stack([jnp.asarray(image), -jnp.asarray(image)])
+    kw = dict(steps=3, codebook_size=8)
+    keys = jax.random.split(jax.random.key(5), 2)
+    shared = ddcm_jax.compress(model, ims, key=jax.random.key(5), **kw)
+    per_image = ddcm_jax.compress(model, ims, key=keys, **kw)
+    for b in range(2):
+        np.testing.assert_array_equal(shared.indices[b], ddcm_jax.compress(model, ims[b], key=5, **kw).indices)
+        np.testing.assert_array_equal(per_image.indices[b], ddcm_jax.compress(model, ims[b], key=keys[b], **kw).indices)
+    with pytest.raises(ValueError, match=r"a \(B,\) array of them, got shape \(1, 2\)"):
+        ddcm_jax.compress(model, ims, key=keys[None], **kw)
+    with pytest.raises(ValueError, match="weights has shape"):
+        ddcm_jax.compress(model, ims, key=5, weights=jnp.ones((1, *ims.shape)), **kw)
+
+
 def test_t_range_selects_only_inside(model, image):
     kw = dict(steps=6, codebook_size=32, key=4)
     ts = np.asarray(Schedule.create("linear", 1000, "6").timesteps)[::-1][:-1]  # noise-adding steps
