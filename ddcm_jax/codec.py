@@ -550,7 +550,7 @@ def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any 
     (or, for a latent code, a `prompt` that is not the encoder's); the header is
     checked against the model before the payload is decoded.
     """
-    budget, _ = _edge(budget, False)
+    budget, _ = _edge(budget, False)  # decoding takes the threefry setting from the file, not the process
     head = bitstream.decode_header(data, source).header
     check_model(head, model, source, budget=budget)
     check_prompt(head, prompt, source)
