@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, True)
     _coding(p, rules=False, policy=False)
     p.add_argument("--class-label", type=int, help="class for a class-conditional model")
+    p.add_argument("--size", type=int, metavar="PX",
+                   help="side of the generated squares (default: the window the model learned whole scenes at: "
+                   "its training crop for a `ddcm train` model, 64 px for the packaged one; else its native size)")  # fmt: skip
     p.add_argument("--ccfg-subset", type=int, default=None, metavar="N",
                    help="latent models with --prompt: compressed classifier-free guidance, each step the best of N "
                    "atoms drawn from the seed (default N = K); the files decode without the prompt. With "
@@ -941,15 +944,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _init_distributed(args)
     width = max(4, len(str(args.num_images - 1)))
     seeds = _my_share(list(range(base.seed, base.seed + args.num_images)))
-    run = Run("generate", args, len(seeds))
     model = _load_model(args.model)
+    if args.size is not None and args.size % codec.size_multiple(model):
+        raise UsageError(f"--size {args.size} is not a multiple of {codec.size_multiple(model)}, this model's multiple")
+    run = Run("generate", args, len(seeds))
     budget = memory.budget_bytes()
     for group in _groups(seeds, lambda _: 0, jax.local_device_count()):
         t0 = time.perf_counter()
         try:
             with run.steps("generate") as progress:
                 encs = codec.generate_images(model, base.spec, group, class_label=args.class_label, budget=budget,
-                                             progress=progress, **_latent_kwargs(args),
+                                             progress=progress, size=args.size, **_latent_kwargs(args),
                                              **_ccfg(args, base.spec))  # fmt: skip
         except Exception as e:
             for sd in group:

@@ -59,6 +59,7 @@ __all__ = [
     "fits",
     "generate_image",
     "generate_images",
+    "generation_side",
     "header_for",
     "make_operator",
     "mesh_for",
@@ -202,6 +203,11 @@ def coding_side(model: Any, policy: str, coding_size: int | None) -> int:
     if latent.is_latent_model(model):
         return latent.native_size(model)[0]
     return images.DEFAULT_CODING_SIZE if policy == "fit" else model.config.architecture.image_size
+
+
+def generation_side(model: Any) -> int:
+    """`generate`'s default side: a latent model's native size, a pixel model's `generation_size`."""
+    return latent.native_size(model)[0] if latent.is_latent_model(model) else model.config.generation_size
 
 
 def size_multiple(model: Any) -> int:
@@ -380,8 +386,11 @@ def restore_image(model: Any, pixels: Pixels, task: str, spec: CodeSpec, *, note
 def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label: int | None = None,
                     mesh: Any = None, budget: int | None = None, partitionable: bool | None = None,
                     progress: Progress | None = None, prompt: str | None = None, guidance: float = 0.0,
-                    schedule: str | None = None, ccfg_subset: int | None = None) -> list[Encoded]:  # fmt: skip
-    """Compressed generation at the model's native size, one image per seed (the spec's rule: `Random`).
+                    schedule: str | None = None, ccfg_subset: int | None = None,
+                    size: int | None = None) -> list[Encoded]:  # fmt: skip
+    """Compressed generation of `size` x `size` images, one per seed (the spec's rule: `Random`).
+
+    `size` defaults to `generation_side(model)`; it must be a multiple of `size_multiple(model)`.
 
     A latent model may be given a `prompt` with classifier-free `guidance` (the
     file records the prompt's hash: its decoder needs the prompt), or with
@@ -389,10 +398,13 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
     is in the code, and the file decodes without the prompt).
     """
     budget, partitionable = _edge(budget, partitionable)
+    side = generation_side(model) if size is None else size
+    if side < 1 or side % size_multiple(model):
+        raise ValueError(f"size {side} is not a positive multiple of {size_multiple(model)}, this model's multiple")
     if latent.is_latent_model(model):
         if class_label is not None:
             raise ValueError("class labels belong to class-conditional pixel models; give a prompt")
-        size = latent.native_size(model)
+        size = (side, side)
         fits(model, *size, budget=budget)
         rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
         spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=size, rule=rule,
@@ -407,7 +419,7 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
         return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
     if prompt or guidance or schedule or ccfg_subset:
         raise ValueError("prompts and named schedules belong to latent (Stable Diffusion) models")
-    n = model.config.architecture.image_size
+    n = side
     check_fits(model.config.architecture, n, n, budget=budget)
     spec = spec.replace(rule=Random(), t_range=None)
     heads = [header_for(model, spec, seed=sd, geometry=Geometry((n, n)), partitionable=partitionable,

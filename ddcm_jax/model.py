@@ -121,6 +121,24 @@ class ModelConfig:
     def compute_dtype(self) -> str:
         return self.architecture.compute_dtype
 
+    @property
+    def generation_size(self) -> int:
+        """The square side `generate` makes by default: the largest window the network saw whole.
+
+        A network from `ddcm train` learned from random crops of `crop` pixels, so it composes a scene
+        at that side and paints texture without composition beyond it (the packaged model: 64-px
+        samples read as photographs, 128-px ones as texture). Others: the native `image_size`. The
+        recorded crop is only read, never trusted: anything but a multiple of the network's size
+        multiple up to `image_size` falls back to `image_size`.
+        """
+        training = self.source.get("training") if self.source.get("format") == "ddcm_jax.train" else None
+        config = training.get("config") if isinstance(training, Mapping) else None
+        crop = config.get("crop") if isinstance(config, Mapping) else None
+        multiple = self.architecture.size_multiple
+        if type(crop) is int and 0 < crop <= self.image_size and crop % multiple == 0:
+            return crop
+        return self.image_size
+
     def settings(self) -> dict[str, Any]:
         """The settings that change what the model computes (what `config_fingerprint` covers)."""
         return {

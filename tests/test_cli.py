@@ -204,6 +204,24 @@ def test_generate_restore_and_their_files_decode(tiny_model_dir, kodak_image, tm
     assert (h.task.name, h.spec.rule, h.spec.num_atoms, h.task.factor) == ("super-resolution", "turbo", 4, 4)
 
 
+def test_generate_size(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "-n", "1", "-o", tmp_path / "g", "--model", tiny_model_dir, *CODING,
+                       "--size", "16", "-q")  # fmt: skip
+    assert code == 0, err
+    made = tmp_path / "g" / "gen_0000.ddcm"
+    assert np.asarray(Image.open(made.with_suffix(".png"))).shape == (16, 16, 3)
+    assert bs.decode(made.read_bytes()).header.geometry.size == (16, 16)
+    assert main(["decompress", str(made), "-o", str(tmp_path / "d"), "--model", str(tiny_model_dir), "-q"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d" / "gen_0000.png")),
+                                  np.asarray(Image.open(made.with_suffix(".png"))))  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "generate", "-n", "1", "-o", tmp_path / "bad", "--model", tiny_model_dir, *CODING, "--size", "15")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith("--size 15 is not a multiple of 2, this model's multiple"), err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_console_script_exit_code_and_one_line(tmp_path):
     bad = tmp_path / "junk.ddcm"
     bad.write_bytes(b"DDCM\x01" + bytes(20))

@@ -92,3 +92,37 @@ def test_bad_training_config_is_one_line(tmp_path, capsys, content, reason):
     err = capsys.readouterr().err
     assert reason in err and str(tmp_path / "cfg.json") in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("source, side", [
+    ({"format": "ddcm_jax.train", "training": {"config": {"crop": 16}}}, 16),
+    ({"format": "ddcm_jax.train", "training": {"config": {"crop": 32}}}, 32),
+    ({"format": "ddcm_jax.train", "training": {"config": {"crop": 64}}}, 32),  # larger than the native size
+    ({"format": "ddcm_jax.train", "training": {"config": {"crop": 15}}}, 32),  # not a multiple of 2
+    ({"format": "ddcm_jax.train", "training": {"config": {"crop": True}}}, 32),
+    ({"format": "ddcm_jax.train", "training": {"config": {"crop": "16"}}}, 32),
+    ({"format": "ddcm_jax.train", "training": {"config": [16]}}, 32),
+    ({"format": "ddcm_jax.train", "training": "crop 16"}, 32),
+    ({"format": "guided-diffusion", "training": {"config": {"crop": 16}}}, 32),
+    ({}, 32),
+])  # fmt: skip
+def test_generation_size_is_the_training_crop_when_there_is_a_sane_one(source, side):
+    from ddcm_jax.model import ModelConfig
+
+    arch = ADMConfig.from_create_model({**TINY, "image_size": 32})
+    assert arch.size_multiple == 2
+    assert ModelConfig(arch, source=source).generation_size == side
+
+
+def test_packaged_models_generate_at_their_training_crop():
+    import json
+    from importlib import resources
+
+    from ddcm_jax.model import ModelConfig
+
+    sides = {}
+    for name in ("default", "small-v1"):
+        text = resources.files("ddcm_jax").joinpath("weights", name, "model.json").read_text()
+        config, _ = ModelConfig.from_json(json.loads(text))
+        sides[name] = (config.image_size, config.generation_size)
+    assert sides == {"default": (128, 64), "small-v1": (128, 32)}

@@ -18,7 +18,8 @@ from ddcm_jax.cli import main
 
 # folder -> (command, its arguments after the input and "-o OUT"), as the README lists them
 # The defaults changed after version 1 (model, rule, size policy): the packaged model of that time
-# is `small-v1`, and the commands spell out what were then the defaults (--rule ddcm, --crop).
+# is `small-v1`, and the commands spell out what were then the defaults (--rule ddcm, --crop,
+# generate's --size 128).
 V1 = ["--model", "small-v1"]
 COMMANDS = {
     "default_ddcm": ("compress", ["kodim05.png"], ["-T", "20", "-K", "256", "--rule", "ddcm", "--crop", *V1]),
@@ -29,7 +30,7 @@ COMMANDS = {
     "tiny_ddcm": ("compress", ["kodim23.png"], ["-T", "10", "-K", "64", "--rule", "ddcm", "--crop", "--model", "TINY"]),
     "default_colorization": ("restore", ["kodim05.png"], ["--task", "colorization", "-T", "20", "-K", "64", "--crop",
                                                           "--rule", "ddcm", *V1]),
-    "default_generate": ("generate", [], ["-n", "1", "-T", "20", "-K", "16", "--seed", "7", *V1]),
+    "default_generate": ("generate", [], ["-n", "1", "-T", "20", "-K", "16", "--seed", "7", "--size", "128", *V1]),
 }  # fmt: skip
 
 
