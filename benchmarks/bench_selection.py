@@ -12,6 +12,9 @@ the selection itself adds. Throughput = K x D / seconds (median of repeats).
 Also times the parts of one philox chunk (bits, bits -> normal, full score) to
 show where the time goes. `api:select_atoms` is the public
 `ddcm_jax.select_atoms(key, r, K)` called eagerly, as a researcher would.
+An implementation name ending in `@256` runs with XLA's own default vector width
+(XLA_FLAGS=--xla_cpu_prefer_vector_width=256) instead of the package's 512-bit
+option (`ddcm_jax.jit`), to show what that option brings in the same run.
 Needs the `bench` extra for the torch baseline.
 """
 
@@ -27,6 +30,14 @@ import sys
 import time
 
 D_DEFAULT = 3 * 256 * 256
+W256 = "@256"  # suffix: run the case with XLA's default 256-bit vectors
+
+
+def _child_env(impl: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if impl.endswith(W256):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_prefer_vector_width=256".strip()
+    return env
 
 
 def _rss_mb(field: str) -> float:
@@ -56,6 +67,8 @@ def _measure(run, repeats: int) -> dict:
 
 def case(impl: str, k: int, d: int, repeats: int) -> dict:
     import numpy as np
+
+    name, impl = impl, impl.removesuffix(W256)
 
     r_np = np.random.default_rng(0).standard_normal(d).astype(np.float32)
     if impl == "torch":
@@ -89,12 +102,13 @@ def case(impl: str, k: int, d: int, repeats: int) -> dict:
         import jax.numpy as jnp
 
         from ddcm_jax.codebook import AtomSource, chunk_for
+        from ddcm_jax.jit import jit
 
         generator = impl.split(":")[1]
         root = jax.random.key(0)
         r = jnp.asarray(r_np)
 
-        @jax.jit
+        @jit
         def select(r):
             book = AtomSource(k, (d,), generator, root=root, step=jnp.int32(0)).with_base()
             return book.best(r)[0]
@@ -104,7 +118,7 @@ def case(impl: str, k: int, d: int, repeats: int) -> dict:
 
         out = _measure(run, repeats)
         out["chunk"] = None if generator == "shift" else chunk_for((d,), k)
-    out.update(impl=impl, K=k, D=d, throughput_M=k * d / out["seconds"] / 1e6)
+    out.update(impl=name, K=k, D=d, throughput_M=k * d / out["seconds"] / 1e6)
     return out
 
 
@@ -115,6 +129,7 @@ def parts(d: int, chunk: int, repeats: int) -> dict:
     import numpy as np
 
     from ddcm_jax.codebook import AtomSource, _philox_words, normals_from_words
+    from ddcm_jax.jit import jit
 
     root = jax.random.key(0)
     r = jnp.asarray(np.random.default_rng(0).standard_normal(d).astype(np.float32))
@@ -128,9 +143,9 @@ def parts(d: int, chunk: int, repeats: int) -> dict:
 
     ks = jnp.arange(chunk)
     stages = {
-        "philox bits": jax.jit(lambda ks: sum(jnp.sum(w >> 16, dtype=jnp.uint32) for w in words(ks))),
-        "bits -> normal": jax.jit(lambda ks: sum(jnp.sum(z) for z in normals_from_words(words(ks)))),
-        "full score (x r, sum)": jax.jit(full),
+        "philox bits": jit(lambda ks: sum(jnp.sum(w >> 16, dtype=jnp.uint32) for w in words(ks))),
+        "bits -> normal": jit(lambda ks: sum(jnp.sum(z) for z in normals_from_words(words(ks)))),
+        "full score (x r, sum)": jit(full),
     }
     out = {}
     for name, fn in stages.items():
@@ -163,13 +178,14 @@ def main() -> None:
     for k in args.k:
         for impl in args.impls:
             proc = subprocess.run([sys.executable, __file__, "--case", f"{impl}/{k}", "--d", str(args.d),
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True)  # fmt: skip
+                                   "--repeats", str(args.repeats)], capture_output=True, text=True,
+                                  env=_child_env(impl))  # fmt: skip
             if proc.returncode != 0:
                 print(f"{impl} K={k}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"K={k:5d} {impl:14s} {row['seconds']:8.3f} s  {row['throughput_M']:8.0f} M atom-dims/s  "
+            print(f"K={k:5d} {impl:18s} {row['seconds']:8.3f} s  {row['throughput_M']:8.0f} M atom-dims/s  "
                   f"peak extra {row['peak_extra_mb']:8.1f} MB", flush=True)
     proc = subprocess.run([sys.executable, __file__, "--case", "parts/0", "--d", str(args.d),
                            "--repeats", str(args.repeats)], capture_output=True, text=True)  # fmt: skip

@@ -14,6 +14,8 @@ The public API, re-exported here from the modules that define it:
   rate      `for_bpp`: the operating point for a target rate
   bitstream `Header` (spec + geometry + model + task + provenance) and its parts
   shapes    the shape annotations of the public signatures
+  jit       `compiler_options`: the XLA options the package compiles with (pass them to
+            `jax.jit` around your own code that calls ours, to get the same programs)
 """
 
 from ddcm_jax import shapes
@@ -27,6 +29,7 @@ from ddcm_jax.bitstream import (
     Task,
 )
 from ddcm_jax.codec import Encoded, decode_bytes, encode_image
+from ddcm_jax.jit import compiler_options
 from ddcm_jax.latent import LatentResult
 from ddcm_jax.latent_model import LatentDiffusionModel
 from ddcm_jax.model import (
@@ -109,6 +112,7 @@ __all__ = [
     "TurboMSE",
     "__version__",
     "bits_per_image",
+    "compiler_options",
     "compress",
     "decode",
     "decode_bytes",

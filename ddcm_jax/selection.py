@@ -35,6 +35,7 @@ import numpy as np
 
 from ddcm_jax import bitstream
 from ddcm_jax.codebook import AtomSource, dot, static_field
+from ddcm_jax.jit import jit
 from ddcm_jax.shapes import Atoms, Key, StepIndices
 
 __all__ = [
@@ -428,7 +429,7 @@ def select_atoms(key: Key, residual: Atoms, codebook_size: int, *, step: int = 0
                          codebook_size=int(codebook_size), generator=generator)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("codebook_size", "generator"))
+@functools.partial(jit, static_argnames=("codebook_size", "generator"))
 def _select_atoms(key: jax.Array, residual: jax.Array, step: jax.Array, rule: Any, *, codebook_size: int,
                   generator: str) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     zero = jnp.zeros_like(residual)
