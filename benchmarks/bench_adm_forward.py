@@ -5,10 +5,8 @@
 The PyTorch network is `tests/torch_adm.py` (the test suite checks it computes
 what the converted Flax model computes); both run the same random weights.
 Reports the median of `--repeats` timed calls after warm-up (and, for JAX,
-after compilation, reported separately). JAX runs compiled as the package
-compiles (`ddcm_jax.jit`: 512-bit vectors on CPU) and, interleaved, with XLA's
-default 256-bit vectors (`jax_w256_s`), so the option's effect is in the same
-run. Needs the `bench` extra for torch; without it only the JAX side is timed.
+after compilation, reported separately). Needs the `bench` extra for torch;
+without it only the JAX side is timed.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from configs import CONFIGS
 from ddcm_jax.convert import convert_state_dict
 
-from ddcm_jax.jit import VECTOR_WIDTH_OPTION, jit
 from ddcm_jax.models import ADMConfig, adm_apply
 
 
@@ -71,24 +68,19 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict
 
         params = adm_init(cfg, jax.random.key(0))
     params = jax.device_put(params)
-    fwd = jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt))
-    fwd256 = jax.jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt), compiler_options={VECTOR_WIDTH_OPTION: "256"})
+    fwd = jax.jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt))
     t0 = time.perf_counter()
     fwd(params, x, t).block_until_ready()
     row["jax_compile_s"] = time.perf_counter() - t0
     jax_call = lambda: fwd(params, x, t).block_until_ready()  # noqa: E731
-    w256_call = lambda: fwd256(params, x, t).block_until_ready()  # noqa: E731
     jax_call()
-    w256_call()
-    # Interleaved, so that a slow spell of a shared machine hits every side alike.
-    times: dict[str, list[float]] = {"jax": [], "w256": [], "torch": []}
+    # Interleaved, so that a slow spell of a shared machine hits both sides alike.
+    times: dict[str, list[float]] = {"jax": [], "torch": []}
     for _ in range(repeats):
         times["jax"] += _time(jax_call, 1)
-        times["w256"] += _time(w256_call, 1)
         if torch_call is not None:
             times["torch"] += _time(torch_call, 1)
     row["jax_s"] = statistics.median(times["jax"])
-    row["jax_w256_s"] = statistics.median(times["w256"])
     if torch_call is not None:
         row["torch_s"] = statistics.median(times["torch"])
     if "torch_s" in row:

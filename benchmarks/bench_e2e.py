@@ -14,10 +14,6 @@ random weights (timing does not depend on them), after a warm-up call.
   step, matmul, argmax, DDIM step (eta 1). The original codes one image at a
   time, so its batch-of-4 time is 4 x its one-image time.
 
-- ours@256: ours at batch 1 with XLA's default 256-bit CPU vectors
-  (XLA_FLAGS=--xla_cpu_prefer_vector_width=256) instead of the package's
-  512-bit option (`ddcm_jax.jit`), to show that option's share.
-
 Each side runs in its own subprocess (threads: torch's default = the number of
 cores; XLA's own pool), sides alternate, and each reports the median of
 `--repeats` timed calls. Ratios (ours / original) are of medians from the same run.
@@ -148,16 +144,12 @@ def main() -> None:
     if args.case:
         side, batch = args.case.split("/")
         row = original(args.repeats) if side == "original" else ours(int(batch), args.repeats)
-        row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         print(json.dumps(row))
         return
     rows = {}
-    for case in ("original/1", "ours/1", "ours/4", "ours@256/1"):
-        env = dict(os.environ)
-        if "@256" in case:
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_prefer_vector_width=256".strip()
-        proc = subprocess.run([sys.executable, __file__, "--case", case.replace("@256", ""), "--repeats",
-                               str(args.repeats)], capture_output=True, text=True, env=env)  # fmt: skip
+    for case in ("original/1", "ours/1", "ours/4"):
+        proc = subprocess.run([sys.executable, __file__, "--case", case, "--repeats", str(args.repeats)],
+                              capture_output=True, text=True)  # fmt: skip
         if proc.returncode != 0:
             sys.exit(f"{case}: failed: {proc.stderr.strip()[-2000:]}")
         rows[case] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,7 +161,6 @@ def main() -> None:
         "ours_batch4_per_image_s": rows["ours/4"]["seconds"] / 4,
         "ratio_one_image": rows["ours/1"]["seconds"] / orig,
         "ratio_batch4_per_image": rows["ours/4"]["seconds"] / 4 / orig,
-        "ratio_one_image_w256": rows["ours@256/1"]["seconds"] / orig,
     }
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -1,26 +1,27 @@
-"""`jit`: `jax.jit` with the XLA options every program of this package is compiled with.
+"""`jit`: `jax.jit` with 512-bit CPU vectors, for the research entry points that score codebooks.
 
 XLA:CPU asks LLVM for 256-bit vectors even on processors with 512-bit registers
 (some older Intel server cores lowered their clock for 512-bit work). On this
 project's AVX-512 Xeons 512-bit vectors make codebook scoring (Philox words,
-Box-Muller, the dot with the residual, fused per chunk) twice as fast and the
-networks a few per cent faster. The codebook scores and choices and the
-networks' outputs are bit-identical either way (`tests/test_jit.py`); a long
-reduction can round differently in its last bits (Turbo's noise, normalised
-over all D values: 6th decimals), which encoder and decoder share because they
-run the same programs, and files coded before this option decode to the same
-pixels (`tests/test_v1_files.py`). A processor without 512-bit registers caps
-the hint at its own width; GPU and TPU compilers ignore `xla_cpu_*` options.
+Box-Muller, the dot with the residual, fused per chunk) up to twice as fast,
+with bit-identical scores and choices (`tests/test_jit.py`). `select_atoms` is
+compiled this way.
 
-An `--xla_cpu_prefer_vector_width=N` in the XLA_FLAGS environment variable
-wins: then no option is passed.
+The codec's programs are not: there the option changes how XLA sums long
+reductions, and Turbo's noise, normalised over all D values, moves in its last
+bits. A file coded before would then decode one grey level off in about 1e-4
+of its values (158 of kodim23's 1,179,648 at the main command's settings),
+which the format does not allow. The networks gain nothing from it.
 
-JAX accepts compile options only on the outermost `jax.jit`. A function made
-by `jit` therefore runs its optioned program when called at top level (eagerly,
-as a researcher calls `select_atoms`, or as the sampler runs its step
-programs) and becomes a plain nested `jax.jit` inside somebody else's trace
-(`jax.jit`, `scan`, `shard_map`), where the outer program's options apply:
-pass `compiler_options()` to your own `jax.jit` to get the same programs.
+An `--xla_cpu_prefer_vector_width=N` in the XLA_FLAGS environment variable wins
+(then no option is passed), and only XLA:CPU gets it.
+
+JAX accepts compile options only on the outermost `jax.jit`. A function made by
+`jit` therefore runs its optioned program when called at top level (eagerly, as
+a researcher calls `select_atoms`) and becomes a plain nested `jax.jit` inside
+somebody else's trace (`jax.jit`, `scan`, `shard_map`), where the outer
+program's options apply: pass `compiler_options()` to your own `jax.jit` to get
+the same speed.
 """
 
 from __future__ import annotations
@@ -48,22 +49,32 @@ class Jitted:
     """`fun` under `jax.jit`: with the package's options at top level, without them inside another trace."""
 
     def __init__(self, fun: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-        options = compiler_options()
+        self._fun, self._kwargs = fun, kwargs
         self._plain = jax.jit(fun, **kwargs)
-        self._top = jax.jit(fun, compiler_options=options, **kwargs) if options else self._plain
+        self._optioned: Any = None  # built at the first call, once the backend is known
         functools.update_wrapper(self, fun)
 
+    def _top(self) -> Any:
+        if self._optioned is None:
+            # Only XLA:CPU reads the option; other backends keep the plain program.
+            options = compiler_options() if jax.default_backend() == "cpu" else {}
+            self._optioned = jax.jit(self._fun, compiler_options=options, **self._kwargs) if options else self._plain
+        return self._optioned
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._top is not self._plain:
+        top = self._top()
+        if top is not self._plain:
             try:
-                return self._top(*args, **kwargs)
+                return top(*args, **kwargs)
             except ValueError as e:  # raised while staging into an outer trace, before anything ran
                 if "compiler_options" not in str(e):
                     raise
         return self._plain(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, _cache_size: the top-level program's
-        return getattr(self._top, name)
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_plain", "_optioned"):
+            raise AttributeError(name)
+        return getattr(self._top(), name)
 
 
 def jit(fun: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:

@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.codebook import AtomSource
-from ddcm_jax.jit import jit
 from ddcm_jax.respacing import (
     LATENT_SCHEDULES,
     TURBO_TIMESTEPS,
@@ -214,7 +213,7 @@ class _Cond(NamedTuple):
     guidance: jax.Array  # scalar float32 (unused with one context)
 
 
-@jit
+@jax.jit
 def _combine(outs: jax.Array, guidance: jax.Array) -> jax.Array:
     """Classifier-free guidance on the raw outputs [null, prompt]: out_null + g (out_prompt - out_null)."""
     return outs[0] + guidance * (outs[1] - outs[0])
@@ -244,7 +243,7 @@ def _book(spec: CodeSpec, shape: tuple[int, ...], root: jax.Array, i: jax.Array,
     return AtomSource(spec.codebook_size, shape, spec.generator, chunk, root=root, step=i).with_base()
 
 
-@functools.partial(jit, static_argnames=("ptype", "chunk"))
+@functools.partial(jax.jit, static_argnames=("ptype", "chunk"))
 def _select(spec, x_t, out, aim, s, rows, target, weights, key, *, ptype, chunk):
     """One coded step's choice: (indices, coeffs) by the rule (the rule's idle code outside t_range)."""
     book = _book(spec, tuple(x_t.shape), jax.random.fold_in(key, 1), s.i, rows, chunk)
@@ -257,7 +256,7 @@ def _select(spec, x_t, out, aim, s, rows, target, weights, key, *, ptype, chunk)
     return jax.lax.cond(s.coded, lambda: tuple(rule.select(ctx, book)[1:]), rule.idle_code)
 
 
-@functools.partial(jit, static_argnames=("ptype",))
+@functools.partial(jax.jit, static_argnames=("ptype",))
 def _advance(spec, x_t, out, s, rows, code, key, *, ptype):
     """(4) with the code's noise (the decoder's replay rule), or with none (`code` None: eta 0 steps).
 

@@ -54,14 +54,13 @@ def budget_bytes() -> int:
 @functools.lru_cache(maxsize=64)
 def forward_bytes(arch: object, height: int, width: int) -> int:
     """XLA's estimate of the memory one network call at batch 1 needs (temporaries + buffers)."""
-    from ddcm_jax.jit import jit
     from ddcm_jax.models.adm import abstract_params, adm_apply
 
     params = abstract_params(arch)
     x = jax.ShapeDtypeStruct((1, height, width, arch.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     y = None if arch.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
-    compiled = jit(functools.partial(adm_apply, arch)).lower(params, x, t, y).compile()
+    compiled = jax.jit(functools.partial(adm_apply, arch)).lower(params, x, t, y).compile()
     m = compiled.memory_analysis()
     if m is None:  # a backend without the analysis: count the arguments at least
         return sum(int(p.size) * 4 for p in jax.tree_util.tree_leaves(params))

@@ -31,7 +31,6 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ddcm_jax.jit import jit
 from ddcm_jax.sampler import (
     CompressResult,
     Progress,
@@ -99,10 +98,10 @@ def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | N
     axis = CODEBOOK if mesh.size > 1 and mesh.shape[CODEBOOK] > 1 else None
     fn = _device_fn(mode, image_shape, chunk, axis, n, final)
     if mesh.size == 1:
-        return jit(fn)
+        return jax.jit(fn)
     data = P(DATA)
     specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]), P())
-    return jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
 
 
 def _pad_rows(a: Any, n: int) -> Any:
@@ -149,7 +148,7 @@ def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, 
     return jax.tree_util.tree_map(lambda a: a[:batch], out)
 
 
-@functools.partial(jit, static_argnames="shape")
+@functools.partial(jax.jit, static_argnames="shape")
 def _start_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: start_noise(k, shape))(keys)
 

@@ -34,7 +34,6 @@ import numpy as np
 
 from ddcm_jax import latent
 from ddcm_jax.codebook import AtomSource
-from ddcm_jax.jit import jit
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import Random, StepContext, replay_rule
 from ddcm_jax.shapes import Codebook, Coeffs, Image, Indices, Key, Label, Measurement, Weights
@@ -199,7 +198,7 @@ def _run(model, x_T, xs, codebook, y, chosen, noise_fn, clip, final):
     return x, ys
 
 
-@functools.partial(jit, static_argnames=("clip", "n", "total", "final"))
+@functools.partial(jax.jit, static_argnames=("clip", "n", "total", "final"))
 def _sample_one(model, x_T, xs, y, key, lo, *, clip, n, total, final):
     noise_key = jax.random.fold_in(key, 3)
 
@@ -209,7 +208,7 @@ def _sample_one(model, x_T, xs, y, key, lo, *, clip, n, total, final):
     return _run(model, x_T, Window(lo, n, total, final).schedule(xs), None, y, None, noise_fn, clip, final)[0]
 
 
-@functools.partial(jit, static_argnames=("books", "n", "final"))
+@functools.partial(jax.jit, static_argnames=("books", "n", "final"))
 def _encode_one(model, spec, image, measurement, x_T, xs, codebook, weights, y, key, lo, *, books, n, final):
     shape, rule, t_range = tuple(x_T.shape), spec.rule, spec.t_range
     cb_root, rule_root = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
@@ -234,7 +233,7 @@ def _encode_one(model, spec, image, measurement, x_T, xs, codebook, weights, y, 
     return x, ys
 
 
-@functools.partial(jit, static_argnames=("books", "n", "final"))
+@functools.partial(jax.jit, static_argnames=("books", "n", "final"))
 def _decode_one(model, spec, indices, coeffs, x_T, xs, codebook, y, key, lo, *, books, n, final):
     shape, rule = tuple(x_T.shape), spec.rule
     cb_root = jax.random.fold_in(key, 1)

@@ -48,7 +48,6 @@ import numpy as np
 import optax
 
 from ddcm_jax import train_data
-from ddcm_jax.jit import jit
 from ddcm_jax.model import DiffusionConfig, ModelConfig, save_model
 from ddcm_jax.models.adm import ADMConfig, adm_apply, adm_init
 from ddcm_jax.schedule import beta_schedule
@@ -262,7 +261,7 @@ def diffusion_loss(arch: ADMConfig, params: Any, x0: jax.Array, key: jax.Array, 
 def make_step(arch: ADMConfig, cfg: TrainConfig, opt: optax.GradientTransformation) -> Any:
     alpha_bar = jnp.asarray(np.cumprod(1.0 - beta_schedule(cfg.noise_schedule, cfg.num_timesteps)), jnp.float32)
 
-    @jit
+    @jax.jit
     def step(state: TrainState, x0: jax.Array, key: jax.Array, rate: jax.Array) -> tuple[TrainState, jax.Array]:
         state = dataclasses.replace(state, opt_state=_with_rate(state.opt_state, rate))
         loss, grads = jax.value_and_grad(diffusion_loss, argnums=1)(arch, state.params, x0, key, alpha_bar)
@@ -277,7 +276,7 @@ def make_step(arch: ADMConfig, cfg: TrainConfig, opt: optax.GradientTransformati
 
 
 def init_state(arch: ADMConfig, cfg: TrainConfig, opt: optax.GradientTransformation) -> TrainState:
-    params = jit(adm_init, static_argnums=0)(arch, jax.random.key(cfg.seed))
+    params = jax.jit(adm_init, static_argnums=0)(arch, jax.random.key(cfg.seed))
     return TrainState(jnp.zeros((), jnp.int32), params, params, opt.init(params))
 
 
