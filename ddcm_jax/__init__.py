@@ -14,8 +14,8 @@ The public API, re-exported here from the modules that define it:
   rate      `for_bpp`: the operating point for a target rate
   bitstream `Header` (spec + geometry + model + task + provenance) and its parts
   shapes    the shape annotations of the public signatures
-  jit       `compiler_options`: the XLA options the package compiles with (pass them to
-            `jax.jit` around your own code that calls ours, to get the same programs)
+  jit       `compiler_options`: the XLA options `select_atoms` compiles with (pass them to
+            your own `jax.jit` around it to keep its speed)
 """
 
 from ddcm_jax import shapes
