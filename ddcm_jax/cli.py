@@ -945,8 +945,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     width = max(4, len(str(args.num_images - 1)))
     seeds = _my_share(list(range(base.seed, base.seed + args.num_images)))
     model = _load_model(args.model)
-    if args.size is not None and args.size % codec.size_multiple(model):
-        raise UsageError(f"--size {args.size} is not a multiple of {codec.size_multiple(model)}, this model's multiple")
+    try:
+        codec.generation_side(model, args.size)
+    except ValueError as e:
+        raise UsageError(f"--size {e}") from None
     run = Run("generate", args, len(seeds))
     budget = memory.budget_bytes()
     for group in _groups(seeds, lambda _: 0, jax.local_device_count()):

@@ -205,9 +205,14 @@ def coding_side(model: Any, policy: str, coding_size: int | None) -> int:
     return images.DEFAULT_CODING_SIZE if policy == "fit" else model.config.architecture.image_size
 
 
-def generation_side(model: Any) -> int:
-    """`generate`'s default side: a latent model's native size, a pixel model's `generation_size`."""
-    return latent.native_size(model)[0] if latent.is_latent_model(model) else model.config.generation_size
+def generation_side(model: Any, size: int | None = None) -> int:
+    """The side `generate` makes: `size`, checked against the model, or by default a latent model's
+    native size, a pixel model's `generation_size`."""
+    if size is None:
+        return latent.native_size(model)[0] if latent.is_latent_model(model) else model.config.generation_size
+    if size < 1 or size % size_multiple(model):
+        raise ValueError(f"{size} is not a positive multiple of {size_multiple(model)}, this model's multiple")
+    return size
 
 
 def size_multiple(model: Any) -> int:
@@ -390,7 +395,7 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
                     size: int | None = None) -> list[Encoded]:  # fmt: skip
     """Compressed generation of `size` x `size` images, one per seed (the spec's rule: `Random`).
 
-    `size` defaults to `generation_side(model)`; it must be a multiple of `size_multiple(model)`.
+    `size`: see `generation_side`.
 
     A latent model may be given a `prompt` with classifier-free `guidance` (the
     file records the prompt's hash: its decoder needs the prompt), or with
@@ -398,23 +403,21 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
     is in the code, and the file decodes without the prompt).
     """
     budget, partitionable = _edge(budget, partitionable)
-    side = generation_side(model) if size is None else size
-    if side < 1 or side % size_multiple(model):
-        raise ValueError(f"size {side} is not a positive multiple of {size_multiple(model)}, this model's multiple")
+    side = generation_side(model, size)
     if latent.is_latent_model(model):
         if class_label is not None:
             raise ValueError("class labels belong to class-conditional pixel models; give a prompt")
-        size = (side, side)
-        fits(model, *size, budget=budget)
+        hw = (side, side)
+        fits(model, *hw, budget=budget)
         rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
-        spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=size, rule=rule,
+        spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=hw, rule=rule,
                                 schedule=schedule or spec.schedule, no_bits_steps=0, generator=spec.generator)  # fmt: skip
         recorded = None if ccfg_subset is not None else prompt  # compressed CFG decodes without its prompt
         task_fields = _prompt_task("generation", recorded, guidance)
-        heads = [header_for(model, spec, seed=sd, geometry=Geometry(size), partitionable=partitionable,
+        heads = [header_for(model, spec, seed=sd, geometry=Geometry(hw), partitionable=partitionable,
                             task=task_fields) for sd in seeds]  # fmt: skip
         with jax.threefry_partitionable(partitionable):
-            res = latent.encode(model, spec_of(heads[0], spec.rule), None, key=_keys(heads), image_shape=(*size, 3),
+            res = latent.encode(model, spec_of(heads[0], spec.rule), None, key=_keys(heads), image_shape=(*hw, 3),
                                 prompt=prompt, guidance=guidance, progress=_listener(progress))  # fmt: skip
         return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
     if prompt or guidance or schedule or ccfg_subset:

@@ -218,7 +218,7 @@ def test_generate_size(tiny_model_dir, tmp_path, capsys):
         run(capsys, "generate", "-n", "1", "-o", tmp_path / "bad", "--model", tiny_model_dir, *CODING, "--size", "15")
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].endswith("--size 15 is not a multiple of 2, this model's multiple"), err
+    assert err.strip().splitlines()[-1].endswith("--size 15 is not a positive multiple of 2, this model's multiple"), err
     assert not (tmp_path / "bad").exists()
 
 
