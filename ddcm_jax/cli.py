@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ddcm_jax import interrupt
 from ddcm_jax.printable import printable
 
 DEFAULT_STEPS, DEFAULT_K = 50, 1024  # generate's (and an explicit --rule ddcm's) steps; every command's K
@@ -378,6 +379,8 @@ class Run:
             raise InputError(f"{source}: its output {out} would replace an input file; choose another -o")
         if key in self.claimed:
             raise InputError(f"{source}: would overwrite {out}, already written for {self.claimed[key]}")
+        if out.is_dir() and not out.is_symlink():  # found now, not after the encoding
+            raise InputError(f"{source}: its output {out} is a folder, not a file")
         self.claimed[key] = source
 
     @contextlib.contextmanager
@@ -428,7 +431,12 @@ class Run:
         if self.args.json is not None and _process_index() == 0:
             from ddcm_jax.images import write_report
 
-            write_report(self.args.json, (json.dumps(summary, indent=2, allow_nan=False, default=_jsonable) + "\n").encode())
+            report = (json.dumps(summary, indent=2, allow_nan=False, default=_jsonable) + "\n").encode()
+            try:
+                write_report(self.args.json, report)
+            except OSError as e:  # a full disk, a folder gone: name the report, not just the errno
+                print(f"ddcm {self.command}: --json {printable(self.args.json)}: {e.strerror or e}", file=sys.stderr)
+                return 1
         return 1 if summary["failed"] else 0
 
 
@@ -615,6 +623,15 @@ def _settings(args: argparse.Namespace) -> Coding:
                 raise SpecError("t_range", "turbo codes its first steps; give --no-bits-steps instead")
     except SpecError as e:
         raise UsageError(f"{_SPEC_FLAGS.get(e.field, e.field)}: {e}") from None
+    if latent:
+        from ddcm_jax.respacing import TURBO_TIMESTEPS
+
+        schedule = getattr(args, "schedule", None) or ("turbo" if getattr(args, "rule", "turbo") == "turbo" else "ddcm")
+        if schedule == "turbo" and not 2 <= args.steps <= len(TURBO_TIMESTEPS):
+            raise UsageError(f"--steps: the turbo schedule has 2..{len(TURBO_TIMESTEPS)} steps, not {args.steps}")
+        subset = getattr(args, "ccfg_subset", None)
+        if subset is not None and subset > args.codebook_size:
+            raise UsageError(f"--ccfg-subset {subset}: more atoms than the codebook's K = {args.codebook_size}")
     if not 0 <= args.seed < 2**32:
         raise UsageError("--seed must be in 0..2^32-1")
     num_timesteps = _model_timesteps(getattr(args, "model", None), latent)
@@ -1166,6 +1183,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
     coding = _settings(args) if images_in else None
     if coding is not None and not coding.latent:
         raise UsageError("--model: text-based editing needs a latent (Stable Diffusion) model")
+    if coding is not None and args.tskip > coding.spec.steps:
+        raise UsageError(f"--tskip {args.tskip}: past the code's {coding.spec.steps} steps (-T)")
+    for job in jobs:  # a code's steps are in its header: read before any model loads
+        if job.source.suffix.lower() == ".ddcm":
+            try:
+                steps = bitstream.decode_header(_read_limited(job.source), printable(job.source)).header.spec.steps
+            except Exception:
+                continue  # unreadable: reported in its turn below
+            if args.tskip > steps:
+                raise UsageError(f"--tskip {args.tskip}: past the {steps} steps of {printable(job.source)}")
     run = Run("edit", args, len(jobs))
     run.protect(job.source for job in jobs)
     for e in errors:
@@ -1255,15 +1282,29 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise UsageError(f"--json {printable(report)}: {problem}")
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Prompts are UTF-8 text: bytes the terminal's encoding could not read arrive as surrogates."""
+    source = "--src-prompt" if args.command == "edit" else "--prompt"
+    for flag, name in ((source, "prompt"), ("--dst-prompt", "dst_prompt")):
+        text = getattr(args, name, None)
+        if text is not None:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{flag}: not valid UTF-8 text") from None
+
+
 def _exit_interrupted(command: str) -> int:
     """Ctrl-C: say so and leave at once.
 
     Running XLA computations (and their host callbacks) may still be alive in other
     threads; tearing the interpreter down under them crashed with SIGSEGV in about half
-    of the tries. Every output is committed atomically and temporaries are removed by
-    the unwinding that brought us here, so skipping the interpreter's teardown loses nothing.
+    of the tries. Every output is committed atomically, a commit under way finishes first
+    and the temporaries of unfinished writes are removed here (ddcm_jax.interrupt), so
+    skipping the interpreter's teardown loses nothing.
     """
-    print(f"ddcm {command}: interrupted", file=sys.stderr)
+    interrupt.remove_own_temporaries()
+    print(f"ddcm {command}: interrupted" if command else "ddcm: interrupted", file=sys.stderr)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -1299,37 +1340,69 @@ def _enable_compile_cache() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        from ddcm_jax.convert import run
-
-        return run(args)
-    if args.command == "train":
-        from ddcm_jax.train import run as run_train
-
-        return run_train(args)
-    _enable_compile_cache()
-    args.interrupted = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    ours = threading.current_thread() is threading.main_thread() and previous is signal.default_int_handler
-    if ours:
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            args.interrupted.set()
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGINT, on_sigint)
+    # Ctrl-C stops at once, wherever it lands: while JAX imports (the parser below pulls it
+    # in), in a computation, or in one of JAX's garbage-collector callbacks, where a
+    # KeyboardInterrupt would be printed as "Exception ignored" and the run would go on.
+    stop = _StopOnInterrupt.install()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command in ("convert", "train"):
+            if stop is not None:  # these unwind their own staging folders on KeyboardInterrupt
+                stop.uninstall()
+                stop = None
+            if args.command == "convert":
+                from ddcm_jax.convert import run
+
+                return run(args)
+            from ddcm_jax.train import run as run_train
+
+            return run_train(args)
+        if stop is not None:
+            stop.command = args.command
+        args.interrupted = threading.Event() if stop is None else stop.event
+        _enable_compile_cache()
         return _dispatch(parser, args)
     finally:
-        if ours:
-            signal.signal(signal.SIGINT, previous)
+        if stop is not None:
+            stop.uninstall()
+
+
+class _StopOnInterrupt:
+    """The command line's SIGINT handler: one line, exit 130, now.
+
+    Installed only by a `main` running in the main thread over Python's default handler
+    (a caller with its own handler keeps it). Outputs are safe: a commit that is renaming
+    its files finishes (or rolls back) first, and the temporaries of unfinished writes are
+    removed before the process ends (images.when_no_commit, images.remove_own_temporaries).
+    """
+
+    def __init__(self) -> None:
+        self.command = ""
+        self.event = threading.Event()
+
+    @classmethod
+    def install(cls) -> _StopOnInterrupt | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None
+        stop = cls()
+        signal.signal(signal.SIGINT, stop.on_sigint)
+        return stop
+
+    def uninstall(self) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        self.event.set()
+        interrupt.when_no_commit(lambda: _exit_interrupted(self.command))
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         _check_paths(args)
+        _check_text(args)
         return COMMANDS[args.command](args)
     except UsageError as e:
         parser.error(printable(str(e)))  # exits with 2

@@ -409,6 +409,8 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
             raise ValueError("class labels belong to class-conditional pixel models; give a prompt")
         hw = (side, side)
         fits(model, *hw, budget=budget)
+        if ccfg_subset is not None:
+            _check_subset(model, hw, ccfg_subset, spec.codebook_size, budget)
         rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
         spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=hw, rule=rule,
                                 schedule=schedule or spec.schedule, no_bits_steps=0, generator=spec.generator)  # fmt: skip
@@ -433,6 +435,18 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
                              key=_keys(heads), image_shape=(n, n, 3), class_label=labels,
                              progress=_listener(progress))  # fmt: skip
     return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
+
+
+def _check_subset(model: Any, hw: tuple[int, int], subset: int, codebook_size: int, budget: int) -> None:
+    """Compressed CFG scores `subset` atoms at once: at most K of them, within the memory budget."""
+    if subset > codebook_size:
+        raise ValueError(f"ccfg_subset {subset} is more atoms than the codebook's K = {codebook_size}")
+    # The subset's atoms and their float32 scores, on top of the network's working set.
+    need = latent.forward_bytes(model, *hw) + 4 * subset * (int(np.prod(latent.latent_shape(model, hw))) + 1)
+    if need > budget:
+        raise MemoryBudgetError(f"compressed CFG over {subset} atoms needs about {memory.format_bytes(need)} with "
+                                f"this model (budget {memory.format_bytes(budget)}; set DDCM_MEMORY_LIMIT to change "
+                                "it)")  # fmt: skip
 
 
 def generate_image(model: Any, spec: CodeSpec, *, seed: int = 0, class_label: int | None = None,
@@ -468,12 +482,21 @@ def check_model(h: Header, model: Any, source: str, *, budget: int) -> None:
                              f"{'class-conditional' if arch.num_classes else 'unconditional'} model")  # fmt: skip
     if label is not None and label >= arch.num_classes:
         raise BitstreamError(f"{source}: class label {label} >= the model's {arch.num_classes} classes")
-    (hc, wc), (h0, w0), mult = g.size, g.original_size, arch.size_multiple
+    (hc, wc), mult = g.size, arch.size_multiple
     if hc % mult or wc % mult:
         raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this network needs")
-    if g.size_policy == "pad" and (hc - h0 >= mult or wc - w0 >= mult):
-        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not {h0}x{w0} padded to a multiple of {mult}")
+    _check_padding(h.geometry, mult, source)
     _check_budget_and_atoms(h, model, source, budget)
+
+
+def _check_padding(g: Geometry, mult: int, source: str) -> None:
+    """Both families: a padded image (pad, or fit of a small image) is its size rounded up to `mult`.
+
+    The writer cannot make any other; a forged one would decode to a crop of the padding."""
+    (hc, wc), (h0, w0) = g.size, g.original_size
+    padded = g.size_policy == "pad" or (g.size_policy == "fit" and hc >= h0 and wc >= w0)
+    if padded and (hc - h0 >= mult or wc - w0 >= mult):
+        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not {h0}x{w0} padded to a multiple of {mult}")
 
 
 def _check_budget_and_atoms(h: Header, model: Any, source: str, budget: int) -> None:
@@ -499,6 +522,7 @@ def _check_latent_model(h: Header, model: Any, source: str, budget: int) -> None
     mult, (hc, wc) = latent.size_multiple(model), h.geometry.size
     if hc % mult or wc % mult:
         raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this model needs")
+    _check_padding(h.geometry, mult, source)
     _check_budget_and_atoms(h, model, source, budget)
 
 

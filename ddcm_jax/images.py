@@ -23,17 +23,25 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket
 import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ddcm_jax import interrupt
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: commits are not locked against each other
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DEFAULT_CODING_SIZE",
@@ -235,33 +243,102 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 def commit_files(files: dict[Path, bytes]) -> None:
     """Write several files all or nothing: every one to a temporary name, then rename them all.
 
-    If any write fails, the temporaries and whatever was already renamed in
-    this call are removed, so no partial set of outputs is left behind.
+    Guarantees (README, "Safety"):
+      - a failed commit leaves every target as it was before the call: a file it had
+        already replaced is put back from a hard link (or copy) kept for the purpose;
+      - commits into one folder from several processes do not interleave: the renames
+        run under an exclusive lock on the folder, so the files of one call (an image's
+        `.ddcm` and its reconstruction) are always seen together, from the same call.
+    A target that is a folder is refused before anything is written. Ctrl-C in the
+    command line waits for a commit to end (ddcm_jax.interrupt).
     """
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise IsADirectoryError(f"{path}: is a folder, not a file")
+    with interrupt.committing():
+        _commit(files)
+
+
+def _commit(files: dict[Path, bytes]) -> None:
     staged: list[tuple[str, Path]] = []
-    done: list[Path] = []
+    kept: list[tuple[Path, str | None]] = []  # (target, what it was: a kept link, or None if absent)
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_parts(path)
             fd, tmp = tempfile.mkstemp(prefix=_part_prefix(path), suffix=".part", dir=path.parent)
+            interrupt.register(tmp)
             staged.append((tmp, path))
             os.fchmod(fd, _umask_mode())  # mkstemp creates 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-            done.append(path)
+        with _folder_locks({path.parent for path in files}):
+            for tmp, path in staged:
+                kept.append((path, _keep(path)))
+                os.replace(tmp, path)
+                interrupt.unregister(tmp)
+            try:
+                for _, keep in kept:
+                    if keep is not None:
+                        os.unlink(keep)
+                        interrupt.unregister(keep)
+            except OSError:
+                pass  # a leftover kept link is removed by the next commit (remove_stale_parts)
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        for path in done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            interrupt.unregister(tmp)
+        for path, keep in reversed(kept):
+            with contextlib.suppress(OSError):
+                if keep is None:
+                    os.unlink(path)
+                else:
+                    os.replace(keep, path)
+            if keep is not None:
+                interrupt.unregister(keep)
         raise
+
+
+def _keep(path: Path) -> str | None:
+    """Keep what `path` is now under a temporary name (a hard link, else a copy); None if absent.
+
+    The name has the `.part` form of this process, so that if it is killed before the
+    commit ends, a later run removes the leftover like any other temporary.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    keep = f"{path.parent / _part_prefix(path)}keep{os.urandom(2).hex()}.part"
+    interrupt.register(keep)
+    try:
+        os.link(path, keep, follow_symlinks=False)
+    except OSError:  # no hard links here: copy (a symlink stays a symlink)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(path), keep)
+        else:
+            shutil.copy2(path, keep)
+    return keep
+
+
+@contextlib.contextmanager
+def _folder_locks(folders: set[Path]) -> Iterator[None]:
+    """Hold an exclusive flock on each folder (in one order, so two callers cannot deadlock)."""
+    with contextlib.ExitStack() as stack:
+        for folder in sorted(folders, key=str):
+            try:
+                fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except OSError:
+                continue  # an unreadable folder cannot be locked; its renames still run
+            stack.callback(os.close, fd)
+            if fcntl is not None:
+                with contextlib.suppress(OSError):  # filesystems without flock: no lock, as before
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
 
 
 # Temporaries are named `.NAME.HOST~PID.XXXXXXXX.part` beside their target, so that a later run
@@ -332,6 +409,7 @@ def write_atomic(path: str | os.PathLike, write: bytes | Callable[[BinaryIO], ob
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(path)
     fd, tmp = tempfile.mkstemp(prefix=_part_prefix(path), suffix=".part", dir=path.parent)
+    interrupt.register(tmp)
     try:
         os.fchmod(fd, _umask_mode())  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
@@ -346,6 +424,8 @@ def write_atomic(path: str | os.PathLike, write: bytes | Callable[[BinaryIO], ob
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        interrupt.unregister(tmp)
 
 
 def report_target_problem(path: str | os.PathLike) -> str | None:

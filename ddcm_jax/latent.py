@@ -603,6 +603,8 @@ def generate(model: Any, *, steps: int, codebook_size: int, key: Any, image_shap
         image_shape = (*native_size(model), 3)
     if ccfg_subset is not None and not (isinstance(ccfg_subset, int) and ccfg_subset >= 1):
         raise ValueError(f"ccfg_subset must be a positive number of atoms, got {ccfg_subset!r}")
+    if ccfg_subset is not None and ccfg_subset > codebook_size:
+        raise ValueError(f"ccfg_subset {ccfg_subset} is more atoms than the codebook's K = {codebook_size}")
     rule = Random() if ccfg_subset is None else GuidedSubset(int(ccfg_subset))
     spec = make_spec(steps=steps, codebook_size=codebook_size, image_hw=tuple(image_shape[:2]), rule=rule,
                      schedule=schedule, no_bits_steps=0, generator=generator)  # fmt: skip
