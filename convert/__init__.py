@@ -121,9 +121,16 @@ _MAX_CONFIG_BYTES = 1 << 20
 
 def _read_config(path: Path) -> dict[str, Any]:
     """The --config JSON object; ConfigError (one line, naming the file) for anything unreadable."""
+    import os
+    import stat
+
     where = printable(path)
     try:
-        with path.open("rb") as f:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block
+            raise ConfigError(f"{where}: is not a regular file")
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{where}: is not a regular file")
             raw = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{where}: cannot read config ({printable(e.strerror or e)})") from None

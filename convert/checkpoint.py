@@ -15,6 +15,12 @@ A file can make us allocate only a small multiple of its own size:
   `data.pkl` may unpack to at most the archive's size (at least 1 MiB, at most
   `_MAX_PICKLE_BYTES`), the tensor storages together to at most the archive's
   size (storages are never compressed, and overlapping members are caught);
+* the objects the pickle itself makes (dicts, strings, tuples, the unpickler's
+  stack and memo, `OrderedDict(mapping)` copies) are estimated opcode by opcode
+  before anything runs, and must stay within `_PARSE_EXPANSION` times the file's
+  size (plus 4 MiB): a few bytes of pickle can make a large object, and a copy
+  of a memoised dict repeated would grow with the square of the file; memo
+  indices must be the 0, 1, 2, ... that a pickler writes;
 * a tensor's full extent (offset, sizes, strides) must lie inside its storage,
   and a tensor may not have more elements than its storage: views that repeat
   storage elements (zero or overlapping strides) are refused rather than
@@ -24,8 +30,10 @@ A file can make us allocate only a small multiple of its own size:
   compressed `.npz` members, but not for decompression bombs;
 * `.safetensors` headers are parsed strictly (integer shapes and offsets, byte
   ranges inside the file, no overlaps, shape product times item size equal to
-  the byte range); `.npz` members are parsed header first (numeric dtypes only,
-  never pickles) and must hold exactly the bytes their header implies.
+  the byte range, `__metadata__` a map of strings), once `json_cost` shows that
+  parsing stays within the same bound as a pickle's objects; `.npz` members are
+  parsed header first (numeric dtypes only, never pickles) and must hold exactly
+  the bytes their header implies.
 
 Every refusal is a `CheckpointError` whose message is one line naming the file
 and the reason; names and keys from the file are escaped with `printable`.
@@ -63,11 +71,33 @@ class CheckpointError(ValueError):
 _MAX_EXPANSION = 4  # arrays returned <= this x file size + _SLACK
 _SLACK = 1 << 20
 _MAX_PICKLE_BYTES = 32 << 20  # a state-dict pickle is ~100 bytes per tensor
+_PARSE_EXPANSION = 8  # what parsing a pickle or a safetensors header allocates (estimated)
+_PARSE_SLACK = 4 << 20  # <= this x file size + _PARSE_SLACK
 _MAX_SAFETENSORS_HEADER = 100 << 20
 _MAX_ZIP_ENTRIES = 1 << 20
 _MAX_NESTING = 4  # {"state_dict": ...} / {"model": ...} / {"ema": ...} wrappers
 _MAX_NDIM = 32
 _MAX_EXTENT = 1 << 48  # product of the non-zero sizes (NumPy refuses even empty arrays beyond ~2^63 bytes)
+
+# What unpickling may allocate (`_scan_pickle`; CPython, 64 bits, generous): a slot of
+# the stack, mark or memo array (each doubles as it grows), the object an opcode makes,
+# and per stack item a container takes in (a dict entry, with the table's growth, takes two).
+_SLOT = 24
+_OBJECT_COST = {
+    "EMPTY_DICT": 64, "DICT": 64, "EMPTY_LIST": 56, "LIST": 56,
+    "TUPLE": 40, "TUPLE1": 48, "TUPLE2": 56, "TUPLE3": 64,
+    "BININT": 32, "BININT1": 32, "BININT2": 32, "BINFLOAT": 32,
+    "GLOBAL": 128, "STACK_GLOBAL": 128, "REDUCE": 256, "BINPERSID": 256,
+}  # fmt: skip
+# Bytes an entry of an (ordered) dict takes, also charged per entry of OrderedDict(mapping) copies.
+_DICT_ENTRY = 160
+_ITEM_COST = {"DICT": _DICT_ENTRY // 2, "SETITEMS": _DICT_ENTRY // 2, "SETITEM": _DICT_ENTRY // 2,
+              "LIST": 8, "APPENDS": 24, "APPEND": 12, "TUPLE": 8}  # fmt: skip
+_STRING_OPS = frozenset(
+    {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINSTRING", "SHORT_BINSTRING"}
+)
+_BYTES_OPS = frozenset({"BINBYTES", "SHORT_BINBYTES", "BINBYTES8"})
+_COST_CHECK = 1 << 16  # the scan charges the budget in steps of this many bytes
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -184,34 +214,99 @@ class _StateDict(collections.OrderedDict):
         raise pickle.UnpicklingError("unexpected state on an OrderedDict")
 
 
-def _scan_pickle(data: bytes) -> None:
-    """Refuse any pickle that uses an opcode or global outside the allow-list."""
+def _stack_effect(op: pickletools.OpcodeInfo) -> tuple[int, int, int]:
+    """(objects popped below a MARK or -1 if the opcode takes no MARK, objects popped, objects pushed);
+    pushed -1: the opcode opens a MARK."""
+    before, after = op.stack_before, op.stack_after
+    if pickletools.markobject in before:
+        return before.index(pickletools.markobject), 0, len(after)
+    return -1, len(before), -1 if pickletools.markobject in after else len(after)
+
+
+_STACK_EFFECT = {
+    op.name: _stack_effect(op) for op in pickletools.opcodes if op.name in _ALLOWED_OPCODES
+}
+
+
+def _scan_pickle(data: bytes, budget: _Budget | None = None) -> None:
+    """Refuse any pickle that uses an opcode or global outside the allow-list.
+
+    With `budget`, also charge what unpickling it would allocate (the `_OBJECT_COST`
+    of each opcode and the `_ITEM_COST` of each stack item it takes, strings and bytes
+    by length, a `_SLOT` per stack, mark and memo entry) and refuse it, while
+    scanning, once that goes over: a few bytes of pickle can make many objects.
+    """
     strings: list[Any] = []  # the values pushed by the latest opcodes, for STACK_GLOBAL
+    depth, top, puts = 0, 0, 0  # stack depth (above the marks), its maximum, memo entries
+    marks: list[int] = []  # the stack depth at each open MARK
+    cost = 0
     try:
         for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-            if op.name not in _ALLOWED_OPCODES:
-                raise pickle.UnpicklingError(f"refused pickle opcode {op.name}")
-            if op.name in ("GLOBAL", "STACK_GLOBAL"):
-                if op.name == "GLOBAL":
-                    module, _, name = str(arg).partition(" ")
+            name = op.name
+            if name not in _ALLOWED_OPCODES:
+                raise pickle.UnpicklingError(f"refused pickle opcode {name}")
+            # Follow the stack as the unpickler does, refusing the same underflows.
+            below, items, pushed = _STACK_EFFECT[name]
+            if below >= 0:  # takes the objects above the last MARK, and `below` under it
+                if not marks:
+                    raise pickle.UnpicklingError(f"{name} without a MARK")
+                fence = marks.pop()
+                items, depth = depth - fence + below, fence - below
+            elif name == "POP" and marks and depth == marks[-1]:
+                items = 0
+                marks.pop()  # POP right after a MARK drops the mark
+            else:
+                depth -= items
+            if depth < (marks[-1] if marks else 0):
+                raise pickle.UnpicklingError(f"stack underflow at {name}")
+            if pushed < 0:
+                marks.append(depth)
+                cost += _SLOT
+            else:
+                depth += pushed
+                if depth > top:
+                    cost += _SLOT * (depth - top)
+                    top = depth
+            if name in _STRING_OPS:
+                cost += 80 + 4 * len(arg)  # a str takes up to 4 bytes a character
+            elif name in _BYTES_OPS:
+                cost += 40 + len(arg)
+            elif name == "LONG1":
+                cost += 32 + arg.bit_length() // 8
+            else:
+                cost += _OBJECT_COST.get(name, 0) + _ITEM_COST.get(name, 0) * items
+            if budget is not None and cost > _COST_CHECK:
+                budget.take(cost, "the pickle's objects")
+                cost = 0
+            if name in ("GLOBAL", "STACK_GLOBAL"):
+                if name == "GLOBAL":
+                    module, _, attr = str(arg).partition(" ")
                 elif len(strings) == 2 and all(isinstance(s, str) for s in strings):
-                    module, name = strings
+                    module, attr = strings
                 else:
                     raise pickle.UnpicklingError("refused STACK_GLOBAL with a computed name")
-                if (module, name) not in _GLOBALS:
+                if (module, attr) not in _GLOBALS:
                     raise pickle.UnpicklingError(
-                        f"refused global {printable(module)[:80]}.{printable(name)[:80]} "
+                        f"refused global {printable(module)[:80]}.{printable(attr)[:80]} "
                         "(only state-dict types are allowed)"
                     )
-            elif op.name in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"):
-                # The C unpickler sizes its memo by the largest index: bound it.
-                if not isinstance(arg, int) or arg > len(data):
-                    raise pickle.UnpicklingError(f"memo index {arg} out of range")
-            if op.name.endswith("UNICODE"):
-                strings = [*strings[-1:], arg]
-            elif op.name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "FRAME"):
                 strings = []
-    except pickle.UnpicklingError:
+                continue
+            if name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                puts += 1
+                cost += _SLOT
+            if name in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET"):
+                # The C unpickler sizes its memo by the largest index; a pickler numbers
+                # its entries 0, 1, 2, ..., so an index beyond the entries made is refused.
+                if not isinstance(arg, int) or arg >= puts:  # `puts` counts this one
+                    raise pickle.UnpicklingError(f"memo index {arg} out of range")
+            if name.endswith("UNICODE"):
+                strings = [*strings[-1:], arg]
+            elif name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "FRAME"):
+                strings = []
+        if budget is not None:
+            budget.take(cost, "the pickle's objects")
+    except (pickle.UnpicklingError, CheckpointError):
         raise
     except Exception as e:  # genops raises ValueError on garbage
         raise pickle.UnpicklingError(f"malformed pickle: {e}") from None
@@ -241,10 +336,12 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, wh
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
-                 prefix: str, byteorder: str, where: str, budget: _Budget, archive_size: int):  # fmt: skip
+                 prefix: str, byteorder: str, where: str, budget: _Budget, archive_size: int,
+                 objects: _Budget | None = None):  # fmt: skip
         super().__init__(io.BytesIO(data))
         self._archive, self._members, self._prefix = archive, members, prefix
         self._byteorder, self._where, self._budget = byteorder, where, budget
+        self._objects = objects  # what the pickle's own objects may still take (see _scan_pickle)
         self._storage_left = archive_size  # storages are stored, so together fit in the archive
         self._storages: dict[str, _Storage] = {}
 
@@ -257,7 +354,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
         if found is _REBUILD_TENSOR:  # bound to this file's storages and budget
             return _Global(self.rebuild_tensor)
+        if found is _StateDict and self._objects is not None:  # copies are charged
+            return _Global(self.ordered_dict)
         return found
+
+    def ordered_dict(self, *args: Any) -> _StateDict:
+        """`collections.OrderedDict(...)`; copying a mapping or a list costs per entry,
+        and one memoised dict copied again and again would grow with the square of the file."""
+        if len(args) > 1:
+            raise pickle.UnpicklingError("OrderedDict called with more than one argument")
+        if args and hasattr(args[0], "__len__") and self._objects is not None:
+            self._objects.take(_DICT_ENTRY * len(args[0]), "OrderedDict copies")
+        return _StateDict(*args)
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -375,9 +483,14 @@ def _read_torch_zip(f: BinaryIO, size: int, where: str, budget: _Budget) -> Any:
                 raise CheckpointError(f"{where}: unknown byte order {printable(byteorder)[:20]}")
         limit = min(_MAX_PICKLE_BYTES, max(size, 1 << 20))
         data = _read_member(archive, members[pkls[0]], limit, where)
+        # The pickle's own objects have a budget apart from the tensors'.
+        objects = _Budget(where, size, _PARSE_EXPANSION * size + _PARSE_SLACK)
         try:
-            _scan_pickle(data)
-            return _RestrictedUnpickler(data, archive, members, prefix, byteorder, where, budget, size).load()
+            _scan_pickle(data, objects)
+            unpickler = _RestrictedUnpickler(
+                data, archive, members, prefix, byteorder, where, budget, size, objects
+            )
+            return unpickler.load()
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as e:
@@ -397,8 +510,38 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+def json_cost(raw: bytes) -> tuple[int, int]:
+    """(an upper bound on the values and keys in the JSON text `raw`, on the bytes
+    `strict_json(raw)` allocates). Each value but the first and each key follows one
+    of `,:[{`; CPython 3.11 takes at most ~110 bytes a value or key (a short distinct
+    key of a flooded object), and 8 a byte of text (astral characters, decoded twice)."""
+    values = raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{") + 1
+    return values, 8 * len(raw) + 128 * values
+
+
+def header_refusal(raw: bytes, size: int) -> str | None:
+    """Why the safetensors header `raw` of a `size`-byte file is not parsed (None: it is):
+    parsing it would allocate more than a pickle of that file may (shared with the diffusers reader)."""
+    values, cost = json_cost(raw)
+    limit = _PARSE_EXPANSION * size + _PARSE_SLACK
+    if cost <= limit:
+        return None
+    return (
+        f"safetensors header of {len(raw):,} bytes holds up to {values:,} JSON values, more than a "
+        f"{size:,}-byte file can hold (parsing would take {cost:,} bytes, limit {limit:,})"
+    )
+
+
+def _small_int(text: str) -> int:
+    # int() of thousands of digits is slow, and refused past 4300 with a hint about sys.
+    if len(text) > 40:
+        raise ValueError(f"an integer of {len(text):,} digits (only small integers are read)")
+    return int(text)
+
+
 def strict_json(raw: bytes) -> Any:
-    """UTF-8 JSON with duplicate keys and NaN/Infinity refused (ValueError); shared with the diffusers reader."""
+    """UTF-8 JSON with duplicate keys, NaN/Infinity and integers of more than 40 digits refused
+    (ValueError); shared with the diffusers reader. See `json_cost` for what it allocates."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out = dict(items)
@@ -409,7 +552,8 @@ def strict_json(raw: bytes) -> Any:
     def constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
-    return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+    text = raw.decode("utf-8")
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant, parse_int=_small_int)
 
 
 def _shape(v: Any) -> tuple[int, ...] | None:
@@ -436,6 +580,9 @@ def _read_safetensors(f: BinaryIO, size: int, where: str, budget: _Budget) -> di
     raw = f.read(n)
     if len(raw) != n:
         raise CheckpointError(f"{where}: truncated safetensors header")
+    refusal = header_refusal(raw, size)
+    if refusal:
+        raise CheckpointError(f"{where}: {refusal}")
     try:
         header = strict_json(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -443,6 +590,9 @@ def _read_safetensors(f: BinaryIO, size: int, where: str, budget: _Budget) -> di
         raise CheckpointError(f"{where}: corrupt safetensors header ({reason})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{where}: safetensors __metadata__ must map names to strings")
     body_start, body_len = 8 + n, size - 8 - n
     entries = []
     for name, entry in header.items():

@@ -49,7 +49,13 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from ddcm_jax.convert.checkpoint import CheckpointError, read_state_dict, strict_json
+from ddcm_jax.convert.checkpoint import (
+    CheckpointError,
+    header_refusal,
+    json_cost,
+    read_state_dict,
+    strict_json,
+)
 
 from ddcm_jax.models import _layers as L
 from ddcm_jax.models import clip, sd_unet, sd_vae
@@ -93,6 +99,7 @@ _MAX_INDEX_BYTES = 32 << 20
 _MAX_SHARDS = 256  # each shard stays open while its network is filled
 _MAX_MANIFEST_BYTES = 32 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_MAX_JSON_COST = 64 << 20  # what parsing one JSON file may allocate (`json_cost`); an index ~3 MB
 _MAX_NDIM = 8
 _SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
@@ -138,6 +145,12 @@ def _open_regular(path: Path) -> Any:
 def _read_json(path: Path, limit: int = _MAX_CONFIG_BYTES) -> Any:
     """A JSON file (size-capped, strict: no duplicate keys, no NaN); PipelineError names it."""
     raw = _read_bytes(path, limit)
+    values, cost = json_cost(raw)
+    if cost > _MAX_JSON_COST:
+        raise PipelineError(
+            f"{_p(path)}: up to {values:,} JSON values in {len(raw):,} bytes, more than any pipeline file "
+            f"holds (parsing would take {cost:,} bytes, limit {_MAX_JSON_COST:,})"
+        )
     try:
         return strict_json(raw)
     except RecursionError:
@@ -148,14 +161,19 @@ def _read_json(path: Path, limit: int = _MAX_CONFIG_BYTES) -> Any:
 
 def _read_bytes(path: Path, limit: int) -> bytes:
     where = _p(path)
+    chunks: list[bytes] = []
+    got = 0
     with _open_regular(path) as f:
         try:
-            raw = f.read(limit + 1)
+            # In pieces: read(limit + 1) would allocate the whole limit for a small file.
+            while got <= limit and (chunk := f.read(min(1 << 20, limit + 1 - got))):
+                chunks.append(chunk)
+                got += len(chunk)
         except OSError as e:
             raise PipelineError(f"{where}: cannot read ({printable(e.strerror or e)})") from None
-    if len(raw) > limit:
+    if got > limit:
         raise PipelineError(f"{where}: larger than {limit:,} bytes")
-    return raw
+    return b"".join(chunks)
 
 
 # --- model_index.json and configs -----------------------------------------------------------------
@@ -282,6 +300,9 @@ class _SafetensorsFile:
             raise PipelineError(f"{where}: cannot read ({printable(e.strerror or e)})") from None
         if len(raw) != n:
             raise PipelineError(f"{where}: truncated safetensors header")
+        refusal = header_refusal(raw, size)
+        if refusal:
+            raise PipelineError(f"{where}: {refusal}")
         try:
             header = strict_json(raw)
         except (ValueError, RecursionError) as e:
@@ -289,6 +310,9 @@ class _SafetensorsFile:
             raise PipelineError(f"{where}: corrupt safetensors header ({reason})") from None
         if not isinstance(header, dict):
             raise PipelineError(f"{where}: corrupt safetensors header (not a JSON object)")
+        meta = header.get("__metadata__", {})
+        if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise PipelineError(f"{where}: safetensors __metadata__ must map names to strings")
         body, body_len = 8 + n, size - 8 - n
         entries = {}
         for name, entry in header.items():
@@ -613,6 +637,39 @@ def fill(plan: ComponentPlan, source: TensorSource) -> dict[str, Any]:
     return params
 
 
+def _implied_counts(configs: PipelineConfigs, *, budget: bool = True) -> dict[str, int]:
+    """The parameters each network's config implies (arithmetic, milliseconds). With `budget`:
+    PipelineError when, as float32, they exceed the memory budget (conversion holds one float32
+    copy of them; a manifest check allocates nothing)."""
+    from ddcm_jax.latent_model import implied_param_counts
+    from ddcm_jax.memory import budget_bytes, format_bytes
+
+    counts = implied_param_counts(configs.unet, configs.vae, configs.text_encoder)
+    if not budget:
+        return counts
+    need, limit = 4 * sum(counts.values()), budget_bytes()
+    if need > limit:
+        big = max(counts, key=lambda c: counts[c])
+        raise PipelineError(
+            f"{_p(configs.root / big / 'config.json')}: implies {counts[big]:,} parameters; the pipeline "
+            f"needs about {format_bytes(need)} as float32, more than the memory budget {format_bytes(limit)} "
+            "(set DDCM_MEMORY_LIMIT to change it)"
+        )
+    return counts
+
+
+def _check_count(component: str, implied: int, shapes: Mapping[str, Any], where: str) -> None:
+    """Refuse weights that hold far fewer values than the config implies parameters, before the
+    network is traced to plan them (thousands of layers take minutes). Within a factor two the
+    plan runs and lists the keys that differ, which says more about a near miss."""
+    held = sum(math.prod(shape) for shape, _ in shapes.values())
+    if implied > 2 * held:
+        raise PipelineError(
+            f"{where}: holds {held:,} values, {component}/config.json implies {implied:,} parameters "
+            "(more than twice as many: not the weights of this network)"
+        )
+
+
 def _plan_or_refuse(component: str, config: Any, shapes: Mapping[str, Any], where: str) -> ComponentPlan:
     try:
         return plan_component(component, config, shapes)
@@ -635,10 +692,13 @@ def check_manifest(folder: str | os.PathLike) -> dict[str, int]:
     """
     folder = Path(folder)
     configs = read_pipeline_configs(folder)
+    implied = _implied_counts(configs, budget=False)
     counts = {}
     for component in NETWORKS:
         path = folder / component / "state_dict_shapes.json"
-        plan = _plan_or_refuse(component, configs.config(component), read_manifest(path), _p(path))
+        shapes = read_manifest(path)
+        _check_count(component, implied[component], shapes, _p(path))
+        plan = _plan_or_refuse(component, configs.config(component), shapes, _p(path))
         counts[component] = plan.params
     counts["total"] = sum(counts.values())
     return counts
@@ -695,11 +755,13 @@ def convert_pipeline(pipeline_dir: str | os.PathLike, model_dir: str | os.PathLi
     atomically (`save_latent_model`). `compute_dtype` sets the UNet's.
     """
     from ddcm_jax.latent_model import LatentModelConfig, save_latent_model, tokenizer_hashes
-    from ddcm_jax.model import check_save_target
+    from ddcm_jax.model import check_save_target, remove_stale_staging
 
     root = Path(pipeline_dir)
     check_save_target(model_dir, overwrite)  # before reading gigabytes
+    remove_stale_staging(model_dir)  # what a killed conversion to this target left
     configs = read_pipeline_configs(root, compute_dtype=compute_dtype)
+    implied = _implied_counts(configs)  # the memory budget, before any weight is read
     tokenizer, tok_files = _read_tokenizer(root / "tokenizer", configs.text_encoder)
     sources: dict[str, TensorSource] = {}
     try:
@@ -708,6 +770,7 @@ def convert_pipeline(pipeline_dir: str | os.PathLike, model_dir: str | os.PathLi
             source = open_weights(root / component, component)
             sources[component] = source
             labels[component] = source.label
+            _check_count(component, implied[component], source.shapes, source.where)
             plans[component] = _plan_or_refuse(component, configs.config(component), source.shapes, source.where)
         params: dict[str, Any] = {}
         for component in NETWORKS:
@@ -771,7 +834,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a bug must still not end in a traceback
         msg = f"{src}: internal error ({type(e).__name__}: {printable(e)[:200]})"
     else:
-        print(f"wrote {_p(args.output)} ({fp})")
+        if not getattr(args, "quiet", False):
+            print(f"wrote {_p(args.output)} ({fp})")
         return 0
     lines = msg.splitlines() or [msg]
     print(f"ddcm convert: {lines[0]}", file=sys.stderr)

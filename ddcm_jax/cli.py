@@ -676,7 +676,7 @@ def _read_model_json(model: Path | str | None) -> Any:
         if not path.is_file() or path.stat().st_size > 1 << 20:
             return None
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # the loader says what is wrong, naming the file
         return None
 
 

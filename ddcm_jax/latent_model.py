@@ -54,6 +54,7 @@ __all__ = [
     "SchedulerConfig",
     "abstract_params",
     "check_components",
+    "implied_param_counts",
     "is_latent_model_dir",
     "latent_fingerprint",
     "load_latent_model",
@@ -421,6 +422,95 @@ def abstract_params(config: LatentModelConfig) -> dict[str, Any]:
     }
 
 
+def implied_param_counts(unet: sd_unet.SDUNetConfig, vae: sd_vae.SDVAEConfig,
+                         text: clip.CLIPTextConfig) -> dict[str, int]:  # fmt: skip
+    """{"text_encoder", "unet", "vae"}: the parameters each config implies, by arithmetic on the
+    networks' structure (equal to the leaf sizes of their `abstract_params`, which tests check),
+    so that a config can be refused in milliseconds, before its network is traced."""
+    return {"text_encoder": _text_params(text), "unet": _unet_params(unet), "vae": _vae_params(vae)}
+
+
+def _conv(i: int, o: int, k: int = 3) -> int:
+    return k * k * i * o + o
+
+
+def _resnet_params(i: int, o: int, temb: int = 0) -> int:
+    """`ResnetBlock2D`: norm1, conv1, (time_emb_proj), norm2, conv2, (conv_shortcut)."""
+    time_proj = temb * o + o if temb else 0
+    shortcut = _conv(i, o, 1) if i != o else 0
+    return 2 * i + _conv(i, o) + time_proj + 2 * o + _conv(o, o) + shortcut
+
+
+def _text_params(cfg: clip.CLIPTextConfig) -> int:
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    layer = 2 * h + 4 * (h * h + h) + 2 * h + (h * f + f) + (f * h + h)
+    embeddings = (cfg.vocab_size + cfg.max_position_embeddings) * h
+    return embeddings + cfg.num_hidden_layers * layer + 2 * h
+
+
+def _unet_params(cfg: sd_unet.SDUNetConfig) -> int:
+    chans, n, d = cfg.block_out_channels, cfg.levels, cfg.cross_attention_dim
+    temb = cfg.time_embed_dim
+
+    def transformer(c: int, layers: int) -> int:
+        # 3 norms, attn1 (q, k, v, out), attn2 (k, v from the context), GEGLU feed-forward
+        block = 6 * c + (4 * c * c + c) + (2 * c * c + 2 * c * d + c) + (8 * c * c + 8 * c)
+        block += 4 * c * c + c
+        return 2 * c + 2 * (c * c + c) + layers * block  # norm, proj_in, proj_out
+
+    total = chans[0] * temb + temb + temb * temb + temb + _conv(cfg.in_channels, chans[0])
+    ch, skips = chans[0], [chans[0]]
+    for i, out in enumerate(chans):
+        for _ in range(cfg.layers_per_block[i]):
+            total += _resnet_params(ch, out, temb)
+            ch = out
+            if cfg.down_block_types[i] == sd_unet.CROSS_DOWN:
+                total += transformer(out, cfg.transformer_layers_per_block[i])
+            skips.append(ch)
+        if i != n - 1:
+            total += _conv(out, out)
+            skips.append(out)
+    total += 2 * _resnet_params(ch, ch, temb)  # the mid block
+    total += transformer(ch, cfg.transformer_layers_per_block[-1])
+    for index in range(n):
+        level = n - 1 - index
+        out = chans[level]
+        for _ in range(cfg.layers_per_block[level] + 1):
+            total += _resnet_params(ch + skips.pop(), out, temb)
+            ch = out
+            if cfg.up_block_types[index] == sd_unet.CROSS_UP:
+                total += transformer(out, cfg.transformer_layers_per_block[level])
+        if level != 0:
+            total += _conv(out, out)
+    return total + 2 * ch + _conv(ch, cfg.out_channels)
+
+
+def _vae_params(cfg: sd_vae.SDVAEConfig) -> int:
+    chans, n, lat = cfg.block_out_channels, cfg.levels, cfg.latent_channels
+    last = chans[-1]
+    mid = 2 * _resnet_params(last, last)
+    mid += 2 * last + 4 * (last * last + last) if cfg.mid_block_add_attention else 0
+    total = _conv(cfg.in_channels, chans[0])  # the encoder
+    ch = chans[0]
+    for i, out in enumerate(chans):
+        for _ in range(cfg.layers_per_block):
+            total += _resnet_params(ch, out)
+            ch = out
+        total += _conv(out, out) if i != n - 1 else 0
+    total += mid + 2 * ch + _conv(ch, 2 * lat)
+    total += _conv(lat, last) + mid  # the decoder
+    ch = last
+    for index in range(n):
+        out = chans[n - 1 - index]
+        for _ in range(cfg.layers_per_block + 1):
+            total += _resnet_params(ch, out)
+            ch = out
+        total += _conv(out, out) if index != n - 1 else 0
+    total += 2 * ch + _conv(ch, cfg.out_channels)
+    total += _conv(2 * lat, 2 * lat, 1) if cfg.use_quant_conv else 0
+    return total + (_conv(lat, lat, 1) if cfg.use_post_quant_conv else 0)
+
+
 def param_counts(params: Any) -> dict[str, int]:
     return {
         name: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params[name]))
@@ -595,6 +685,7 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
         created = M.make_parents(target.parent)
     except OSError as e:
         raise M.ModelDirError(f"{where}: cannot create the folder ({M.error_reason(e)})") from None
+    M.remove_stale_staging(target)  # a killed save's folder, before the free space is measured
     stage = backup = None
     try:
         free = shutil.disk_usage(target.parent).free
@@ -650,7 +741,7 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
 def _read_json_object(meta: Path) -> Any:
     where = printable(meta)
     try:
-        with meta.open("rb") as f:
+        with M.open_regular(meta) as f:  # a FIFO would block
             raw = f.read(M.MAX_MODEL_JSON + 1)
     except OSError as e:
         raise M.ModelDirError(f"{where}: cannot read ({M.error_reason(e)})") from None
@@ -710,7 +801,7 @@ def _load_tokenizer(root: Path, config: LatentModelConfig) -> Any:
     for name, digest in config.tokenizer_files:
         path = folder / name
         try:
-            with path.open("rb") as f:
+            with M.open_regular(path) as f:  # a FIFO would block
                 data = f.read(_MAX_TOKENIZER_FILE + 1)
         except OSError as e:
             raise M.ModelDirError(f"{printable(path)}: cannot read ({M.error_reason(e)})") from None
@@ -733,8 +824,10 @@ def load_latent_model(model_dir: str | os.PathLike, *, verify: bool = True) -> L
     for folders whose model.json says family "sd".
 
     model.json is checked first (every config, the settings fingerprint), then
-    the tokenizer files (hashes), then the parameters are restored against the
-    shapes the configs imply; with `verify` the arrays fingerprint is
+    the tokenizer files (hashes), then the checkpoint folder (regular files only,
+    as many values as the configs imply: `model.check_checkpoint`), then the
+    parameters are restored against the shapes the configs imply; with `verify`
+    the arrays fingerprint is
     recomputed and must match. Raises `ModelDirError` (one line: path and reason).
     """
     root = Path(model_dir).absolute()
@@ -748,10 +841,15 @@ def load_latent_model(model_dir: str | os.PathLike, *, verify: bool = True) -> L
     except (ValueError, TypeError, RecursionError) as e:
         raise M.ModelDirError(f"{printable(meta)}: {printable(e)[:300]}") from None
     tokenizer = _load_tokenizer(root, config)
+    implied = implied_param_counts(config.unet, config.vae, config.text_encoder)
+    null_prompt = config.prompt_length * config.text_encoder.hidden_size
+    M.check_checkpoint(root / "params", sum(implied.values()) + null_prompt)  # before any tracing
     expected = abstract_params(config)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), expected)
     try:
         params = M.restore_params(root / "params", target)
+    except M.ModelDirError:
+        raise
     except MemoryError:
         raise M.ModelDirError(f"{printable(root / 'params')}: cannot restore parameters (out of memory)") from None
     except Exception as e:  # orbax raises many types; all mean "unreadable"

@@ -34,17 +34,18 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax.models.adm import ADMConfig, abstract_params, adm_apply
+from ddcm_jax.models.adm import ADMConfig, abstract_params, adm_apply, param_count
 from ddcm_jax.printable import printable
 
 __all__ = [
@@ -487,7 +488,42 @@ def remove_empty(folders: list[Path]) -> None:
 
 
 def fresh_name(parent: Path, base: str, tag: str) -> Path:
-    return parent / f".{base[:100]}.{tag}-{secrets.token_hex(6)}"
+    """`.BASE.TAG-HOST~PID.RANDOM` beside the target: who made it, as the `.part` files of
+    `ddcm_jax.images` say, so that `remove_stale_staging` can tell a dead writer's folder."""
+    from ddcm_jax.images import _host_tag
+
+    return parent / f".{base[:100]}.{tag}-{_host_tag()}~{os.getpid()}.{secrets.token_hex(6)}"
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders of `target` that writers on this host left when they died
+    (SIGKILL, power loss: `.NAME.staging-HOST~PID.RANDOM` whose PID no longer runs); returns them.
+
+    A live process's folder and another host's are kept, and so are `.NAME.replaced-…`
+    backups (killed between its two renames, a save leaves the previous model only there).
+    """
+    from ddcm_jax.images import _host_tag, _pid_alive
+
+    target = Path(target).absolute()
+    head, host = f".{target.name[:100]}.staging-", _host_tag()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(head) or not entry.is_dir(follow_symlinks=False):
+            continue
+        tag, _, rand = entry.name[len(head) :].rpartition(".")
+        writer, _, pid = tag.rpartition("~")
+        if writer != host or not pid.isdigit() or not re.fullmatch(r"[0-9a-f]{12}", rand):
+            continue
+        if _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            removed.append(Path(entry.path))
+    return removed
 
 
 def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
@@ -513,6 +549,7 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
         created = make_parents(target.parent)
     except OSError as e:
         raise ModelDirError(f"{where}: cannot create the folder ({error_reason(e)})") from None
+    remove_stale_staging(target)  # a killed save's folder, before the free space is measured
     stage = backup = None
     try:
         free = shutil.disk_usage(target.parent).free
@@ -580,15 +617,109 @@ def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
 # --- reading ------------------------------------------------------------------------------------
 
 
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (or a symbolic link to one); never blocks.
+
+    A FIFO, device or socket in place of a file is refused (`ModelDirError`: "PATH: is not a
+    regular file") before it is opened: opening a FIFO waits for a writer, forever. The file
+    is opened non-blocking and checked again, so one swapped in meanwhile is refused as well.
+    OSError (a missing file, no permission) reaches the caller.
+    """
+    where = printable(path)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ModelDirError(f"{where}: is not a regular file")
+    f = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ModelDirError(f"{where}: is not a regular file")
+    return f
+
+
+def check_checkpoint_files(params_dir: str | os.PathLike) -> int:
+    """Refuse (`ModelDirError`, naming the entry) a checkpoint folder that holds anything but
+    folders and regular files, before orbax opens it; returns the size of its files in bytes.
+
+    orbax (tensorstore) opens its files blocking: a FIFO in place of `manifest.ocdbt` hangs a
+    restore forever. Symbolic links are followed, as a reader would, each folder walked once.
+    What cannot be inspected (a missing folder, a broken link) is left for the restore to report.
+    """
+    root = os.fspath(params_dir)
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            raise ModelDirError(f"{printable(root)}: cannot restore parameters (not a directory)")
+    except OSError:
+        return 0
+    size = 0
+    seen: set[tuple[int, int]] = set()
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                folders.append(entry.path)
+            elif not stat.S_ISREG(st.st_mode):
+                raise ModelDirError(f"{printable(entry.path)}: is not a regular file")
+            else:
+                size += st.st_size
+    return size
+
+
+def checkpoint_values(params_dir: str | os.PathLike) -> int | None:
+    """How many array elements the checkpoint in `params_dir` holds, from orbax's metadata (the
+    shapes; no array is read), or None when its metadata cannot be read (restoring says why)."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    try:
+        with quiet_orbax():
+            handler = ocp.PyTreeCheckpointHandler()
+            try:
+                meta = handler.metadata(epath.Path(os.path.abspath(params_dir)))
+            finally:
+                handler.close()
+        leaves = jax.tree_util.tree_leaves(getattr(meta, "tree", meta))
+        return sum(int(np.prod(leaf.shape, dtype=object)) for leaf in leaves)
+    except Exception:  # orbax raises many types; all mean "cannot say"
+        return None
+
+
+def check_checkpoint(params_dir: Path, implied: int, meta: str = "model.json") -> None:
+    """Refuse a checkpoint folder that orbax must not open (`check_checkpoint_files`) or whose
+    arrays cannot be the `implied` parameters of the network model.json describes.
+
+    Both are decided in milliseconds, before the network's parameter tree is traced (for a
+    model.json describing a huge network that alone takes tens of seconds). The arrays' shapes
+    are asked of orbax only when the files hold fewer bytes than the parameters are values: a
+    float32 checkpoint compressed 4-fold or more (zeros), or one of another, smaller network.
+    """
+    if check_checkpoint_files(params_dir) >= implied:
+        return
+    held = checkpoint_values(params_dir)
+    if held is not None and held != implied:
+        raise ModelDirError(
+            f"{printable(params_dir)}: holds {held:,} parameter values, {meta} implies {implied:,}"
+        )
+
+
 def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
     """Parse and check MODEL_DIR/model.json (nothing built); ModelDirError names the file and reason."""
     root = Path(model_dir).absolute()
     meta = root / "model.json"
     where = printable(meta)
     try:
-        if meta.exists() and not meta.is_file():  # a folder or a FIFO (which would block)
-            raise ModelDirError(f"{where}: not a regular file")
-        with meta.open("rb") as f:
+        with open_regular(meta) as f:  # a folder or a FIFO (which would block) is refused
             raw = f.read(MAX_MODEL_JSON + 1)
     except FileNotFoundError:
         raise ModelDirError(f"{printable(root)}: not a model directory (no model.json)") from None
@@ -615,6 +746,7 @@ def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
 def restore_params(params_dir: Path, target: Any) -> Any:
     import orbax.checkpoint as ocp
 
+    check_checkpoint_files(params_dir)  # a FIFO would hang orbax
     with quiet_orbax():
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         try:
@@ -627,7 +759,9 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = T
     """Load a MODEL_DIR written by `ddcm convert` or `ddcm train` ("default": the packaged model).
 
     model.json is checked first (types, ranges, the size of the network it
-    implies, `config_fingerprint`), then the parameter tree is restored against
+    implies, `config_fingerprint`), then the checkpoint folder (regular files
+    only, as many values as the architecture implies: `check_checkpoint`, before
+    anything is traced), then the parameter tree is restored against
     the shapes the architecture implies; with `verify` the fingerprint is
     recomputed and must match. Raises `ModelDirError` (one line: path and reason).
     A folder whose model.json says family "sd" (from `ddcm convert --format
@@ -639,10 +773,13 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = T
     if is_latent_model_dir(root):  # family "sd": a LatentDiffusionModel (see latent_model.py)
         return load_latent_model(root, verify=verify)  # type: ignore[return-value]
     config, fp = read_model_json(root)
+    check_checkpoint(root / "params", param_count(config.architecture))  # before any tracing
     expected = abstract_params(config.architecture)
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), expected)
     try:
         params = restore_params(root / "params", target)
+    except ModelDirError:
+        raise
     except MemoryError:
         raise ModelDirError(f"{printable(root / 'params')}: cannot restore parameters (out of memory)") from None
     except Exception as e:  # orbax raises many types; all mean "unreadable"

@@ -45,9 +45,15 @@ import numpy as np
 __all__ = ["CLIPTokenizer", "TokenizerError", "bytes_to_unicode"]
 
 # Bounds on the untrusted folder (the released CLIP files: vocab.json 1.6 MB,
-# 49,408 entries; merges.txt 0.5 MB, 48,894 merges).
+# 49,408 entries; merges.txt 0.5 MB, 48,894 merges), each reached in memory
+# bounded by a small multiple of the limit.
 MAX_FILE_BYTES = 16 << 20
 MAX_VOCAB = 1 << 20
+MAX_MERGES = 1 << 17
+MAX_MERGES_CHARS = 4 << 20
+# What parsing one JSON file may allocate: 8 bytes a character and 128 a value or key
+# bound CPython's json (~25 MB for the released vocab.json).
+MAX_JSON_COST = 64 << 20
 MAX_TOKEN_CHARS = 1024
 MAX_MODEL_MAX_LENGTH = 8192
 MAX_PROMPT_CHARS = 1 << 20
@@ -180,16 +186,39 @@ def pre_tokenize(text: str) -> Iterator[str]:
 
 
 def _read(folder: Path, name: str, *, required: bool = True) -> str | None:
+    import stat
+
     path = folder / name
-    if not path.is_file():
-        if required:
-            raise TokenizerError(f"{path}: missing")
-        return None
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise TokenizerError(f"{path}: {size} bytes, more than the {MAX_FILE_BYTES} allowed")
     try:
-        return path.read_bytes()[: MAX_FILE_BYTES + 1].decode("utf-8")
+        st = os.stat(path)
+    except OSError as e:
+        if os.path.lexists(path):
+            raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
+        if required:
+            raise TokenizerError(f"{path}: missing") from None
+        return None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block: refused before it is opened
+        raise TokenizerError(f"{path}: is not a regular file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise TokenizerError(f"{path}: {st.st_size} bytes, more than the {MAX_FILE_BYTES} allowed")
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise TokenizerError(f"{path}: is not a regular file")
+            pieces, size = [], 0
+            while size <= MAX_FILE_BYTES:  # in pieces: read(limit) would reserve the whole limit at once
+                piece = f.read(1 << 20)
+                if not piece:
+                    break
+                pieces.append(piece)
+                size += len(piece)
+            raw = b"".join(pieces)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise TokenizerError(f"{path}: more than the {MAX_FILE_BYTES} bytes allowed")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
@@ -198,14 +227,31 @@ def _read_json(folder: Path, name: str, *, required: bool = True) -> Any:
     text = _read(folder, name, required=required)
     if text is None:
         return None
+    # Each value but the first and each key follows one of ,:[{ (an upper bound on their number).
+    values = sum(map(text.count, ",:[{")) + 1
+    cost = 8 * len(text) + 128 * values
+    if cost > MAX_JSON_COST:
+        raise TokenizerError(
+            f"{folder / name}: up to {values:,} JSON values in {len(text):,} characters, more than "
+            f"a tokenizer file holds (parsing would take {cost:,} bytes, limit {MAX_JSON_COST:,})"
+        )
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_small_int)
     except json.JSONDecodeError as e:
         raise TokenizerError(
             f"{folder / name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from None
     except RecursionError:
         raise TokenizerError(f"{folder / name}: JSON nested too deeply") from None
+    except ValueError as e:  # _small_int, or anything else json refuses
+        raise TokenizerError(f"{folder / name}: not valid JSON ({str(e)[:200]})") from None
+
+
+def _small_int(text: str) -> int:
+    """json's int parser, refusing what cannot be a token id or a setting before int() works on it."""
+    if len(text) > 40:
+        raise ValueError(f"an integer of {len(text):,} digits, not a token id or setting")
+    return int(text)
 
 
 def _token_content(where: str, key: str, value: Any) -> tuple[str, bool]:
@@ -258,6 +304,16 @@ def _parse_vocab(where: str, data: Any) -> dict[str, int]:
 
 
 def _parse_merges(where: str, text: str, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    # Bounded before splitting: each short line costs some 400 bytes of lists, strings and tuples.
+    if len(text) > MAX_MERGES_CHARS:
+        raise TokenizerError(
+            f"{where}: {len(text):,} characters, more than the {MAX_MERGES_CHARS:,} a merges file may hold"
+        )
+    count = text.count("\n")
+    if count > MAX_MERGES + 1:
+        raise TokenizerError(
+            f"{where}: {count:,} lines, more than the {MAX_MERGES:,} merges allowed"
+        )
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the file

@@ -87,9 +87,11 @@ def test_sd_tiny_encoder_matches_reference(sd_tiny):
     err_pool = np.abs(np.asarray(pooled) - io["text_pooler_output"]).max()
     print(f"sd_tiny float32: last_hidden_state {err_last:.2e}, pooler {err_pool:.2e}")
     assert err_last < 1e-4 and err_pool < 1e-4
-    # The direct call (which checks the id values) computes the same function.
+    # The direct call (which checks the id values) computes the same function. Batch 1 against
+    # batch 2: XLA:CPU vectorises the two shapes differently (on AMD EPYC 2 of 2,464 values move
+    # by 1.2e-6), so float32 rounding, not a tighter bound, sets the tolerance.
     direct = clip_text_apply(cfg, sd_tiny["params"], io["text_input_ids"][1:])
-    np.testing.assert_allclose(direct[0], last[1:], atol=1e-6)
+    np.testing.assert_allclose(direct[0], last[1:], atol=1e-5)
 
 
 def test_state_dict_without_prefix_gives_the_same_params(sd_tiny):
