@@ -228,3 +228,19 @@ def test_activation_bound_stays_above_xlas_estimate():
         cfg = ADMConfig.from_create_model(kw)
         xla, bound = forward_bytes(cfg, h, w), activation_bound(cfg, h, w)
         assert xla <= bound <= 64 * xla + (64 << 20), (name, h, w, xla, bound)  # above, and not absurdly
+
+
+def test_eager_call_is_compiled_once_per_shape(tiny_model_dir):
+    """`model(x, t)` called eagerly runs the compiled network (issue 26): same values as the
+    traced call, and a new input of the same shape reuses the compiled program."""
+    from ddcm_jax import model as model_module
+
+    model = ddcm_jax.load_model(tiny_model_dir)
+    x, t, _ = _inputs(model.config.architecture, batch=2)
+    first = np.asarray(model(x, t))
+    compiled = model_module._compiled_apply._cache_size()
+    again = np.asarray(model(np.flip(x, 0).copy(), t[::-1].copy()))
+    assert model_module._compiled_apply._cache_size() == compiled  # no re-trace for the same shapes
+    np.testing.assert_array_equal(again, first[::-1])  # batch rows are independent
+    traced = jax.jit(lambda p, xx, tt: model.apply(p, xx, tt))(model.params, x, t)
+    np.testing.assert_array_equal(first, np.asarray(traced))  # the same program

@@ -166,6 +166,9 @@ def test_psnr_in_bounded_memory_matches_the_formula():
 # --- 6. Ctrl-C ends with 130, not a crash ----------------------------------------------------------------
 
 
+RESET_SIGINT = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_without_crash_or_partial_files(tiny_model_dir, tmp_path):
     src = tmp_path / "in"
@@ -175,12 +178,12 @@ def test_ctrl_c_exits_130_without_crash_or_partial_files(tiny_model_dir, tmp_pat
     for attempt in range(3):  # on the old code 8 of 14 tries died by SIGSEGV after "interrupted"
         out = tmp_path / f"out{attempt}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ddcm_jax.cli", "compress", str(src), "-o", str(out), "--model",
-             str(tiny_model_dir), "-T", "200", "-K", "16", "--rule", "ddcm", "--pad"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             # A terminal's Ctrl-C: a runner started in the background (`cmd &`) hands its children
-            # SIGINT ignored, which would decide this test by how the suite was launched.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            # SIGINT ignored, which would decide this test by how the suite was launched; an exec
+            # wrapper restores the default (a `preexec_fn` would fork JAX's threads, with a warning).
+            [sys.executable, "-c", RESET_SIGINT, sys.executable, "-m", "ddcm_jax.cli", "compress", str(src), "-o",
+             str(out), "--model", str(tiny_model_dir), "-T", "200", "-K", "16", "--rule", "ddcm", "--pad"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         # Wait until sampling is under way (the encode step bar shows), then interrupt.
         deadline = time.monotonic() + 120

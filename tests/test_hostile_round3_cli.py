@@ -153,10 +153,12 @@ images.commit_files({{Path({str(out / "x.ddcm")!r}): b"A", Path({str(out / "x.pn
 # --- 3. Ctrl-C stops at once, with one line and exit 130, wherever it lands -----------------------------
 
 
-def _terminal_ctrl_c() -> None:
-    # A terminal's Ctrl-C: a runner started in the background (`cmd &`) hands its children
-    # SIGINT ignored, which would decide these tests by how the suite was launched.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def terminal(argv: list[str]) -> list[str]:
+    """argv run with a terminal's Ctrl-C: a runner started in the background (`cmd &`) hands its
+    children SIGINT ignored, which would decide these tests by how the suite was launched. An exec
+    wrapper restores the default (a `preexec_fn` would fork JAX's threads, with a warning)."""
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", reset, *argv]
 
 
 @pytest.mark.parametrize("delay", [0.5, 1.5])
@@ -164,10 +166,9 @@ def test_ctrl_c_while_jax_imports_is_one_line_and_130(tiny_model_dir, tmp_path, 
     script = Path(sys.executable).with_name("ddcm")  # the console script a user runs
     assert script.exists()
     src = photo(tmp_path / "x.png", size=(64, 64))
-    proc = subprocess.Popen([str(script), "compress", str(src), "-o", str(tmp_path / "out"), "--model",
-                             str(tiny_model_dir), "-T", "200", "-K", "16", "--rule", "ddcm", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_terminal_ctrl_c)  # fmt: skip
+    proc = subprocess.Popen(terminal([str(script), "compress", str(src), "-o", str(tmp_path / "out"), "--model",
+                                      str(tiny_model_dir), "-T", "200", "-K", "16", "--rule", "ddcm", "-q"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -200,8 +201,7 @@ images.load_image = load_then_collect
 sys.exit(cli.main(["compress", {str(src)!r}, "-o", {str(out)!r}, "--model", {str(tiny_model_dir)!r},
                    "-T", "3", "-K", "4", "--rule", "ddcm", "-q"]))
 """
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
-                          preexec_fn=_terminal_ctrl_c)  # fmt: skip
+    proc = subprocess.run(terminal([sys.executable, "-c", child]), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "ddcm compress: interrupted\n"
     assert not out.exists() or not list(out.iterdir())
@@ -225,8 +225,7 @@ os.replace = replace
 images.commit_files({{Path({str(out / "x.ddcm")!r}): b"code", Path({str(out / "x.png")!r}): b"png"}})
 print("not reached")
 """
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60,
-                          preexec_fn=_terminal_ctrl_c)  # fmt: skip
+    proc = subprocess.run(terminal([sys.executable, "-c", child]), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "ddcm compress: interrupted\n")
     assert sorted(p.name for p in out.iterdir()) == ["x.ddcm", "x.png"]
 

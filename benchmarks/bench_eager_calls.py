@@ -1,0 +1,107 @@
+"""The public network calls made eagerly, as a researcher makes them, against the same calls
+under the caller's own `jax.jit`, side by side in one run (issue 26: within 1.2x).
+
+    python benchmarks/bench_eager_calls.py --json benchmarks/results/eager_calls_cpu.json
+
+Models: the packaged default ADM MODEL_DIR (`model(x, t)`) and `sd_tiny` converted from
+`../shared/reference/sd_tiny` into a temporary folder (`model(x, t, context)`, `encode`,
+`decode`, `encode_prompt`). Each call is warmed up (compiled) once on both sides, then timed
+`--repeats` times, the two sides interleaved so that both see the same load; medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(os.environ.get("DDCM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def _median_pair(eager, jitted, repeats: int) -> tuple[float, float]:
+    import jax
+
+    jax.block_until_ready(eager())  # compile both first
+    jax.block_until_ready(jitted())
+    a, b = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(eager())
+        a.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(jitted())
+        b.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    from ddcm_jax.convert import main as convert
+
+    import ddcm_jax
+
+    rows = []
+
+    def record(family: str, call: str, shape: str, eager, jitted) -> None:
+        e, j = _median_pair(eager, jitted, args.repeats)
+        rows.append({"family": family, "call": call, "input": shape, "eager_ms": round(1e3 * e, 3),
+                     "jitted_ms": round(1e3 * j, 3), "eager_over_jitted": round(e / j, 3)})  # fmt: skip
+        print(f"{family:4s} {call:24s} {shape:18s} eager {1e3 * e:8.2f} ms  jitted {1e3 * j:8.2f} ms  {e / j:.2f}x")
+
+    adm = ddcm_jax.load_model("default")
+    n = adm.config.architecture.image_size
+    x = jax.random.normal(jax.random.key(0), (1, n, n, 3), jnp.float32)
+    t = jnp.array([500], jnp.int32)
+    adm_jit = jax.jit(lambda m, xx, tt: m.apply(m.params, xx, tt))
+    record("adm", "model(x, t)", f"1x{n}x{n}x3", lambda: adm(x, t), lambda: adm_jit(adm, x, t))
+    # What `model(x, t)` did before it was compiled: the network op by op.
+    t0 = time.perf_counter()
+    for _ in range(3):
+        jax.block_until_ready(adm.apply(adm.params, x, t))
+    rows[-1]["op_by_op_ms_before"] = round(1e3 * (time.perf_counter() - t0) / 3, 3)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp) / "sd_tiny"
+        assert convert([str(SHARED / "reference" / "sd_tiny"), "-o", str(where), "--format", "diffusers", "-q"]) == 0
+        sd = ddcm_jax.load_model(where)
+    side = sd.config.unet.sample_size
+    f = sd.config.downsampling_factor
+    c = sd.config.latent_channels
+    z = jax.random.normal(jax.random.key(1), (1, side, side, c), jnp.float32)
+    img = jax.random.uniform(jax.random.key(2), (1, side * f, side * f, 3), jnp.float32, -1, 1)
+    ctx = sd.null_prompt
+    unet_jit = jax.jit(lambda m, zz, tt, cc: m(zz, tt, cc))
+    enc_jit = jax.jit(lambda m, ii: m.encode(ii))
+    dec_jit = jax.jit(lambda m, zz: m.decode(zz))
+    record("sd", "model(x, t, context)", f"1x{side}x{side}x{c}", lambda: sd(z, t, ctx), lambda: unet_jit(sd, z, t, ctx))
+    record("sd", "encode(images)", f"1x{side * f}x{side * f}x3", lambda: sd.encode(img), lambda: enc_jit(sd, img))
+    record("sd", "decode(latents)", f"1x{side}x{side}x{c}", lambda: sd.decode(z), lambda: dec_jit(sd, z))
+    from ddcm_jax.models import clip
+
+    text_jit = jax.jit(lambda p, i: clip.clip_text_apply(sd.config.text_encoder, p, i)[0])
+    # Strings cannot enter a jit: the caller tokenizes on the host, then calls its jitted encoder.
+    record("sd", "encode_prompt(prompt)", "1 prompt", lambda: sd.encode_prompt(["a photograph of a cat"]),
+           lambda: text_jit(sd.params["text_encoder"], sd.tokenize(["a photograph of a cat"])))  # fmt: skip
+
+    result = {"benchmark": "eager_calls", "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+              "repeats": args.repeats, "rows": rows,
+              "worst_eager_over_jitted": max(r["eager_over_jitted"] for r in rows)}  # fmt: skip
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
