@@ -244,3 +244,18 @@ def test_eager_call_is_compiled_once_per_shape(tiny_model_dir):
     np.testing.assert_array_equal(again, first[::-1])  # batch rows are independent
     traced = jax.jit(lambda p, xx, tt: model.apply(p, xx, tt))(model.params, x, t)
     np.testing.assert_array_equal(first, np.asarray(traced))  # the same program
+
+
+def test_attention_by_query_blocks_is_the_whole_attention_bit_for_bit():
+    """Softmax attention is row-wise in the queries: computing it 256 queries at a time (the
+    cache-friendly layout of `_layers.by_query_blocks`) must give exactly the same numbers."""
+    from ddcm_jax.models import _layers as L
+
+    ks = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(kk, (2, 1024, 4 * 16)) for kk in ks)
+    blocked = jax.jit(lambda a, b, c: L.attention(a, b, c, 4))(q, k, v)
+    whole = jax.jit(lambda a, b, c: L.attention(a, b, c, 4, query_block=None))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(blocked), np.asarray(whole))
+    odd = jax.random.normal(ks[0], (1, 300, 64))  # not a multiple of the block: runs whole
+    np.testing.assert_array_equal(np.asarray(L.attention(odd, odd, odd, 4)),
+                                  np.asarray(L.attention(odd, odd, odd, 4, query_block=None)))  # fmt: skip

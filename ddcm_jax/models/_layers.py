@@ -170,13 +170,35 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
+QUERY_BLOCK = 256
+
+
+def by_query_blocks(core: Callable[[jax.Array], jax.Array], q: jax.Array,
+                    block: int | None = QUERY_BLOCK) -> jax.Array:  # fmt: skip
+    """core(q) for q (B, T, ...) -> (B, T, ...), computed `block` queries at a time (`lax.map`).
+
+    Softmax attention is row-wise in the queries, so the blocks compute exactly the same
+    numbers (tested bit for bit); only the (B, H, block, S) score matrix that is live at once
+    shrinks, and it stays in cache: on 2 CPU cores the core is 1.6-3.6x faster at 1,024 tokens and
+    1.4x at 4,096 (`benchmarks/results/attention_cpu.json`). Sequences of at most one block, or
+    not a multiple of it (or `block` None), run whole.
+    """
+    b, t = q.shape[:2]
+    if block is None or t <= block or t % block:
+        return core(q)
+    blocks = jnp.moveaxis(q.reshape(b, t // block, block, *q.shape[2:]), 1, 0)
+    out = jax.lax.map(core, blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, *out.shape[3:])
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
-              upcast: bool = False) -> jax.Array:  # fmt: skip
+              upcast: bool = False, query_block: int | None = QUERY_BLOCK) -> jax.Array:  # fmt: skip
     """softmax(q k^T / sqrt(d)) v per head: q (B, T, H d), k and v (B, S, H d) -> (B, T, H d).
 
     The scores are accumulated and soft-maxed in float32 whatever the inputs'
     dtype; `upcast` also casts q and k to float32 before the product
-    (diffusers' `upcast_attention`). The weights are cast back to v's dtype.
+    (diffusers' `upcast_attention`). The weights are cast back to v's dtype. `query_block`:
+    see `by_query_blocks` (None: all queries at once; the same numbers).
     """
     b, t, c = q.shape
     s = k.shape[1]
@@ -186,9 +208,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
     q = q.reshape(b, t, heads, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     k = k.reshape(b, s, heads, d)
     v = v.reshape(b, s, heads, d)
-    w = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", w, v).reshape(b, t, heads * d)
+
+    def core(qb: jax.Array) -> jax.Array:
+        w = jnp.einsum("bthd,bshd->bhts", qb, k, preferred_element_type=jnp.float32)
+        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bshd->bthd", w, v)
+
+    return by_query_blocks(core, q, query_block).reshape(b, t, heads * d)
 
 
 # ------------------------------------------------------------------- name/layout rule

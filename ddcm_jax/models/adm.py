@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddcm_jax.models._layers import by_query_blocks
+
 __all__ = [
     "LIMITS",
     "ADMConfig",
@@ -587,9 +589,14 @@ class AttentionBlock(nn.Module):
         # Scaling q and k by ch^-1/4 each (not the product by ch^-1/2) is the
         # original's choice for float16 stability; kept for identical rounding.
         scale = 1.0 / math.sqrt(math.sqrt(ch))
-        w = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(w.dtype)
-        a = jnp.einsum("bhts,bshc->bthc", w, v).reshape(b, hh * ww, c)
+        k = k * scale
+
+        def core(qb: jax.Array) -> jax.Array:
+            w = jnp.einsum("bthc,bshc->bhts", qb * scale, k)
+            w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(w.dtype)
+            return jnp.einsum("bhts,bshc->bthc", w, v)
+
+        a = by_query_blocks(core, q).reshape(b, hh * ww, c)
         out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(a)
         return (seq + out).reshape(b, hh, ww, c)
 
