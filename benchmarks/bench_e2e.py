@@ -99,7 +99,7 @@ def original(repeats: int) -> dict:
     import torch
     from torch_adm import random_torch_adm
 
-    from ddcm_jax.sampler import schedule_xs
+    from ddcm_jax.pixel import schedule_xs
     from ddcm_jax.schedule import Schedule
 
     cfg = _cfg()

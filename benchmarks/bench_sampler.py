@@ -32,7 +32,7 @@ import numpy as np
 import ddcm_jax
 from ddcm_jax.model import DiffusionModel, ModelConfig
 from ddcm_jax.models import ADMConfig, adm_init
-from ddcm_jax.sampler import schedule_xs
+from ddcm_jax.pixel import schedule_xs
 from ddcm_jax.schedule import Schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from ddcm_jax import codec, images, metrics
-from ddcm_jax.model import DiffusionModel, load_model
+from ddcm_jax.families import load_model
+from ddcm_jax.model import DiffusionModel
 from ddcm_jax.models import adm_init
 from ddcm_jax.spec import CodeSpec
 

@@ -31,7 +31,8 @@ import jax
 from eval_kodak import at_bytes
 
 from ddcm_jax import codec, images, metrics, rate
-from ddcm_jax.model import default_model_dir, load_model
+from ddcm_jax.families import load_model
+from ddcm_jax.modeldir import default_model_dir
 from ddcm_jax.spec import CodeSpec
 
 DEFAULT = CodeSpec.create(steps=30, codebook_size=1024, num_atoms=128, rule="turbo")  # the CLI's "medium"

@@ -29,8 +29,9 @@ import numpy as np
 
 from ddcm_jax import codec, metrics
 from ddcm_jax.codebook import AtomSource
-from ddcm_jax.model import default_model_dir, load_model
-from ddcm_jax.sampler import predict_x0, schedule_xs, step
+from ddcm_jax.families import load_model
+from ddcm_jax.modeldir import default_model_dir
+from ddcm_jax.pixel import predict_x0, schedule_xs, step
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.spec import CodeSpec
 

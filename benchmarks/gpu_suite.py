@@ -634,7 +634,7 @@ def _extrapolations(part: Part, cc: dict[str, Any]) -> None:
 def ddcm_compress_torch(part: Part, mode: str) -> None:
     """The original's per-step loop as a cost model, batch 1 (one image, as the original codes)."""
     torch, dev = _need_torch(mode)
-    from ddcm_jax.sampler import schedule_xs
+    from ddcm_jax.pixel import schedule_xs
     from ddcm_jax.schedule import Schedule
 
     part.doc["env"].update(_torch_env(torch, dev))

@@ -2,17 +2,18 @@
 
 The public API, re-exported here from the modules that define it:
   spec      `CodeSpec` (every setting of a code, validated once), `SpecError`
-  sampler   `encode` / `decode` (take a spec), and their keyword forms
-            `compress` / `decompress` / `restore` / `generate`; `sample`
+  sampler   the one sampler for every model family: `encode` / `decode` (take a spec),
+            and their keyword forms `compress` / `decompress` / `restore` / `generate`; `sample`
   codec     `encode_image` / `decode_bytes` (pixels <-> `.ddcm` bytes)
   selection the rules (`DDCM`, `MatchingPursuit`, `Turbo`, `MSE`, `TurboMSE`, `Random`,
             `Soft`), `make_rule`, `select_atoms`
   model     `load_model` (an ADM `DiffusionModel`, or a Stable Diffusion
             `LatentDiffusionModel` for a folder from `ddcm convert --format diffusers`)
-  latent    DDCM / Turbo-DDCM / compressed CFG / editing on a latent model
-            (`compress` & co. dispatch to it; `LatentResult`)
+  latent    the Stable Diffusion family (its schedules and conditioning; `LatentResult`
+            is `CompressResult`)
   rate      `for_bpp`: the operating point for a target rate
-  bitstream `Header` (spec + geometry + model + task + provenance) and its parts
+  bitstream `BitstreamError`; the format's own types (`Header`, `StoredSpec`, ...) stay in
+            `ddcm_jax.bitstream`
   shapes    the shape annotations of the public signatures
   jit       `compiler_options`: the XLA options `select_atoms` compiles with (pass them to
             your own `jax.jit` around it to keep its speed)
@@ -29,16 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ddcm_jax import shapes
-    from ddcm_jax.bitstream import (
-        BitstreamError,
-        Geometry,
-        Header,
-        ModelId,
-        Provenance,
-        StoredSpec,
-        Task,
-    )
+    from ddcm_jax.bitstream import BitstreamError
     from ddcm_jax.codec import Encoded, decode_bytes, encode_image
+    from ddcm_jax.families import load_model
     from ddcm_jax.jit import compiler_options
     from ddcm_jax.latent import LatentResult
     from ddcm_jax.latent_model import LatentDiffusionModel
@@ -48,7 +42,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
         ModelConfig,
         ModelDirError,
         fingerprint,
-        load_model,
         save_model,
     )
     from ddcm_jax.models.adm import ADMConfig
@@ -88,12 +81,6 @@ __version__ = "0.1.0"
 # name -> the module that defines it: the public API, explicitly.
 _EXPORTS = {
     "BitstreamError": "ddcm_jax.bitstream",
-    "Geometry": "ddcm_jax.bitstream",
-    "Header": "ddcm_jax.bitstream",
-    "ModelId": "ddcm_jax.bitstream",
-    "Provenance": "ddcm_jax.bitstream",
-    "StoredSpec": "ddcm_jax.bitstream",
-    "Task": "ddcm_jax.bitstream",
     "Encoded": "ddcm_jax.codec",
     "decode_bytes": "ddcm_jax.codec",
     "encode_image": "ddcm_jax.codec",
@@ -105,7 +92,7 @@ _EXPORTS = {
     "ModelConfig": "ddcm_jax.model",
     "ModelDirError": "ddcm_jax.model",
     "fingerprint": "ddcm_jax.model",
-    "load_model": "ddcm_jax.model",
+    "load_model": "ddcm_jax.families",
     "save_model": "ddcm_jax.model",
     "ADMConfig": "ddcm_jax.models.adm",
     "Colorization": "ddcm_jax.operators",
@@ -169,26 +156,20 @@ __all__ = [
     "DiffusionModel",
     "Encoded",
     "GaussianBlur",
-    "Geometry",
     "GuidedSubset",
-    "Header",
     "Inpainting",
     "LatentDiffusionModel",
     "LatentResult",
     "MatchingPursuit",
     "ModelConfig",
     "ModelDirError",
-    "ModelId",
-    "Provenance",
     "Random",
     "Schedule",
     "Selection",
     "Soft",
     "SpecError",
     "StepContext",
-    "StoredSpec",
     "SuperResolution",
-    "Task",
     "Turbo",
     "TurboMSE",
     "__version__",

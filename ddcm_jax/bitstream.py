@@ -73,6 +73,8 @@ from typing import Any
 
 import numpy as np
 
+from ddcm_jax.codes import FORMATS, rank_subset, unrank_subset
+
 __all__ = [
     "LIMITS",
     "MAGIC",
@@ -113,7 +115,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 SIZE_POLICIES = ("none", "crop", "resize", "pad", "fit")
 PRNG_IMPLS = ("threefry2x32",)
 CODEBOOK_GENERATORS = ("threefry", "philox", "shift")
-_LN2 = math.log(2)
 
 # Hard limits: anything beyond them is refused before it can allocate or loop.
 LIMITS = dict(
@@ -180,7 +181,7 @@ class StoredSpec:
 
     @property
     def coeff_width(self) -> int:
-        return {"mp": self.num_atoms - 1, "turbo": self.num_atoms}.get(self.rule, 0)
+        return FORMATS[self.rule].coeff_width(self.num_atoms)
 
     @property
     def respacing_or_steps(self) -> str:
@@ -296,17 +297,11 @@ def _validate(h: Header) -> None:
     need(s.steps <= m.num_timesteps, f"steps {s.steps} > num_timesteps {m.num_timesteps}")
     need(1 <= s.codebook_size <= lim["codebook_size"], f"codebook size {s.codebook_size} outside 1..2^24")
     need(1 <= s.num_atoms <= lim["num_atoms"], f"num_atoms {s.num_atoms} outside 1..{lim['num_atoms']}")
-    if s.rule == "mp":
-        need(s.num_atoms >= 2, "matching pursuit needs at least 2 atoms")
-        need(1 <= s.coef_bits <= lim["coef_bits"], f"coef_bits {s.coef_bits} outside 1..{lim['coef_bits']}")
-    else:
-        need(s.coef_bits == 0, f"coef_bits must be 0 for rule {s.rule}")
+    fmt = FORMATS[s.rule]
+    why = fmt.check(s.codebook_size, s.num_atoms, s.coef_bits)
+    need(why is None, f"rule {s.rule}: {why}")
     if s.generator == "shift":
         need(s.codebook_size <= 3 * g.size[0] * g.size[1], "the shift codebook has at most H x W x 3 atoms")
-    if s.rule == "turbo":
-        need(s.num_atoms <= s.codebook_size, "turbo needs num_atoms <= codebook size")
-    elif s.rule != "mp":
-        need(s.num_atoms == 1, f"rule {s.rule} uses exactly one atom per step")
     need(t.name != "super-resolution" or (t.factor is not None and 1 <= t.factor <= lim["factor"]),
          "super-resolution needs a factor in 1..64")  # fmt: skip
     need(t.name != "blur" or (t.blur_kernel is not None and 1 <= t.blur_kernel <= lim["kernel"]
@@ -339,10 +334,9 @@ def _validate(h: Header) -> None:
     rows = s.code_rows
     need(rows * s.num_atoms <= lim["code_symbols"],
          f"(steps - 1) x M = {rows * s.num_atoms} atoms is more than {lim['code_symbols']}")  # fmt: skip
-    if s.rule == "turbo":
-        work = rows * s.num_atoms * _rank_bits(s.codebook_size, s.num_atoms)
-        need(work <= lim["rank_work"], f"turbo code too costly to decode: (steps - 1) x M x rank bits = "
-                                       f"{work} > {lim['rank_work']}")  # fmt: skip
+    work = fmt.decode_work(rows, s.codebook_size, s.num_atoms)
+    need(work <= lim["rank_work"], f"{s.rule} code too costly to decode: (steps - 1) x M x rank bits = "
+                                   f"{work} > {lim['rank_work']}")  # fmt: skip
 
 
 def _validate_latent(s: StoredSpec, t: Task) -> None:
@@ -363,8 +357,8 @@ def _validate_latent(s: StoredSpec, t: Task) -> None:
         raise ValueError(f"a latent code is a compression or generation without class label, not {t.name}")
     if s.respacing or s.clip or s.eta != 1.0:
         raise ValueError("a latent code has no respacing, no x0 clipping and eta 1")
-    if s.rule == "turbo" and s.t_range is not None:
-        raise ValueError("a latent turbo code has no t_range")
+    if FORMATS[s.rule].codes_first_steps and s.t_range is not None:
+        raise ValueError(f"a latent {s.rule} code has no t_range")
     if t.prompt_hash is not None and len(t.prompt_hash) != PROMPT_HASH_BYTES:
         raise ValueError("prompt hash must be 16 bytes")
     if not (math.isfinite(t.guidance) and 0 <= t.guidance <= 100):
@@ -392,22 +386,9 @@ def _validate_geometry(g: Geometry) -> None:
 # --- bit accounting -----------------------------------------------------------------------------
 
 
-def _ceil_log2(n: int) -> int:
-    return (n - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=64)
-def _rank_bits(codebook_size: int, num_atoms: int) -> int:
-    """ceil(log2 binom(K, M)): the width of a turbo step's subset rank."""
-    return _ceil_log2(math.comb(codebook_size, num_atoms))
-
-
 def bits_per_step(rule: str, codebook_size: int, num_atoms: int = 1, coef_bits: int = 0) -> int:
-    """Payload bits of one coded step (exact, big integers)."""
-    if rule == "turbo":
-        return _rank_bits(codebook_size, num_atoms) + num_atoms
-    c = coef_bits if rule == "mp" else 0
-    return num_atoms * _ceil_log2(codebook_size) + (num_atoms - 1) * c
+    """Payload bits of one coded step (exact, big integers): the rule's format says."""
+    return FORMATS[rule].bits_per_step(codebook_size, num_atoms, coef_bits)
 
 
 def coded_steps(timesteps_run_order: Sequence[int], t_range: tuple[int, int] | None,
@@ -453,98 +434,6 @@ def payload_bits(h: Header) -> int:
     """Exact payload length in bits: coded steps x `bits_per_step`."""
     n = int(code_mask(h).sum())
     return n * h.spec.step_bits
-
-
-# --- subset ranking (turbo) ---------------------------------------------------------------------
-
-
-def rank_subset(atoms: Sequence[int], codebook_size: int) -> int:
-    """Lexicographic rank of the sorted M-subset `atoms` of range(K), in 0 .. binom(K, M) - 1.
-
-    Through the complement d_i = K - 1 - c_i, lexicographic order on (c_1 < ... < c_M)
-    is reversed colexicographic order on the d's, whose rank is sum_i binom(d_i, M + 1 - i):
-    O(M) exact big-integer binomials.
-    """
-    m = len(atoms)
-    return math.comb(codebook_size, m) - 1 - sum(
-        math.comb(codebook_size - 1 - c, m - i) for i, c in enumerate(atoms)
-    )
-
-
-def unrank_subset(rank: int, codebook_size: int, num_atoms: int) -> list[int]:
-    """The sorted subset with lexicographic rank `rank` (inverse of `rank_subset`).
-
-    Greedy in the combinatorial number system: for j = M .. 1, d_j is the largest
-    d < d_{j+1} with binom(d, j) <= rem, then rem -= binom(d_j, j). A float estimate
-    of d_j (from log-gamma) is made exact with one big-integer binomial and a few
-    one-word multiply/divide steps along d (binom(d +- 1, j) from binom(d, j)), so
-    each element costs one `math.comb` instead of a bisection of ~log2 K of them;
-    a set dense below the previous element walks down from it without any.
-    """
-    k, m = codebook_size, num_atoms
-    total = math.comb(k, m)
-    if not 0 <= rank < total:
-        raise ValueError(f"rank {rank} outside 0..binom({k}, {m}) - 1")
-    rem = total - 1 - rank
-    out: list[int] = []
-    hi, c_hi = k, total  # d_j < hi, and c_hi = binom(hi, j)
-    for j in range(m, 0, -1):
-        if rem == 0:  # every remaining d_i is its smallest value, i - 1
-            out.extend(k - j + i for i in range(j))
-            break
-        d, c = _largest_binomial_below(rem, j, hi, c_hi)
-        rem -= c
-        out.append(k - 1 - d)
-        hi, c_hi = d, c * j // (d - j + 1)  # binom(d, j - 1); d >= j since rem > 0
-    return out
-
-
-def _largest_binomial_below(rem: int, j: int, hi: int, c_hi: int) -> tuple[int, int]:
-    """(d, binom(d, j)) for the largest d < hi with binom(d, j) <= rem.
-
-    Needs 1 <= rem < binom(hi, j) = c_hi, so j <= d < hi.
-    """
-    if j == 1:
-        return rem, rem
-    n = rem.bit_length()
-    s = max(0, n - 60)
-    ln_rem = math.log(rem >> s) + s * _LN2
-    # binom(x, j) ~ (x - (j - 1) / 2)^j / j!, then Newton on ln binom(x, j) = ln rem.
-    x = math.exp((ln_rem + math.lgamma(j + 1)) / j) + (j - 1) / 2
-    for _ in range(4):
-        x = min(max(x, float(j)), hi - 1.0)
-        f = math.lgamma(x + 1) - math.lgamma(x - j + 1) - math.lgamma(j + 1) - ln_rem
-        step = f / math.log((x + 0.5) / (x - j + 0.5))
-        x -= step
-        if abs(step) < 0.25:
-            break
-    d = min(max(int(x), j), hi - 1)
-    if hi - 1 - d <= 2 + j // 8:  # close to the top: start from binom(hi - 1, j), one word op away
-        d, c = hi - 1, c_hi * (hi - j) // hi
-        walk = 4 + j // 4
-    else:
-        c = math.comb(d, j)
-        walk = 16
-    for _ in range(walk):
-        if c > rem:  # binom(d - 1, j) = binom(d, j) (d - j) / d
-            c = c * (d - j) // d
-            d -= 1
-            continue
-        if d + 1 == hi:
-            return d, c
-        up = c * (d + 1) // (d + 1 - j)  # binom(d + 1, j)
-        if up > rem:
-            return d, c
-        d, c = d + 1, up
-    # The estimate was far off (it never is by more than a step or two): exact bisection.
-    lo_d, hi_d = j - 1, hi - 1
-    while lo_d < hi_d:
-        mid = (lo_d + hi_d + 1) // 2
-        if math.comb(mid, j) <= rem:
-            lo_d = mid
-        else:
-            hi_d = mid - 1
-    return lo_d, math.comb(lo_d, j)
 
 
 # --- byte-level helpers -------------------------------------------------------------------------
@@ -706,71 +595,35 @@ def _read_header(r: _Reader) -> Header:
 
 
 def idle_step(rule: str, num_atoms: int, coeff_width: int) -> tuple[list[int], list[int]]:
-    """The code of a step outside t_range, which carries no bits: atom 0 (turbo: atoms 0..M-1, positive)."""
-    return (list(range(num_atoms)) if rule == "turbo" else [0] * num_atoms), [0] * coeff_width
+    """The code of a step outside t_range, which carries no bits (the rule's format says: atom 0;
+    turbo: atoms 0..M-1, positive)."""
+    return FORMATS[rule].idle(num_atoms, coeff_width)
 
 
 def _pack(s: StoredSpec, indices: np.ndarray, coeffs: np.ndarray, coded: np.ndarray) -> bytes:
-    b = _ceil_log2(s.codebook_size)
-    parts: list[str] = []
-    for i in np.flatnonzero(coded):
-        idx, co = [int(v) for v in indices[i]], [int(v) for v in coeffs[i]]
-        if s.rule == "turbo":
-            n_rank = _ceil_log2(math.comb(s.codebook_size, s.num_atoms))
-            parts.append(format(rank_subset(idx, s.codebook_size), f"0{n_rank}b") if n_rank else "")
-            parts.append("".join("1" if s else "0" for s in co))
-        else:
-            parts.append(format(idx[0], f"0{b}b") if b else "")
-            for m in range(1, s.num_atoms):
-                parts.append(format(co[m - 1], f"0{s.coef_bits}b") + (format(idx[m], f"0{b}b") if b else ""))
-    bits = "".join(parts)
+    fmt = FORMATS[s.rule]
+    bits = "".join(fmt.pack([int(v) for v in indices[i]], [int(v) for v in coeffs[i]], s.codebook_size,
+                            s.num_atoms, s.coef_bits) for i in np.flatnonzero(coded))  # fmt: skip
     if not bits:
         return b""
     bits += "0" * (-len(bits) % 8)
     return int(bits, 2).to_bytes(len(bits) // 8, "big")
 
 
-def _fields(buf: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
-    """The `width`-bit (<= 25) MSB-first fields at bit `offsets` of `buf` (bytes, 4 zero bytes after)."""
-    if width == 0:
-        return np.zeros(offsets.shape, np.int64)
-    at = offsets >> 3
-    word = sum(buf[at + i].astype(np.int64) << (24 - 8 * i) for i in range(4))
-    return (word >> (32 - (offsets & 7) - width)) & ((1 << width) - 1)
-
-
 def _unpack(s: StoredSpec, payload: bytes, coded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The code of every step from an exact-length payload (`decode` checked the length)."""
-    step_bits = s.step_bits
+    fmt = FORMATS[s.rule]
     rows = np.flatnonzero(coded)
-    pad = 8 * len(payload) - len(rows) * step_bits
+    pad = 8 * len(payload) - len(rows) * s.step_bits
     if pad and payload[-1] & ((1 << pad) - 1):
         raise ValueError("nonzero padding bits after the payload")
-    m, k = s.num_atoms, s.codebook_size
     buf = np.frombuffer(payload + bytes(4), np.uint8)
-    base = np.arange(len(rows), dtype=np.int64)[:, None] * step_bits
-    indices = np.zeros((len(coded), m), np.int32)
-    coeffs = np.zeros((len(coded), s.coeff_width), np.int32)
-    if s.rule == "turbo":
-        n_rank, total = _rank_bits(k, m), math.comb(k, m)
-        indices[~coded] = np.arange(m)
-        coeffs[rows] = _fields(buf, base + n_rank + np.arange(m), 1)
-        for i, start in zip(rows, base[:, 0].tolist(), strict=True):
-            end = start + n_rank
-            chunk = int.from_bytes(payload[start >> 3 : (end + 7) >> 3], "big") if n_rank else 0
-            rank = (chunk >> (-end % 8)) & ((1 << n_rank) - 1)
-            if rank >= total:
-                raise ValueError(f"atom-set rank out of range at coded step {i}")
-            indices[i] = unrank_subset(rank, k, m)
-        return indices, coeffs
-    b = _ceil_log2(k)
-    at = np.arange(m, dtype=np.int64) * (b + s.coef_bits)  # index m: m (b + C); coefficient m: m (b + C) - C
-    idx = _fields(buf, base + at, b)
-    if idx.size and idx.max() >= k:
-        bad = int(np.flatnonzero(idx.max(axis=1) >= k)[0])
-        raise ValueError(f"atom index {int(idx[bad].max())} >= K = {k} at step {int(rows[bad])}")
-    indices[rows] = idx
-    coeffs[rows] = _fields(buf, base + at[1:] - s.coef_bits, s.coef_bits)
+    base = np.arange(len(rows), dtype=np.int64)[:, None] * s.step_bits
+    idle_idx, idle_co = fmt.idle(s.num_atoms, s.coeff_width)
+    indices = np.tile(np.asarray(idle_idx, np.int32), (len(coded), 1)).reshape(len(coded), s.num_atoms)
+    coeffs = np.tile(np.asarray(idle_co, np.int32), (len(coded), 1)).reshape(len(coded), s.coeff_width)
+    idx, co = fmt.unpack(payload, buf, base, rows, s.codebook_size, s.num_atoms, s.coef_bits)
+    indices[rows], coeffs[rows] = idx, co
     return indices, coeffs
 
 
@@ -825,11 +678,12 @@ def encode(header: Header, indices: Any, coeffs: Any) -> bytes:
     if indices.size and (indices.min() < 0 or indices.max() >= s.codebook_size):
         raise ValueError("atom index outside 0..K-1")
     coded = code_mask(header)
-    top = 2 if s.rule == "turbo" else 2**s.coef_bits
-    if coeffs.size and (coeffs.min() < 0 or coeffs.max() >= top):
+    fmt = FORMATS[s.rule]
+    if coeffs.size and (coeffs.min() < 0 or coeffs.max() >= fmt.coeff_levels(s.coef_bits)):
         raise ValueError("coefficient outside its bit width")
-    if s.rule == "turbo" and (np.diff(indices, axis=1) <= 0).any():
-        raise ValueError("turbo atom sets must be sorted and distinct")
+    why = fmt.check_code(indices)
+    if why is not None:
+        raise ValueError(why)
     default_idx, default_co = idle_step(s.rule, s.num_atoms, s.coeff_width)
     for i in np.flatnonzero(~coded):
         if list(indices[i]) != default_idx or list(coeffs[i]) != default_co:

@@ -690,7 +690,7 @@ def _model_family(model: Path | str | None) -> str | None:
 
 
 def _load_model(path: Path) -> Any:
-    from ddcm_jax.model import load_model
+    from ddcm_jax.families import load_model
 
     return load_model(path)  # "default" resolves to the packaged model
 
@@ -998,7 +998,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     import jax
 
     from ddcm_jax import bitstream, codec, images, memory
-    from ddcm_jax.model import find_model
+    from ddcm_jax.families import find_model
 
     budget = memory.budget_bytes()
     _init_distributed(args)
@@ -1171,8 +1171,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     """Text-based editing: images are coded with the source prompt first; .ddcm files are decoded."""
     from ddcm_jax import bitstream, codec, images, memory
+    from ddcm_jax.families import find_model
     from ddcm_jax.images import IMAGE_SUFFIXES
-    from ddcm_jax.model import find_model
 
     if not 0 <= args.tskip <= 10**5:
         raise UsageError("--tskip must be a step number >= 0")

@@ -34,14 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax import bitstream, images, latent, memory
+from ddcm_jax import bitstream, images, memory
 from ddcm_jax.bitstream import Bitstream, BitstreamError, Geometry, Header, Task
 from ddcm_jax.codebook import AtomSource
-from ddcm_jax.memory import MemoryBudgetError, check_fits
+from ddcm_jax.memory import MemoryBudgetError
 from ddcm_jax.operators import Colorization, GaussianBlur, Inpainting, SuperResolution
 from ddcm_jax.parallel import decode_sharded, encode_sharded, make_mesh
 from ddcm_jax.sampler import PRNG_IMPL, Progress
-from ddcm_jax.selection import MSE, GuidedSubset, Random, Turbo, TurboMSE, replay_rule
+from ddcm_jax.selection import GuidedSubset, Random, replay_rule
 from ddcm_jax.shapes import Pixels
 from ddcm_jax.spec import CodeSpec
 
@@ -124,15 +124,9 @@ def header_for(model: Any, spec: CodeSpec, *, seed: int, geometry: Geometry, par
     stored = bitstream.StoredSpec(rule.code_name, spec.steps, spec.codebook_size, rule.num_atoms,
                                   rule.coef_bits if rule.code_name == "mp" else 0, spec.generator, spec.eta,
                                   spec.respacing, spec.t_range, spec.clip, spec.schedule, spec.no_bits_steps)  # fmt: skip
-    if latent.is_latent_model(model):
-        sc = model.config.scheduler
-        schedule, dtype = (sc.beta_schedule, sc.num_train_timesteps), "float32"
-    else:
-        d = model.config.diffusion
-        schedule, dtype = (d.noise_schedule, d.num_timesteps), model.config.compute_dtype
     provenance = bitstream.Provenance(seed, jax.__version__, PRNG_IMPL, partitionable,
                                       codebook_check(seed, partitionable, spec.generator))  # fmt: skip
-    model_id = bitstream.ModelId(_fingerprint_bytes(model), *schedule, dtype)
+    model_id = bitstream.ModelId(_fingerprint_bytes(model), *model.model_id())
     return Header(stored, geometry, model_id, task or Task(), provenance)
 
 
@@ -194,22 +188,17 @@ def _edge(budget: int | None, partitionable: bool | None) -> tuple[int, bool]:
 
 
 def coding_side(model: Any, policy: str, coding_size: int | None) -> int:
-    """The `native` side of `images.coded_size`: the fit policy's longer side, or crop / resize's square.
-
-    A latent model's default is the side its UNet was trained at (SD 2.1-base: 512).
-    """
-    if coding_size is not None:
-        return coding_size
-    if latent.is_latent_model(model):
-        return latent.native_size(model)[0]
-    return images.DEFAULT_CODING_SIZE if policy == "fit" else model.config.architecture.image_size
+    """The `native` side of `images.coded_size`: `coding_size`, or the family's default for `policy`
+    (a latent model: the side its UNet was trained at, SD 2.1-base 512; a pixel model: the fit
+    policy's longer side, or crop / resize's square)."""
+    return model.coding_side(policy) if coding_size is None else coding_size
 
 
 def generation_side(model: Any, size: int | None = None) -> int:
-    """The side `generate` makes: `size`, checked against the model, or by default a latent model's
-    native size, a pixel model's `generation_size`."""
+    """The side `generate` makes: `size`, checked against the model, or the family's default (a latent
+    model's native size, a pixel model's `generation_size`)."""
     if size is None:
-        return latent.native_size(model)[0] if latent.is_latent_model(model) else model.config.generation_size
+        return model.generation_side()
     if size < 1 or size % size_multiple(model):
         raise ValueError(f"{size} is not a positive multiple of {size_multiple(model)}, this model's multiple")
     return size
@@ -217,19 +206,12 @@ def generation_side(model: Any, size: int | None = None) -> int:
 
 def size_multiple(model: Any) -> int:
     """Coded sides must be multiples of this (the network's downsampling; latent: times the VAE's)."""
-    return latent.size_multiple(model) if latent.is_latent_model(model) else model.config.architecture.size_multiple
+    return model.size_multiple()
 
 
 def fits(model: Any, height: int, width: int, *, budget: int) -> None:
     """Raise MemoryBudgetError unless coding an (height, width) image fits the memory budget."""
-    if latent.is_latent_model(model):
-        need = latent.forward_bytes(model, height, width)
-        if need > budget:
-            raise MemoryBudgetError(f"a {height}x{width} image needs about {memory.format_bytes(need)} with this "
-                                    f"model (budget {memory.format_bytes(budget)}; set DDCM_MEMORY_LIMIT to change "
-                                    "it)")  # fmt: skip
-        return
-    check_fits(model.config.architecture, height, width, budget=budget)
+    model.check_memory(height, width, budget)
 
 
 def _coded_inputs(model: Any, pixel_list: list[np.ndarray], policy: str, budget: int,
@@ -265,30 +247,15 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     """
     budget, partitionable = _edge(budget, partitionable)
     coded, originals = _coded_inputs(model, pixel_list, size_policy, budget, coding_size)
-    if latent.is_latent_model(model):
-        if task != "compression":
-            raise ValueError(f"{task}: restoration runs on pixel-space models; latent models compress and generate")
-        spec = _latent_spec(spec, coded.shape[1:3], no_bits_steps, schedule)
-        task_fields = _prompt_task(task, prompt, guidance)
-        heads = [header_for(model, spec, seed=seed, geometry=Geometry(coded.shape[1:3], o, size_policy),
-                            partitionable=partitionable, task=task_fields) for o in originals]  # fmt: skip
-        with jax.threefry_partitionable(partitionable):
-            res = latent.encode(model, spec_of(heads[0], spec.rule), np.stack([images.to_model(c) for c in coded]),
-                                key=_keys(heads), prompt=prompt, guidance=guidance,
-                                progress=_listener(progress))  # fmt: skip
-        notes = notes or [()] * len(pixel_list)
-        return [_finish(hb, res.image[b], res.indices[b], _sign_bits(spec, res.coeffs[b]),
-                        images.reference(p, size_policy), n)
-                for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
-    if no_bits_steps is not None or schedule is not None or prompt or guidance:
-        raise ValueError("schedules, no-bits steps and prompts are settings of latent (Stable Diffusion) models")
+    if task != "compression" and not model.restores:
+        raise ValueError(f"{task}: restoration runs on pixel-space models; latent models compress and generate")
+    spec = model.complete_spec(spec, coded.shape[1:3], no_bits_steps=no_bits_steps, schedule=schedule)
     mesh = mesh_for(len(pixel_list)) if mesh is None else mesh
     x = np.stack([images.to_model(c) for c in coded])
-    task_fields = Task()
+    task_fields = _prompt_task(task, prompt, guidance)
     if task != "compression":
         op = make_operator(task, coded.shape[1:3], **op_args)
-        rule = TurboMSE(op, spec.rule.num_atoms) if isinstance(spec.rule, Turbo) else MSE(op)
-        spec = spec.replace(rule=rule, t_range=None)
+        spec = spec.replace(rule=spec.rule.restoring(op), t_range=None)
         sr, blur = task == "super-resolution", task == "blur"
         task_fields = Task(task, factor=op.factor if sr else None, blur_kernel=op.kernel_size if blur else None,
                            blur_sigma=float(op.sigma) if blur else None)  # fmt: skip
@@ -297,7 +264,8 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     run = spec_of(heads[0], spec.rule)
     with jax.threefry_partitionable(partitionable):
         if task == "compression":
-            res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads), progress=_listener(progress))
+            res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads), prompt=prompt, guidance=guidance,
+                                 progress=_listener(progress))  # fmt: skip
         else:
             res = encode_sharded(model, run, mesh=mesh, key=_keys(heads), measurements=jax.vmap(op)(jnp.asarray(x)),
                                  image_shape=(*heads[0].geometry.size, 3), progress=_listener(progress))  # fmt: skip
@@ -311,29 +279,6 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     a_out = np.asarray(jax.vmap(op)(jnp.asarray(images.to_model(images.from_model(np.asarray(res.image))))))
     return [dataclasses.replace(e, degraded=_degraded_view(y[b], hb), consistency_db=_psnr_pm1(a_out[b], y[b]))
             for b, (e, hb) in enumerate(zip(out, heads, strict=True))]  # fmt: skip
-
-
-def _latent_spec(spec: CodeSpec, size: tuple[int, int], no_bits_steps: int | None,
-                 schedule: str | None) -> CodeSpec:  # fmt: skip
-    """A spec without a named schedule (as the command line builds it) completed for a latent model
-    coding `size` images; a complete one passes through."""
-    if spec.schedule is not None:
-        if (no_bits_steps, schedule) != (None, None):
-            raise ValueError("the spec already names its schedule and no-bits steps")
-        return spec
-    return latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=tuple(size),
-                            rule=spec.rule, schedule=schedule, no_bits_steps=no_bits_steps,
-                            generator=spec.generator, t_range=spec.t_range)  # fmt: skip
-
-
-def _sign_bits(spec: CodeSpec, coeffs: Any) -> np.ndarray:
-    """The latent API's turbo signs +-1 -> the file's sign bits (1 = negative)."""
-    c = np.asarray(coeffs)
-    return (c < 0).astype(np.int64) if isinstance(spec.rule, Turbo) else c
-
-
-def _signs(h: Header, coeffs: np.ndarray) -> np.ndarray:
-    return 1 - 2 * np.asarray(coeffs) if h.spec.rule == "turbo" else np.asarray(coeffs)
 
 
 def _psnr_pm1(a: np.ndarray, b: np.ndarray) -> float:
@@ -404,36 +349,23 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
     """
     budget, partitionable = _edge(budget, partitionable)
     side = generation_side(model, size)
-    if latent.is_latent_model(model):
-        if class_label is not None:
-            raise ValueError("class labels belong to class-conditional pixel models; give a prompt")
-        hw = (side, side)
-        fits(model, *hw, budget=budget)
-        if ccfg_subset is not None:
-            _check_subset(model, hw, ccfg_subset, spec.codebook_size, budget)
-        rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
-        spec = latent.make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=hw, rule=rule,
-                                schedule=schedule or spec.schedule, no_bits_steps=0, generator=spec.generator)  # fmt: skip
-        recorded = None if ccfg_subset is not None else prompt  # compressed CFG decodes without its prompt
-        task_fields = _prompt_task("generation", recorded, guidance)
-        heads = [header_for(model, spec, seed=sd, geometry=Geometry(hw), partitionable=partitionable,
-                            task=task_fields) for sd in seeds]  # fmt: skip
-        with jax.threefry_partitionable(partitionable):
-            res = latent.encode(model, spec_of(heads[0], spec.rule), None, key=_keys(heads), image_shape=(*hw, 3),
-                                prompt=prompt, guidance=guidance, progress=_listener(progress))  # fmt: skip
-        return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
-    if prompt or guidance or schedule or ccfg_subset:
-        raise ValueError("prompts and named schedules belong to latent (Stable Diffusion) models")
-    n = side
-    check_fits(model.config.architecture, n, n, budget=budget)
-    spec = spec.replace(rule=Random(), t_range=None)
-    heads = [header_for(model, spec, seed=sd, geometry=Geometry((n, n)), partitionable=partitionable,
-                        task=Task("generation", class_label=class_label)) for sd in seeds]  # fmt: skip
+    hw = (side, side)
+    fits(model, *hw, budget=budget)
+    if ccfg_subset is not None:
+        _check_subset(model, hw, ccfg_subset, spec.codebook_size, budget)
+    rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
+    spec = model.complete_spec(spec.replace(rule=rule, t_range=None), hw, schedule=schedule,
+                               no_bits_steps=0 if model.named_schedules else None)  # fmt: skip
+    recorded = None if ccfg_subset is not None else prompt  # compressed CFG decodes without its prompt
+    task_fields = _prompt_task("generation", recorded, guidance)
+    task_fields = dataclasses.replace(task_fields, class_label=class_label)
+    heads = [header_for(model, spec, seed=sd, geometry=Geometry(hw), partitionable=partitionable,
+                        task=task_fields) for sd in seeds]  # fmt: skip
     labels = None if class_label is None else jnp.full((len(seeds),), class_label, jnp.int32)
     with jax.threefry_partitionable(partitionable):
         res = encode_sharded(model, spec_of(heads[0], spec.rule), mesh=mesh_for(len(seeds)) if mesh is None else mesh,
-                             key=_keys(heads), image_shape=(n, n, 3), class_label=labels,
-                             progress=_listener(progress))  # fmt: skip
+                             key=_keys(heads), image_shape=(*hw, 3), class_label=labels, prompt=prompt,
+                             guidance=guidance, progress=_listener(progress))  # fmt: skip
     return [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None, ()) for b, hb in enumerate(heads)]
 
 
@@ -442,11 +374,13 @@ def _check_subset(model: Any, hw: tuple[int, int], subset: int, codebook_size: i
     if subset > codebook_size:
         raise ValueError(f"ccfg_subset {subset} is more atoms than the codebook's K = {codebook_size}")
     # The subset's atoms and their float32 scores, on top of the network's working set.
-    need = latent.forward_bytes(model, *hw) + 4 * subset * (int(np.prod(latent.latent_shape(model, hw))) + 1)
-    if need > budget:
-        raise MemoryBudgetError(f"compressed CFG over {subset} atoms needs about {memory.format_bytes(need)} with "
-                                f"this model (budget {memory.format_bytes(budget)}; set DDCM_MEMORY_LIMIT to change "
-                                "it)")  # fmt: skip
+    extra = 4 * subset * (int(np.prod(model.state_shape((*hw, 3)))) + 1)
+    try:
+        model.check_memory(*hw, budget - extra)
+    except MemoryBudgetError:
+        raise MemoryBudgetError(f"compressed CFG over {subset} atoms needs about {memory.format_bytes(extra)} more "
+                                f"than the network with this model (budget {memory.format_bytes(budget)}; set "
+                                "DDCM_MEMORY_LIMIT to change it)") from None  # fmt: skip
 
 
 def generate_image(model: Any, spec: CodeSpec, *, seed: int = 0, class_label: int | None = None,
@@ -466,25 +400,12 @@ def check_model(h: Header, model: Any, source: str, *, budget: int) -> None:
     if not h.model.matches(str(model.fingerprint)):
         raise BitstreamError(f"{source}: made with model {h.model.fingerprint_hex}…, not with this one "
                              f"({str(model.fingerprint)[:39]}…)")  # fmt: skip
-    if latent.is_latent_model(model) or h.spec.latent_schedule is not None:
-        _check_latent_model(h, model, source, budget)
-        return
-    arch, d = model.config.architecture, model.config.diffusion
-    m, g, label = h.model, h.geometry, h.task.class_label
-    if (m.noise_schedule, m.num_timesteps) != (d.noise_schedule, d.num_timesteps):
-        raise BitstreamError(f"{source}: encoded with the {m.noise_schedule}/{m.num_timesteps} schedule, "
-                             f"the model uses {d.noise_schedule}/{d.num_timesteps}")  # fmt: skip
-    if m.compute_dtype != model.config.compute_dtype:
-        raise BitstreamError(f"{source}: encoded with {m.compute_dtype} compute, this model directory "
-                             f"computes in {model.config.compute_dtype}")  # fmt: skip
-    if (label is None) != (arch.num_classes is None):
-        raise BitstreamError(f"{source}: class label {label} does not fit this "
-                             f"{'class-conditional' if arch.num_classes else 'unconditional'} model")  # fmt: skip
-    if label is not None and label >= arch.num_classes:
-        raise BitstreamError(f"{source}: class label {label} >= the model's {arch.num_classes} classes")
-    (hc, wc), mult = g.size, arch.size_multiple
+    why = model.header_mismatch(h)
+    if why is not None:
+        raise BitstreamError(f"{source}: {why}")
+    (hc, wc), mult = h.geometry.size, size_multiple(model)
     if hc % mult or wc % mult:
-        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this network needs")
+        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this model needs")
     _check_padding(h.geometry, mult, source)
     _check_budget_and_atoms(h, model, source, budget)
 
@@ -509,21 +430,6 @@ def _check_budget_and_atoms(h: Header, model: Any, source: str, budget: int) -> 
     if codebook_check(p.seed, p.threefry_partitionable, generator) != p.codebook_check:
         raise BitstreamError(f"{source}: this JAX ({jax.__version__}) draws other codebook atoms than the "
                              f"encoder's (jax {p.jax_version or '?'}, {generator}); it cannot decode the file")  # fmt: skip
-
-
-def _check_latent_model(h: Header, model: Any, source: str, budget: int) -> None:
-    if not latent.is_latent_model(model) or h.spec.latent_schedule is None:
-        kind = "a latent (Stable Diffusion)" if h.spec.latent_schedule is not None else "a pixel-space"
-        raise BitstreamError(f"{source}: {kind} code; this model is not one")
-    sc, m = model.config.scheduler, h.model
-    if (m.noise_schedule, m.num_timesteps) != (sc.beta_schedule, sc.num_train_timesteps):
-        raise BitstreamError(f"{source}: encoded with the {m.noise_schedule}/{m.num_timesteps} schedule, "
-                             f"the model uses {sc.beta_schedule}/{sc.num_train_timesteps}")  # fmt: skip
-    mult, (hc, wc) = latent.size_multiple(model), h.geometry.size
-    if hc % mult or wc % mult:
-        raise BitstreamError(f"{source}: coded size {hc}x{wc} is not a multiple of {mult}, which this model needs")
-    _check_padding(h.geometry, mult, source)
-    _check_budget_and_atoms(h, model, source, budget)
 
 
 def check_prompt(h: Header, prompt: str | None, source: str) -> None:
@@ -562,20 +468,14 @@ def decode_streams(model: Any, streams: list[Bitstream], *, mesh: Any = None,
     if len({decode_signature(h) for h in heads}) != 1:
         raise ValueError("files decoded together must share their decoding settings")
     h = heads[0]
-    if h.spec.latent_schedule is not None:
-        with jax.threefry_partitionable(h.provenance.threefry_partitionable):
-            res = latent.decode(model, spec_of(h), np.stack([st.indices for st in streams]),
-                                np.stack([_signs(h, st.coeffs) for st in streams]), key=_keys(heads),
-                                image_shape=(*h.geometry.size, 3), prompt=prompt, guidance=h.task.guidance,
-                                edit_prompt=edit_prompt, tskip=tskip, progress=_listener(progress))  # fmt: skip
-        return [_restore(res.image[b], hb) for b, hb in enumerate(heads)]
-    if edit_prompt is not None:
+    if edit_prompt is not None and h.task.prompt_hash is None:
         raise ValueError("text-based editing needs a latent code made with a prompt")
     labels = None if h.task.class_label is None else jnp.full((len(heads),), h.task.class_label, jnp.int32)
     with jax.threefry_partitionable(h.provenance.threefry_partitionable):
         x = decode_sharded(model, spec_of(h), np.stack([st.indices for st in streams]),
                            np.stack([st.coeffs for st in streams]), mesh=mesh_for(len(streams)) if mesh is None
                            else mesh, key=_keys(heads), image_shape=(*h.geometry.size, 3), class_label=labels,
+                           prompt=prompt, guidance=h.task.guidance, edit_prompt=edit_prompt, tskip=tskip,
                            progress=_listener(progress))  # fmt: skip
     return [_restore(x[b], hb) for b, hb in enumerate(heads)]
 

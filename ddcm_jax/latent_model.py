@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax import model as M
+from ddcm_jax import modeldir as M
+from ddcm_jax.latent import LatentFamily
 from ddcm_jax.models import clip, sd_unet, sd_vae
 from ddcm_jax.printable import printable
 
@@ -536,7 +537,7 @@ def _decode(config: sd_vae.SDVAEConfig, params: Any, latents: jax.Array) -> jax.
 
 
 @jax.tree_util.register_pytree_node_class
-class LatentDiffusionModel:
+class LatentDiffusionModel(LatentFamily):
     """A loaded Stable Diffusion model: `.config`, `.params`, `.fingerprint`, pure methods.
 
     A pytree whose leaves are the parameters (`{"text_encoder", "unet", "vae",

@@ -35,8 +35,10 @@ from ddcm_jax.sampler import (
     CompressResult,
     Progress,
     Window,
+    _to_image,
+    _to_target,
     as_key,
-    decode,
+    decode_result,
     encode_split,
     run_steps,
     start_noise,
@@ -67,40 +69,39 @@ def make_mesh(data: int | None = None, codebook: int = 1, devices: Sequence[Any]
     return Mesh(np.array(devices[: data * codebook]).reshape(data, codebook), (DATA, CODEBOOK))
 
 
-def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis: str | None, n: int,
-               final: bool) -> Any:  # fmt: skip
+def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis: str | None, n: int) -> Any:
     """What one device runs on its rows: the sampler's batch path over steps [lo, lo + n), nothing else."""
 
-    def run(model: Any, spec: CodeSpec, x: Any, keys: jax.Array, extra: Any, lo: Any) -> Any:
+    def run(model: Any, spec: CodeSpec, x: Any, keys: jax.Array, extra: Any, cond: Any, lo: Any) -> Any:
         x_T, weights, labels = extra
-        window = Window(lo, n, spec.steps, final)
-        if mode == "decode":
-            return decode(model, spec, x[0], x[1], key=keys, image_shape=image_shape, x_T=x_T, class_label=labels,
-                          window=window)  # fmt: skip
+        window = Window(lo, n, spec.steps)
         batch_shape = (keys.shape[0], *image_shape)
+        if mode == "decode":
+            return decode_result(model, spec, x[0], x[1], key=keys, image_shape=batch_shape, x_T=x_T,
+                                 class_label=labels, cond=cond, window=window).latent  # fmt: skip
         return encode_split(model, spec, x if mode == "compress" else None, key=keys,
                             measurement=x if mode == "restore" else None, image_shape=batch_shape, x_T=x_T,
-                            weights=weights, class_label=labels, codebook_chunk=chunk, codebook_axis=axis,
-                            window=window)  # fmt: skip
+                            weights=weights, class_label=labels, cond=cond, codebook_chunk=chunk,
+                            codebook_axis=axis, window=window)  # fmt: skip
 
     return run
 
 
 @functools.lru_cache(maxsize=64)
 def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | None, has: tuple[bool, ...],
-             n: int, final: bool) -> Any:  # fmt: skip
+             n: int) -> Any:  # fmt: skip
     """The jitted program for a mesh and a window of n steps (arguments: model, spec, x, keys (B,),
-    (x_T, weights, labels), lo).
+    (x_T, weights, labels), cond (shared), lo).
 
     One device: the batch function itself. Several: it under `shard_map`, rows
     over the data axis, each codebook split over the codebook axis.
     """
     axis = CODEBOOK if mesh.size > 1 and mesh.shape[CODEBOOK] > 1 else None
-    fn = _device_fn(mode, image_shape, chunk, axis, n, final)
+    fn = _device_fn(mode, image_shape, chunk, axis, n)
     if mesh.size == 1:
         return jax.jit(fn)
     data = P(DATA)
-    specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]), P())
+    specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]), P(), P())
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
 
 
@@ -124,28 +125,45 @@ def _keys(key: Any, batch: int) -> jax.Array:
     return key
 
 
+def _each(fn: Any, model: Any, a: jax.Array) -> jax.Array:
+    """fn(model, row) for each row, one batch-1 call each: a row's result never depends on the batch."""
+    return jnp.stack([fn(model, a[b]) for b in range(a.shape[0])])
+
+
 def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, *, key: Any,
          image_shape: tuple[int, ...], x_T: Any = None, weights: Any = None, class_label: Any = None,
-         codebook_chunk: int | None = None, progress: Progress | None = None) -> Any:  # fmt: skip
+         codebook_chunk: int | None = None, progress: Progress | None = None, prompt: str | None = None,
+         guidance: float = 0.0, edit_prompt: str | None = None, tskip: int = 0) -> Any:  # fmt: skip
+    model.check_spec(spec)
     n = mesh.shape[DATA]
     padded = -(-batch // n) * n
-    shape = tuple(int(v) for v in image_shape)[-3:]
+    image_hw_c = tuple(int(v) for v in image_shape)[-3:]
+    shape = model.state_shape(image_hw_c)
+    if mode == "compress":
+        x = _each(_to_target, model, x)  # the family's target (a latent model: the VAE's encoding)
+    if mode == "decode":
+        cond = model.make_conditioning(prompt=prompt, guidance=guidance, edit_prompt=edit_prompt, tskip=tskip)
+    else:
+        cond = model.make_conditioning(prompt=prompt, guidance=guidance, ccfg=spec.rule.aims_at_guidance)
     x = _pad_rows(x, padded)
     keys = _pad_rows(_keys(key, batch), padded)
     weights, labels = (None if v is None else _pad_rows(jnp.asarray(v), padded) for v in (weights, class_label))
     x_T = None if x_T is None else _pad_rows(jnp.asarray(x_T, jnp.float32), padded)
-    if x_T is None and progress is not None:  # a step-by-step run starts from x_T drawn here
+    if x_T is None:  # the run starts from x_T drawn here
         x_T = _start_noise(keys, shape)
 
     def call(x_t: Any, w: Window) -> tuple[Any, Any]:
         extra = (x_t, weights, labels)
         has = (x is not None, *(v is not None for v in extra))
-        out = _program(mesh, mode, shape, codebook_chunk, has, w.n, w.final)(model, spec, x, keys, extra, w.lo)
-        return (out, None) if mode == "decode" else (out.image, (out.indices, out.coeffs))
+        out = _program(mesh, mode, image_hw_c, codebook_chunk, has, w.n)(model, spec, x, keys, extra, cond, w.lo)
+        return (out, None) if mode == "decode" else (out.latent, (out.indices, out.coeffs))
 
-    image, code = run_steps(call, x_T, spec.steps, progress)
-    out = image if mode == "decode" else CompressResult(*code, image)
-    return jax.tree_util.tree_map(lambda a: a[:batch], out)
+    x_0, code = run_steps(call, x_T, spec.steps, spec.code_rows, progress)
+    x_0 = x_0[:batch]
+    image = _each(_to_image, model, x_0)
+    if mode == "decode":
+        return image
+    return CompressResult(code[0][:batch], code[1][:batch], image, x_0)
 
 
 @functools.partial(jax.jit, static_argnames="shape")

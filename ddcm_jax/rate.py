@@ -19,36 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from ddcm_jax import bitstream
-from ddcm_jax.latent import no_bits_steps_for_bpp
-from ddcm_jax.selection import DDCM, Turbo
-from ddcm_jax.spec import CodeSpec, SpecError
+from ddcm_jax.selection import MAX_DDCM_BITS, RateError
+from ddcm_jax.spec import CodeSpec
 
 __all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp", "ladder", "search"]
-
-MAX_DDCM_BITS = 16  # K up to 65536 atoms a step for the single-atom rule: beyond it, add steps
-MAX_TURBO_ATOMS = bitstream.LIMITS["num_atoms"]
-
-
-class RateError(ValueError):
-    """No operating point of this kind fits the budget (the message says the smallest there is)."""
-
-
-def _turbo_bits(k: int, m: int) -> int:
-    return bitstream.bits_per_step("turbo", k, m)
-
-
-def _largest_m(budget_per_row: float, k: int) -> int:
-    """The largest M (1..min(K, 1024)) whose turbo step costs at most `budget_per_row` bits, or 0."""
-    lo, hi = 0, min(max(1, k // 2), MAX_TURBO_ATOMS)
-    while lo < hi:  # bits per step grow with M up to K / 2 (beyond it, the complement set is cheaper)
-        mid = (lo + hi + 1) // 2
-        if _turbo_bits(k, mid) <= budget_per_row:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
 
 def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
             max_steps: int | None = None) -> CodeSpec:  # fmt: skip
@@ -60,53 +34,13 @@ def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
     if not (math.isfinite(bpp) and bpp > 0):
         raise RateError(f"the target rate must be a positive number of bits per pixel, got {bpp}")
     budget = math.floor(bpp * pixels + 1e-9)  # bits; the epsilon forgives decimal rounding (0.1 x 10)
-    if isinstance(spec.rule, Turbo):
-        return _turbo(spec, budget, bpp, pixels, latent)
-    if isinstance(spec.rule, DDCM):
-        return _ddcm(spec, budget, max_steps or spec.steps)
-    raise RateError(f"a target rate sets turbo's M or ddcm's K and T, not {type(spec.rule).__name__}'s settings")
-
-
-def _turbo(spec: CodeSpec, budget: int, bpp: float, pixels: int, latent: bool) -> CodeSpec:
-    k, steps = spec.codebook_size, spec.steps
-    first = no_bits_steps_for_bpp(bpp, steps, pixels) if latent else 0
-    for nbs in range(first, (steps - 2 if latent else 0) + 1):
-        rows = steps - 1 - nbs
-        m = _largest_m(budget / rows, k)
-        if m:
-            try:
-                return spec.replace(rule=Turbo(m), no_bits_steps=nbs) if latent else spec.replace(rule=Turbo(m))
-            except SpecError as e:  # pragma: no cover - M <= K and NBS <= T - 2 by construction
-                raise RateError(str(e)) from None
-    rows = 1 if latent else steps - 1
-    least = rows * _turbo_bits(k, 1)
-    raise RateError(f"{budget} bits is below the smallest turbo code at T={steps}, K={k}: {least} bits "
-                    f"({least / pixels:.5f} bpp){'' if latent else '; lower -T'}")  # fmt: skip
-
-
-def _ddcm(spec: CodeSpec, budget: int, max_steps: int) -> CodeSpec:
-    steps = spec.steps
-    b = budget // (steps - 1)
-    if b > MAX_DDCM_BITS:  # K = 2^16 leaves bits unused: more steps
-        steps = min(max_steps, budget // MAX_DDCM_BITS + 1)
-        b = min(MAX_DDCM_BITS, budget // (steps - 1))
-    if b < 1:  # one bit a step is too much: fewer steps, K = 2
-        steps, b = budget + 1, 1
-        if steps < 2:
-            raise RateError(f"{budget} bits is below the smallest ddcm code (1 bit: T=2, K=2)")
-    return spec.replace(steps=steps, codebook_size=2**b, rule=DDCM())
+    return spec.rule.for_budget(spec, budget, bpp, pixels, latent, max_steps or spec.steps)
 
 
 def ladder(spec: CodeSpec) -> list[CodeSpec]:
     """The operating points a quality target searches, in increasing rate: turbo M = 1, 2, 4, ...
     up to min(K / 2, 1024) (at the spec's T, K); ddcm K = 2, 4, ..., 2^16 (at its T)."""
-    if isinstance(spec.rule, Turbo):
-        top = min(max(1, spec.codebook_size // 2), MAX_TURBO_ATOMS)
-        ms = sorted({min(2**i, top) for i in range(top.bit_length() + 1)})
-        return [spec.replace(rule=Turbo(m)) for m in ms]
-    if isinstance(spec.rule, DDCM):
-        return [spec.replace(codebook_size=2**b) for b in range(1, MAX_DDCM_BITS + 1)]
-    raise RateError(f"a quality target searches turbo's M or ddcm's K, not {type(spec.rule).__name__}'s settings")
+    return spec.rule.ladder(spec)
 
 
 def search(n: int, reaches: Callable[[int], bool], start: int | None = None) -> int:

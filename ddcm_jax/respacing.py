@@ -109,3 +109,32 @@ def latent_timesteps(schedule: str, steps: int, num_train_timesteps: int = 1000)
     if schedule == "turbo":
         return turbo_timesteps(steps)
     raise ValueError(f"unknown latent schedule {schedule!r} ({', '.join(LATENT_SCHEDULES)})")
+
+
+# --- Turbo-DDCM's no-bits steps ---------------------------------------------------------------------
+
+
+def _torch_logspace_f32(start: np.float32, end: np.float32, steps: int) -> np.ndarray:
+    """`torch.logspace(start, end, steps)` for float32 start/end on CPU: exponents in float32, pow in double."""
+    step_ = np.float32((end - start) / np.float32(steps - 1))
+    half = steps // 2
+    out = np.empty(steps, np.float32)
+    for i in range(steps):
+        e = np.float32(start + step_ * np.float32(i)) if i < half else np.float32(end - step_ * np.float32(steps - i - 1))
+        out[i] = np.float32(10.0 ** float(e))
+    return out
+
+
+def no_bits_steps_heuristic(steps: int, codebook_size: int, num_atoms: int, height: int, width: int) -> int:
+    """Turbo-DDCM's `get_no_bits_steps`: the more bits per pixel all T-1 steps would carry, the
+    fewer steps go without bits (0 <= NBS <= T - 2), by log-spaced bpp bins over 0.01..0.15."""
+    bits = (steps - 1) * (math.ceil(math.log2(math.comb(codebook_size, num_atoms))) + num_atoms)
+    return no_bits_steps_for_bpp(bits / (height * width), steps, height * width)
+
+
+def no_bits_steps_for_bpp(bpp: float, steps: int, pixels: int) -> int:
+    """The NBS bin of `bpp` (bits per pixel if all T-1 steps carried bits) for an image of `pixels`."""
+    param = 70 if pixels <= 768**2 else 20
+    bins = _torch_logspace_f32(np.log10(np.float32(0.01)), np.log10(np.float32(0.15)), param)
+    bucket = int(np.searchsorted(bins.astype(np.float64), round(bpp, 8), side="left"))  # torch.bucketize, right=False
+    return max(0, min(steps - 2, param - bucket - 1))

@@ -35,7 +35,9 @@ import numpy as np
 
 from ddcm_jax import bitstream
 from ddcm_jax.codebook import AtomSource, dot, static_field
+from ddcm_jax.codes import FORMATS
 from ddcm_jax.jit import jit
+from ddcm_jax.respacing import no_bits_steps_for_bpp, no_bits_steps_heuristic
 from ddcm_jax.shapes import Atoms, Key, StepIndices
 
 __all__ = [
@@ -68,12 +70,55 @@ class Code:
 
     `code_name` is the rule's name in the file format (None: a rule files cannot
     store, e.g. `Soft`); `coef_bits` is C of matching pursuit, 0 for the others.
+    `replays_exactly`: the noise `select` returns is `replay().noise` of its
+    code (the sampler then adds the decoder's own arithmetic; `Soft` returns a
+    soft mixture instead). `aims_at_guidance`: the rule's target is the
+    guidance direction eps_uncond - eps_cond (compressed CFG), which the
+    family's network computes when asked.
     """
 
     code_name: str | None = None
     num_atoms: int = 1
     coeff_width: int = 0
     coef_bits: int = 0
+    replays_exactly = True
+    aims_at_guidance = False
+
+    own_schedule = "ddcm"  # a latent code's named timesteps by default
+
+    @property
+    def coeff_levels(self) -> int:
+        """Each coefficient of the code lies in 0 .. coeff_levels - 1 (the format's)."""
+        return FORMATS[self.code_name or "ddcm"].coeff_levels(self.coef_bits)
+
+    @property
+    def codes_first_steps(self) -> bool:
+        """A latent code of this rule codes its first steps (no t_range; no-bits steps instead)."""
+        return FORMATS[self.code_name or "ddcm"].codes_first_steps
+
+    def check_settings(self, codebook_size: int) -> tuple[str, str] | None:
+        """(field, why) when a code cannot hold these settings (the format's limits), or None."""
+        if self.code_name is None:
+            return None
+        why = FORMATS[self.code_name].check(codebook_size, self.num_atoms, self.coef_bits)
+        return None if why is None else ("coef_bits" if "coef" in why else "num_atoms", why)
+
+    def default_no_bits_steps(self, steps: int, codebook_size: int, height: int, width: int) -> int:
+        """A latent code's no-bits steps when none are given (Turbo-DDCM's heuristic for turbo; else 0)."""
+        return 0
+
+    def restoring(self, operator: Any) -> Code:
+        """The rule that restores y = operator(x) with this rule's kind of code (DDCM's single-atom MSE)."""
+        return MSE(operator)
+
+    def for_budget(self, spec: Any, budget: int, bpp: float, pixels: int, latent: bool, max_steps: int) -> Any:
+        """`spec` at the operating point whose payload is the largest within `budget` bits (the knobs
+        this rule turns); see `ddcm_jax.rate.for_bpp`."""
+        raise RateError(f"a target rate sets turbo's M or ddcm's K and T, not {type(self).__name__}'s settings")
+
+    def ladder(self, spec: Any) -> list[Any]:
+        """The operating points a quality target searches, in increasing rate."""
+        raise RateError(f"a quality target searches turbo's M or ddcm's K, not {type(self).__name__}'s settings")
 
     def bits_per_step(self, codebook_size: int) -> int:
         """Payload bits of one coded step (exact)."""
@@ -145,6 +190,12 @@ class DDCM(Code):
         idx, _ = book.best(_residual(ctx))  # a running argmax over the streamed codebook
         return _chosen(book, idx)
 
+    def for_budget(self, spec: Any, budget: int, bpp: float, pixels: int, latent: bool, max_steps: int) -> Any:
+        return ddcm_point(spec, budget, max_steps)
+
+    def ladder(self, spec: Any) -> list[Any]:
+        return [spec.replace(codebook_size=2**b) for b in range(1, MAX_DDCM_BITS + 1)]
+
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         return _single_atom(book, indices)
 
@@ -177,6 +228,9 @@ class MatchingPursuit(Code):
 
     def replay(self) -> Code:
         return DDCM() if self.num_atoms == 1 else self
+
+    def check_settings(self, codebook_size: int) -> tuple[str, str] | None:
+        return None if self.num_atoms == 1 else super().check_settings(codebook_size)  # M = 1 replays as DDCM
 
     @property
     def _cs(self) -> np.ndarray:
@@ -215,7 +269,7 @@ class MatchingPursuit(Code):
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         cs = jnp.asarray(self._cs, jnp.float32)
-        z = book.get(indices)
+        z = jax.lax.optimization_barrier(book.get(indices))
         # The original decoder stops at the first coefficient 0: later rounds are ignored.
         active = jnp.cumprod((coeffs > 0).astype(jnp.int32)) > 0
         current = z[0]
@@ -237,8 +291,23 @@ class Turbo(Code):
     def coeff_width(self) -> int:
         return self.num_atoms
 
+    own_schedule = "turbo"
+
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         return _turbo_select(book, _residual(ctx), self.num_atoms)
+
+    def default_no_bits_steps(self, steps: int, codebook_size: int, height: int, width: int) -> int:
+        return no_bits_steps_heuristic(steps, codebook_size, self.num_atoms, height, width)
+
+    def restoring(self, operator: Any) -> Code:
+        return TurboMSE(operator, self.num_atoms)
+
+    def for_budget(self, spec: Any, budget: int, bpp: float, pixels: int, latent: bool, max_steps: int) -> Any:
+        return turbo_point(spec, budget, bpp, pixels, latent)
+
+    def ladder(self, spec: Any) -> list[Any]:
+        top = min(max(1, spec.codebook_size // 2), MAX_TURBO_ATOMS)
+        return [spec.replace(rule=Turbo(m)) for m in sorted({min(2**i, top) for i in range(top.bit_length() + 1)})]
 
     def noise(self, book: AtomSource, indices: jax.Array, coeffs: jax.Array) -> jax.Array:
         s = 1.0 - 2.0 * coeffs.astype(jnp.float32)
@@ -348,6 +417,8 @@ class GuidedSubset(Code):
     subset: int = static_field()
     code_name = "ddcm"
 
+    aims_at_guidance = True
+
     def replay(self) -> Code:
         return DDCM()
 
@@ -375,6 +446,7 @@ class Soft(Code):
 
     temperature: jax.Array
     straight_through: bool = static_field(False)
+    replays_exactly = False  # its noise is the soft mixture (or its straight-through gradient)
 
     def replay(self) -> Code:
         return DDCM()
@@ -437,6 +509,62 @@ def _select_atoms(key: jax.Array, residual: jax.Array, step: jax.Array, rule: An
     book = AtomSource(codebook_size, tuple(residual.shape), generator, root=key, step=step)
     sel = rule.select(ctx, book)
     return sel.indices, sel.noise
+
+
+# --- the knobs rate targets turn (`ddcm_jax.rate`) ------------------------------------------------------
+
+MAX_DDCM_BITS = 16  # K up to 65536 atoms a step for the single-atom rule: beyond it, add steps
+MAX_TURBO_ATOMS = bitstream.LIMITS["num_atoms"]
+
+
+class RateError(ValueError):
+    """No operating point of this kind fits the budget (the message says the smallest there is)."""
+
+
+def _turbo_bits(k: int, m: int) -> int:
+    return bitstream.bits_per_step("turbo", k, m)
+
+
+def _largest_m(budget_per_row: float, k: int) -> int:
+    """The largest M (1..min(K, 1024)) whose turbo step costs at most `budget_per_row` bits, or 0."""
+    lo, hi = 0, min(max(1, k // 2), MAX_TURBO_ATOMS)
+    while lo < hi:  # bits per step grow with M up to K / 2 (beyond it, the complement set is cheaper)
+        mid = (lo + hi + 1) // 2
+        if _turbo_bits(k, mid) <= budget_per_row:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def turbo_point(spec: Any, budget: int, bpp: float, pixels: int, latent: bool) -> Any:
+    k, steps = spec.codebook_size, spec.steps
+    first = no_bits_steps_for_bpp(bpp, steps, pixels) if latent else 0
+    for nbs in range(first, (steps - 2 if latent else 0) + 1):
+        rows = steps - 1 - nbs
+        m = _largest_m(budget / rows, k)
+        if m:
+            try:
+                return spec.replace(rule=Turbo(m), no_bits_steps=nbs) if latent else spec.replace(rule=Turbo(m))
+            except ValueError as e:  # pragma: no cover - M <= K and NBS <= T - 2 by construction (SpecError)
+                raise RateError(str(e)) from None
+    rows = 1 if latent else steps - 1
+    least = rows * _turbo_bits(k, 1)
+    raise RateError(f"{budget} bits is below the smallest turbo code at T={steps}, K={k}: {least} bits "
+                    f"({least / pixels:.5f} bpp){'' if latent else '; lower -T'}")  # fmt: skip
+
+
+def ddcm_point(spec: Any, budget: int, max_steps: int) -> Any:
+    steps = spec.steps
+    b = budget // (steps - 1)
+    if b > MAX_DDCM_BITS:  # K = 2^16 leaves bits unused: more steps
+        steps = min(max_steps, budget // MAX_DDCM_BITS + 1)
+        b = min(MAX_DDCM_BITS, budget // (steps - 1))
+    if b < 1:  # one bit a step is too much: fewer steps, K = 2
+        steps, b = budget + 1, 1
+        if steps < 2:
+            raise RateError(f"{budget} bits is below the smallest ddcm code (1 bit: T=2, K=2)")
+    return spec.replace(steps=steps, codebook_size=2**b, rule=DDCM())
 
 
 def make_rule(rule: Any, num_atoms: int = 1, coef_bits: int = 1, operator: Any = None) -> Any:

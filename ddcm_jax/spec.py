@@ -23,7 +23,7 @@ import jax
 
 from ddcm_jax import bitstream
 from ddcm_jax.codebook import GENERATORS, static_field
-from ddcm_jax.selection import DDCM, Turbo, make_rule, replay_rule
+from ddcm_jax.selection import DDCM, make_rule, replay_rule
 
 __all__ = ["MAX_CODEBOOK_SIZE", "CodeSpec", "SpecError"]
 
@@ -77,10 +77,9 @@ class CodeSpec:
         m = getattr(self.rule, "num_atoms", 1)
         limit = bitstream.LIMITS["num_atoms"]
         _check("num_atoms", 1 <= m <= limit, f"number of atoms M must be in 1..{limit}, got {m}")
-        if isinstance(self.rule, Turbo):
-            _check("num_atoms", m <= k, f"turbo needs M <= K distinct atoms, got M={m}, K={k}")
-        c = getattr(self.rule, "coef_bits", 0)
-        _check("coef_bits", m == 1 or self.rule.code_name != "mp" or 1 <= c <= 16, f"coefficient bits C must be in 1..16, got {c}")
+        bad = self.rule.check_settings(k) if isinstance(k, int) and k >= 1 else None
+        if bad is not None:
+            raise SpecError(bad[0], f"{bad[1]}, got M={m}, K={k}, C={getattr(self.rule, 'coef_bits', 0)}")
         if self.schedule is not None:
             from ddcm_jax.respacing import LATENT_SCHEDULES, TURBO_TIMESTEPS
 

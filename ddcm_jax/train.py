@@ -406,7 +406,7 @@ def train(cfg: TrainConfig, output: str | Path, *, resume: bool = False, checkpo
 def pack_weights(model_dir: str | Path, out_dir: str | Path, max_bytes: int = 15 << 20) -> list[Path]:
     """A MODEL_DIR as model.json + params-N.npz files of at most `max_bytes` each (to move it through
     a channel that takes few, small, flat files); `unpack_weights` rebuilds the MODEL_DIR."""
-    from ddcm_jax.model import load_model
+    from ddcm_jax.families import load_model
 
     model = load_model(model_dir)
     out_dir = Path(out_dir)

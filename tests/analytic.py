@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.model import DiffusionConfig
+from ddcm_jax.pixel import PixelFamily
 from ddcm_jax.schedule import Schedule
 
 
@@ -42,7 +43,7 @@ _ALPHA_BAR = np.asarray(Schedule.create("linear", 1000, "1000").alpha_bar, np.fl
 
 
 @jax.tree_util.register_pytree_node_class
-class GaussianDataModel:
+class GaussianDataModel(PixelFamily):
     """params = {"log_s": ()} (data std s); output (B, H, W, 3) = eps_hat."""
 
     def __init__(self, log_s: jax.Array | float = LOG_S) -> None:

@@ -287,7 +287,8 @@ def test_no_torch_at_run_time(encoded):
 
 def test_default_model_is_packaged_small_and_used_without_model(kodak_image, tmp_path, capsys):
     """The packaged MODEL_DIR: at most 60 MB, attention only at coarse scales, trained without Kodak, the default."""
-    from ddcm_jax.model import default_model_dir, load_model
+    from ddcm_jax.families import load_model
+    from ddcm_jax.modeldir import default_model_dir
 
     d = default_model_dir()
     assert sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) <= 60 * 2**20

@@ -25,6 +25,7 @@ from headers import make_header
 from ddcm_jax import bitstream as bs
 from ddcm_jax.bitstream import BitstreamError, Header
 from ddcm_jax.cli import InputError, _read_limited, main
+from ddcm_jax.codes import rank_bits
 
 FP = bytes(range(16))
 FOREIGN = b"\xab" * 16  # a fingerprint no model here has
@@ -161,7 +162,7 @@ def test_the_limits_are_the_headers_own():
     with pytest.raises(ValueError, match=r"\(steps - 1\) x M"):
         make_header(rule="mp", steps=1100, num_timesteps=2000, codebook_size=2, num_atoms=1024, coef_bits=1,
                fingerprint=FP, size=(32, 32))  # fmt: skip
-    rows = bs.LIMITS["rank_work"] // (1024 * bs._rank_bits(2**24, 1024))  # the most coded steps at the extremes
+    rows = bs.LIMITS["rank_work"] // (1024 * rank_bits(2**24, 1024))  # the most coded steps at the extremes
     assert rows >= 20
     make_header(rule="turbo", steps=rows + 1, codebook_size=2**24, num_atoms=1024, fingerprint=FP, size=(32, 32))
     with pytest.raises(ValueError, match="too costly"):

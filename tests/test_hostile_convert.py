@@ -509,7 +509,7 @@ def test_config_fingerprint_is_stable_and_the_packaged_model_has_it(tiny_model_d
 
 LOAD = (
     "import sys\n"
-    "from ddcm_jax.model import ModelDirError, load_model\n"
+    "from ddcm_jax.families import load_model\nfrom ddcm_jax.modeldir import ModelDirError\n"
     "try:\n"
     "    load_model(sys.argv[1])\n"
     "except ModelDirError as e:\n"
@@ -614,27 +614,29 @@ def test_unreadable_params_are_one_line_without_event_loop_noise(tiny_model_dir,
 
 
 def test_damaged_copy_does_not_shadow_the_packaged_model(tmp_path, monkeypatch, tiny_model_dir):
+    from ddcm_jax import families
+
     packaged = model_mod.default_model_dir()
     fp = json.loads((packaged / "model.json").read_text())["fingerprint"]
     bad = _damage(packaged, tmp_path / "bad")
     monkeypatch.setenv("DDCM_MODELS", str(bad))
     models: dict = {}
-    assert model_mod.find_model(fp[:39], models) == packaged
+    assert families.find_model(fp[:39], models) == packaged
     assert list(models) == [packaged] and models[packaged].fingerprint == fp  # the caller keeps what was loaded
     # Found again with the caller's models without reloading the packaged model (the damaged
     # copy is tried again and skipped again).
     loaded: list[Path] = []
-    real_load = model_mod.load_model
-    monkeypatch.setattr(model_mod, "load_model", lambda root, **kw: loaded.append(Path(root)) or real_load(root, **kw))
-    assert model_mod.find_model(fp[:39], models) == packaged
+    real_load = families.load_model
+    monkeypatch.setattr(families, "load_model", lambda root, **kw: loaded.append(Path(root)) or real_load(root, **kw))
+    assert families.find_model(fp[:39], models) == packaged
     assert loaded == [bad]
-    monkeypatch.setattr(model_mod, "load_model", real_load)
+    monkeypatch.setattr(families, "load_model", real_load)
     assert ddcm_jax.load_model(packaged).fingerprint == fp
     # A damaged copy of a model that has no intact copy: not found at all.
     tiny_bad = _damage(tiny_model_dir, tmp_path / "tiny_bad")
     monkeypatch.setenv("DDCM_MODELS", str(tiny_bad))
     tiny_fp = json.loads((tiny_model_dir / "model.json").read_text())["fingerprint"]
-    assert model_mod.find_model(tiny_fp[:39]) is None
+    assert families.find_model(tiny_fp[:39]) is None
 
 
 # --- fuzzing the readers and model.json ---------------------------------------------------------

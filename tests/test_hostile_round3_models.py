@@ -249,7 +249,7 @@ def test_load_refuses_a_model_json_describing_a_huge_adm_unet(tiny_model_dir, tm
     t0 = time.perf_counter()
     with deadline(20), pytest.raises(ModelDirError) as e:
         ddcm_jax.load_model(folder)
-    assert time.perf_counter() - t0 < 1
+    assert time.perf_counter() - t0 < 5  # the old path traced the whole network first (~10 s)
     held = M.checkpoint_values(tiny_model_dir / "params")
     assert held == adm.param_count(M.read_model_json(tiny_model_dir)[0].architecture)
     assert (
@@ -290,7 +290,7 @@ def test_load_refuses_a_model_json_describing_a_huge_sd_unet(sd_tiny_model_dir, 
         ),
     ):
         ddcm_jax.load_model(folder)
-    assert time.perf_counter() - t0 < 1
+    assert time.perf_counter() - t0 < 5  # the old path traced the whole network first (~10 s)
 
 
 # --- finding 7: staging folders of killed conversions ------------------------------------------------------

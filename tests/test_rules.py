@@ -18,7 +18,7 @@ from ddcm_jax.operators import (
     SuperResolution,
     bicubic_matrix,
 )
-from ddcm_jax.sampler import predict_x0, schedule_xs, step
+from ddcm_jax.pixel import predict_x0, schedule_xs, step
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import DDCM, MSE, AtomSource, Soft, StepContext, Turbo, TurboMSE
 

@@ -11,7 +11,8 @@ import pytest
 
 import ddcm_jax
 from ddcm_jax.operators import Colorization
-from ddcm_jax.sampler import compress, decompress, predict_x0, restore, schedule_xs, step
+from ddcm_jax.pixel import predict_x0, schedule_xs, step
+from ddcm_jax.sampler import compress, decompress, restore
 from ddcm_jax.schedule import Schedule, space_timesteps
 from ddcm_jax.selection import DDCM, MSE, AtomSource, MatchingPursuit, StepContext
 

@@ -22,7 +22,8 @@ from safetensors.numpy import load_file, save_file
 
 import ddcm_jax
 from ddcm_jax import latent_model as LM
-from ddcm_jax.model import ModelDirError, find_model
+from ddcm_jax.families import find_model
+from ddcm_jax.modeldir import ModelDirError
 
 TOL = 1e-4
 UNET_W = "unet/diffusion_pytorch_model.safetensors"
@@ -173,7 +174,7 @@ def test_converter_agrees_with_the_modules_strict_converters(model, tiny_dir: Pa
 
 def test_find_model_and_known_dirs(converted: Path, model, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DDCM_MODELS", str(converted.parent))
-    assert converted in ddcm_jax.model.known_model_dirs()
+    assert converted in ddcm_jax.modeldir.known_model_dirs()
     assert find_model(model.fingerprint[:39]) == converted
     assert ddcm_jax.load_model(converted).fingerprint == model.fingerprint  # handed over, verified
 

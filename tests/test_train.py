@@ -11,7 +11,7 @@ pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
 
 from ddcm_jax.cli import main
-from ddcm_jax.model import load_model
+from ddcm_jax.families import load_model
 from ddcm_jax.models.adm import ADMConfig, adm_init
 from ddcm_jax.schedule import beta_schedule
 from ddcm_jax.train import (

@@ -1,0 +1,82 @@
+"""Every model family, by the name its MODEL_DIR's model.json carries: one line each.
+
+    FAMILIES = {"adm": ..., "sd": ...}: (read model.json -> (config, fingerprint), load the folder)
+
+`load_model` and `find_model` pick a folder's family here (`modeldir.peek_family`);
+nothing else in the package names a family. Adding one is one line (and its module).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ddcm_jax import latent_model, model
+from ddcm_jax.modeldir import (
+    DEFAULT_MODEL,
+    ModelDirError,
+    known_model_dirs,
+    peek_family,
+    resolve_model_dir,
+)
+
+__all__ = ["FAMILIES", "find_model", "load_model"]
+
+
+class FamilyDir(NamedTuple):
+    read: Callable[[Path], tuple[Any, str]]  # model.json -> (config, fingerprint); ModelDirError otherwise
+    load: Callable[..., Any]  # (folder, *, verify) -> the loaded model (a `ddcm_jax.family.Family`)
+
+
+FAMILIES: dict[str, FamilyDir] = {
+    "adm": FamilyDir(model.read_model_json, model.load_pixel_model),
+    "sd": FamilyDir(latent_model.read_latent_model_json, latent_model.load_latent_model),
+}
+
+
+def _family(root: Path) -> FamilyDir:
+    """The family of a folder (an unreadable or unnamed model.json: "adm", whose reader says what is wrong)."""
+    return FAMILIES.get(peek_family(root) or "adm", FAMILIES["adm"])
+
+
+def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = True) -> Any:
+    """Load a MODEL_DIR written by `ddcm convert` or `ddcm train` ("default": the packaged model).
+
+    The family its model.json names picks the loader: an ADM `DiffusionModel`
+    (`ddcm_jax.model.load_pixel_model`) or a Stable Diffusion
+    `LatentDiffusionModel` (`ddcm_jax.latent_model.load_latent_model`). Every
+    loader checks model.json, then the checkpoint's files and size, then the
+    parameters, and with `verify` the fingerprint; `ModelDirError` (one line:
+    path and reason) otherwise.
+    """
+    root = resolve_model_dir(model_dir).absolute()
+    return _family(root).load(root, verify=verify)
+
+
+def find_model(fingerprint_prefix: str, loaded: dict[Path, Any] | None = None) -> Path | None:
+    """The first known MODEL_DIR whose fingerprint starts with `fingerprint_prefix` ('sha256:…')
+    and that loads and verifies; a folder that does not is skipped, so a damaged copy
+    found through DDCM_MODELS cannot shadow an intact one later in the search order
+    (such as the packaged default).
+
+    `loaded`: the caller's models by folder. A folder in it counts as verified,
+    and the model a search loads is put in it, so a run loads each model once.
+    """
+    loaded = {} if loaded is None else loaded
+    for d in known_model_dirs():
+        try:
+            _, fp = _family(d).read(d)
+        except ModelDirError:
+            continue
+        if not fp.startswith(fingerprint_prefix):
+            continue
+        if d in loaded:
+            return d
+        try:
+            loaded[d] = load_model(d)
+        except ModelDirError:
+            continue
+        return d
+    return None
