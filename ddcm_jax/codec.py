@@ -54,6 +54,7 @@ __all__ = [
     "decode_bytes",
     "decode_signature",
     "decode_streams",
+    "describe",
     "encode_image",
     "encode_images",
     "fits",
@@ -87,6 +88,16 @@ class Encoded:
     @property
     def payload_bits(self) -> int:
         return bitstream.payload_bits(self.header)
+
+    def rates(self) -> dict[str, Any]:
+        """Its size and rates: bytes, payload bits, bits per pixel of the image the user gets back (the
+        input's pixels; crop: its centre square) for the payload (`bpp`) and the whole file
+        (`bpp_file`), and of the payload over the coded image (`bpp_coded`, `coded_size`)."""
+        g = self.header.geometry
+        out_pixels = min(g.original_size) ** 2 if g.size_policy == "crop" else g.original_size[0] * g.original_size[1]
+        return {"bytes": len(self.data), "payload_bits": self.payload_bits, "bpp": self.payload_bits / out_pixels,
+                "bpp_file": 8 * len(self.data) / out_pixels, "bpp_coded": self.payload_bits / (g.size[0] * g.size[1]),
+                "coded_size": list(g.size)}  # fmt: skip
 
 
 def codebook_check(seed: int, partitionable: bool, generator: str = "philox") -> int:
@@ -495,3 +506,35 @@ def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any 
     check_prompt(head, prompt, source)
     stream = bitstream.decode(data, source)
     return decode_streams(model, [stream], mesh=mesh, progress=progress, prompt=prompt)[0], stream
+
+
+def describe(stream: bitstream.FileHeader | Bitstream, nbytes: int) -> dict[str, Any]:
+    """What `ddcm info` reports about a checked file of `nbytes` bytes (`bitstream.decode_header`: no payload
+    decoding): sizes, rates over the coded image, and every setting of its header."""
+    h = stream.header
+    s, g, m, t, p = h.spec, h.geometry, h.model, h.task, h.provenance
+    coded = g.size[0] * g.size[1]
+    n_coded = int(bitstream.code_mask(h).sum())
+    steps = s.respacing_or_steps if s.latent_schedule is None else f"latent-{s.latent_schedule}"
+    out = {
+        "format_version": h.version,
+        "bytes": nbytes, "header_bytes": stream.header_bytes, "payload_bytes": stream.payload_bytes, "crc_bytes": 4,
+        "payload_bits": stream.payload_bits, "coded_steps": n_coded,
+        "bpp": stream.payload_bits / coded, "bpp_file": 8 * nbytes / coded,
+        "rule": s.rule, "task": t.name, "steps": s.steps, "codebook_size": s.codebook_size,
+        "num_atoms": s.num_atoms, "coef_bits": s.coef_bits,
+        "t_range": None if s.t_range is None else list(s.t_range), "eta": s.eta, "seed": p.seed,
+        "schedule": f"{m.noise_schedule}/{m.num_timesteps}/{steps}", "clip": s.clip,
+        "class_label": t.class_label, "model": m.fingerprint_hex, "compute_dtype": m.compute_dtype,
+        "coded_size": list(g.size), "original_size": list(g.original_size), "size_policy": g.size_policy,
+        "jax_version": p.jax_version, "prng": p.prng_impl, "generator": s.generator,
+        "threefry_partitionable": p.threefry_partitionable,
+    }  # fmt: skip
+    if s.latent_schedule is not None:
+        out.update(no_bits_steps=s.no_bits_steps, prompt_hash=None if t.prompt_hash is None else t.prompt_hash.hex(),
+                   guidance=t.guidance)  # fmt: skip
+    if t.name == "super-resolution":
+        out["factor"] = t.factor
+    if t.name == "blur":
+        out.update(blur_kernel=t.blur_kernel, blur_sigma=t.blur_sigma)
+    return out

@@ -1,6 +1,7 @@
 """Every model family, by the name its MODEL_DIR's model.json carries: one line each.
 
-    FAMILIES = {"adm": ..., "sd": ...}: (read model.json -> (config, fingerprint), load the folder)
+    FAMILIES = {"adm": ..., "sd": ...}: (read model.json -> (config, fingerprint), load the folder,
+                                          where model.json keeps the timesteps, named schedules or not)
 
 `load_model` and `find_model` pick a folder's family here (`modeldir.peek_family`);
 nothing else in the package names a family. Adding one is one line (and its module).
@@ -21,24 +22,45 @@ from ddcm_jax.modeldir import (
     peek_family,
     resolve_model_dir,
 )
+from ddcm_jax.modeldir import peek_num_timesteps as _peek_num_timesteps
 
-__all__ = ["FAMILIES", "find_model", "load_model"]
+__all__ = ["FAMILIES", "find_model", "load_model", "named_schedules", "peek_num_timesteps"]
 
 
 class FamilyDir(NamedTuple):
     read: Callable[[Path], tuple[Any, str]]  # model.json -> (config, fingerprint); ModelDirError otherwise
     load: Callable[..., Any]  # (folder, *, verify) -> the loaded model (a `ddcm_jax.family.Family`)
+    timesteps_at: tuple[str, ...] = ("diffusion", "num_timesteps")  # model.json's keys of the timestep count
+    named_schedules: bool = False  # its codes name their timesteps (the loaded model's `named_schedules`)
 
 
 FAMILIES: dict[str, FamilyDir] = {
     "adm": FamilyDir(model.read_model_json, model.load_pixel_model),
-    "sd": FamilyDir(latent_model.read_latent_model_json, latent_model.load_latent_model),
+    "sd": FamilyDir(latent_model.read_latent_model_json, latent_model.load_latent_model,
+                    ("scheduler", "num_train_timesteps"), named_schedules=True),
 }
+
+
+def _named(family: str | None) -> FamilyDir:
+    """A family by name (None or an unknown name: "adm", whose reader says what is wrong)."""
+    return FAMILIES.get(family or "adm", FAMILIES["adm"])
 
 
 def _family(root: Path) -> FamilyDir:
     """The family of a folder (an unreadable or unnamed model.json: "adm", whose reader says what is wrong)."""
-    return FAMILIES.get(peek_family(root) or "adm", FAMILIES["adm"])
+    return _named(peek_family(root))
+
+
+def named_schedules(family: str | None) -> bool:
+    """Whether the family's codes name their timesteps (Stable Diffusion's "ddcm" / "turbo" schedules),
+    known before loading (`modeldir.peek_family` gives a folder's family); False for None or an unknown name."""
+    return family in FAMILIES and FAMILIES[family].named_schedules
+
+
+def peek_num_timesteps(model_dir: str | os.PathLike, family: str | None) -> int | None:
+    """The number of diffusion timesteps the model.json of a MODEL_DIR of `family` records, read from that
+    file alone; None when unreadable (loading the model then says why)."""
+    return _peek_num_timesteps(model_dir, _named(family).timesteps_at)
 
 
 def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = True) -> Any:

@@ -53,6 +53,7 @@ __all__ = [
     "fit_content",
     "from_model",
     "load_image",
+    "load_mask",
     "png_bytes",
     "prepare",
     "reference",
@@ -105,6 +106,12 @@ def load_image(path: str | os.PathLike, *, budget: int | None = None) -> tuple[n
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
     return pixels, notes
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """An inpainting mask from an image: (H, W, 1) float32, 1 where observed (white: mean >= 128), else 0."""
+    pixels, _ = load_image(path)
+    return (pixels.mean(axis=-1, keepdims=True) >= 128).astype(np.float32)
 
 
 def _to_rgb(img: Image.Image, notes: list[str]) -> np.ndarray:

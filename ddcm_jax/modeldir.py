@@ -449,16 +449,33 @@ def known_model_dirs() -> list[Path]:
     return found
 
 
-def peek_family(model_dir: str | os.PathLike) -> str | None:
-    """The family a MODEL_DIR's model.json names ("adm", "sd"), from that file alone (<= 1 MiB); None when
-    there is none or it cannot be read (the family's loader then says why, naming the file)."""
+def _peek(model_dir: str | os.PathLike) -> Any:
+    """A MODEL_DIR's parsed model.json (<= 1 MiB), or None when there is none or it cannot be read."""
     try:
         path = resolve_model_dir(model_dir) / "model.json"
         if not path.is_file() or path.stat().st_size > MAX_MODEL_JSON:
             return None
         with open_regular(path) as f:
-            data = json.loads(f.read(MAX_MODEL_JSON + 1).decode("utf-8"))
+            return json.loads(f.read(MAX_MODEL_JSON + 1).decode("utf-8"))
     except (OSError, ValueError, RecursionError, ModelDirError):
         return None
+
+
+def peek_family(model_dir: str | os.PathLike) -> str | None:
+    """The family a MODEL_DIR's model.json names ("adm", "sd"), from that file alone (<= 1 MiB); None when
+    there is none or it cannot be read (the family's loader then says why, naming the file)."""
+    data = _peek(model_dir)
     family = data.get("family") if isinstance(data, dict) else None
     return family if isinstance(family, str) else None
+
+
+def peek_num_timesteps(model_dir: str | os.PathLike, at: tuple[str, ...]) -> int | None:
+    """The model's number of diffusion timesteps, the positive integer at the keys `at` of its model.json
+    (the family's place for it: `families.FamilyDir.timesteps_at`), from that file alone; None when it
+    cannot be read or holds none (loading the model then says why)."""
+    value = _peek(model_dir)
+    for key in at:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -22,7 +22,8 @@ A thin layer: each device runs the sampler's own batch function (`sampler.encode
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -51,6 +52,7 @@ __all__ = [
     "decode_sharded",
     "decompress_sharded",
     "encode_sharded",
+    "gather_json",
     "generate_sharded",
     "make_mesh",
     "restore_sharded",
@@ -242,3 +244,16 @@ def decompress_sharded(model: Any, indices: jax.Array, coeffs: jax.Array, *, mes
     spec, kw = _split(kw)
     spec = spec.replace(rule=replay_rule(rule, num_atoms, coef_bits))
     return decode_sharded(model, spec, indices, coeffs, mesh=mesh, image_shape=image_shape, **kw)
+
+
+def gather_json(value: Any, default: Callable[[Any], Any] | None = None) -> list[Any]:
+    """Every process's `value` (JSON: `json.dumps(value, default=default)`), in process order, gathered
+    over the network (no shared filesystem needed); every process must call it."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value, default=default).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).ravel()
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    parts = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(parts[i, : sizes[i]]).decode()) for i in range(len(sizes))]

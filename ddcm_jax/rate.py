@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from ddcm_jax.selection import MAX_DDCM_BITS, RateError
+from ddcm_jax.selection import MAX_DDCM_BITS, MAX_TURBO_ATOMS, RateError
 from ddcm_jax.spec import CodeSpec
 
-__all__ = ["MAX_DDCM_BITS", "RateError", "for_bpp", "ladder", "search"]
+__all__ = ["MAX_DDCM_BITS", "MAX_TURBO_ATOMS", "QualityTarget", "RateError", "for_bpp", "for_image", "ladder",
+           "quality_target", "search"]  # fmt: skip
 
 def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
             max_steps: int | None = None) -> CodeSpec:  # fmt: skip
@@ -35,6 +37,19 @@ def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
         raise RateError(f"the target rate must be a positive number of bits per pixel, got {bpp}")
     budget = math.floor(bpp * pixels + 1e-9)  # bits; the epsilon forgives decimal rounding (0.1 x 10)
     return spec.rule.for_budget(spec, budget, bpp, pixels, latent, max_steps or spec.steps)
+
+
+def for_image(spec: CodeSpec, bpp: float, height: int, width: int, *, crop: bool = False, latent: bool = False,
+              schedule: str | None = None, max_steps: int | None = None) -> CodeSpec:  # fmt: skip
+    """`for_bpp` over the pixels the user gets back of an H0 x W0 input (`crop`: its centre square).
+
+    A latent code's rate point sets its no-bits steps, which belong to a named schedule:
+    `schedule`, or the rule's own.
+    """
+    if latent:
+        spec = spec.replace(schedule=schedule or spec.rule.own_schedule)
+    pixels = min(height, width) ** 2 if crop else height * width
+    return for_bpp(spec, bpp, pixels, latent=latent, max_steps=max_steps)
 
 
 def ladder(spec: CodeSpec) -> list[CodeSpec]:
@@ -68,3 +83,45 @@ def search(n: int, reaches: Callable[[int], bool], start: int | None = None) -> 
         else:
             lo = mid + 1
     return hi
+
+
+class QualityTarget(NamedTuple):
+    """What `quality_target` found: the point, its result and PSNR, and how many encodes it took."""
+
+    point: CodeSpec
+    result: Any  # what `encode_and_measure` returned for `point`
+    reached_db: float
+    encodes: int
+    target_db: float
+
+    @property
+    def reached(self) -> bool:
+        return self.reached_db >= self.target_db
+
+    def note(self, nbytes: int) -> str:
+        """One line for the user: reached or not, at which knob (`Code.knob_label`), `nbytes` the file's size."""
+        verdict = "reached" if self.reached else "did not reach; the highest point gives"
+        return (f"--psnr {self.target_db:g}: {verdict} {self.reached_db:.2f} dB at "
+                f"{self.point.rule.knob_label(self.point)} ({nbytes} bytes) after {self.encodes} encodes")  # fmt: skip
+
+
+def quality_target(spec: CodeSpec, target_db: float, encode_and_measure: Callable[[CodeSpec, int, int], tuple[Any, float]],
+                   start: CodeSpec | None = None) -> QualityTarget:  # fmt: skip
+    """The lowest point of `ladder(spec)` whose encode reaches `target_db` (PSNR, dB), or the highest
+    one if none does: `search` from `start` (the point the user would get anyway, when on the ladder).
+
+    `encode_and_measure(point, index, count)` encodes at one point (`index` of the `count` points) and
+    returns (result, its PSNR in dB); each point is encoded at most once.
+    """
+    points = ladder(spec)
+    tried: dict[int, tuple[Any, float]] = {}
+
+    def trial(i: int) -> tuple[Any, float]:
+        if i not in tried:
+            tried[i] = encode_and_measure(points[i], i, len(points))
+        return tried[i]
+
+    first = points.index(start) if start is not None and start in points else None
+    hi = search(len(points), lambda i: trial(i)[1] >= target_db, first)
+    result, reached = trial(hi)
+    return QualityTarget(points[hi], result, reached, len(tried), target_db)

@@ -120,6 +120,10 @@ class Code:
         """The operating points a quality target searches, in increasing rate."""
         raise RateError(f"a quality target searches turbo's M or ddcm's K, not {type(self).__name__}'s settings")
 
+    def knob_label(self, spec: Any) -> str:
+        """The setting its quality target turns, at `spec` ("K 256"; turbo's: "M 4")."""
+        return f"K {spec.codebook_size}"
+
     def bits_per_step(self, codebook_size: int) -> int:
         """Payload bits of one coded step (exact)."""
         if self.code_name is None:
@@ -296,6 +300,9 @@ class Turbo(Code):
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         return _turbo_select(book, _residual(ctx), self.num_atoms)
 
+    def knob_label(self, spec: Any) -> str:
+        return f"M {self.num_atoms}"
+
     def default_no_bits_steps(self, steps: int, codebook_size: int, height: int, width: int) -> int:
         return no_bits_steps_heuristic(steps, codebook_size, self.num_atoms, height, width)
 
@@ -342,6 +349,9 @@ class TurboMSE(Code):
 
     def replay(self) -> Code:
         return Turbo(self.num_atoms)
+
+    def knob_label(self, spec: Any) -> str:
+        return f"M {self.num_atoms}"
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         y_res, adjoint = jax.vjp(self.operator, ctx.x0_hat)
