@@ -5,7 +5,7 @@ against the previous engine (a host loop of three compiled programs per step), b
 
 Models: `sd_tiny` (../shared/reference, converted here) at 128 x 128; with
 `--sd21`, Stable Diffusion 2.1-base's network shapes (its manifest's configs)
-with random weights at 256 x 256 (the timing does not depend on the weights).
+with random weights at 128 x 128 (the timing does not depend on the weights).
 Turbo-DDCM with T steps, K, M and one no-bits step.
 
 - new, eager: `ddcm_jax.compress(model, images, ...)` then `decompress`, as a user calls them;
@@ -145,7 +145,7 @@ def main() -> None:
         try:
             configs = [("sd_tiny", _tiny_dir(tmp), 128, 10, 256, 4)]
             if args.sd21:
-                configs.append(("sd21_base_random", _sd21_model_dir(tmp), 256, 4, 256, 4))
+                configs.append(("sd21_base_random", _sd21_model_dir(tmp), 128, 4, 256, 4))
             for name, model_dir, side, steps, k, m in configs:
                 for batch in (1, 4):
                     row = {"model": name, "image": f"{side}x{side}", "T": steps, "K": k, "M": m, "batch": batch}

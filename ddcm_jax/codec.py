@@ -365,8 +365,7 @@ def generate_images(model: Any, spec: CodeSpec, seeds: list[int], *, class_label
     if ccfg_subset is not None:
         _check_subset(model, hw, ccfg_subset, spec.codebook_size, budget)
     rule = Random() if ccfg_subset is None else GuidedSubset(ccfg_subset)
-    spec = model.complete_spec(spec.replace(rule=rule, t_range=None), hw, schedule=schedule,
-                               no_bits_steps=0 if model.named_schedules else None)  # fmt: skip
+    spec = model.complete_spec(spec.replace(rule=rule, t_range=None), hw, schedule=schedule, no_bits_steps=0)
     recorded = None if ccfg_subset is not None else prompt  # compressed CFG decodes without its prompt
     task_fields = _prompt_task("generation", recorded, guidance)
     task_fields = dataclasses.replace(task_fields, class_label=class_label)

@@ -303,7 +303,7 @@ class LatentFamily(Family):
     def complete_spec(self, spec: CodeSpec, image_hw: tuple[int, int], *, no_bits_steps: int | None = None,
                       schedule: str | None = None) -> CodeSpec:  # fmt: skip
         if spec.schedule is not None:
-            if (no_bits_steps, schedule) != (None, None):
+            if no_bits_steps not in (None, spec.no_bits_steps) or schedule not in (None, spec.schedule):
                 raise ValueError("the spec already names its schedule and no-bits steps")
             return spec
         return make_spec(steps=spec.steps, codebook_size=spec.codebook_size, image_hw=tuple(image_hw),

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddcm_jax.sampler import (
@@ -44,7 +44,7 @@ from ddcm_jax.sampler import (
     run_steps,
     start_noise,
 )
-from ddcm_jax.selection import replay_rule
+from ddcm_jax.selection import Random
 from ddcm_jax.spec import CodeSpec
 
 __all__ = [
@@ -153,8 +153,15 @@ def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, 
     x_T = None if x_T is None else _pad_rows(jnp.asarray(x_T, jnp.float32), padded)
     if x_T is None:  # the run starts from x_T drawn here
         x_T = _start_noise(keys, shape)
+    if mesh.size > 1:  # arrays made on one device (a loaded model's, the targets) placed as the program wants them
+        shared = NamedSharding(mesh, P())
+        rows = NamedSharding(mesh, P(DATA))
+        model, cond = jax.device_put((model, cond), shared)
+        x, keys, weights, labels = jax.device_put((x, keys, weights, labels), rows)
 
     def call(x_t: Any, w: Window) -> tuple[Any, Any]:
+        if mesh.size > 1:
+            x_t = jax.device_put(x_t, rows)
         extra = (x_t, weights, labels)
         has = (x is not None, *(v is not None for v in extra))
         out = _program(mesh, mode, image_hw_c, codebook_chunk, has, w.n)(model, spec, x, keys, extra, cond, w.lo)
@@ -208,41 +215,43 @@ def decode_sharded(model: Any, spec: CodeSpec, indices: Any, coeffs: Any, *, mes
 
 # Keyword forms, as `compress` / `restore` / `generate` / `decompress` are of `encode` / `decode`.
 
-_SPEC_KEYS = ("steps", "codebook_size", "generator", "eta", "t_range", "clip")
+_SPEC_KEYS = ("steps", "codebook_size", "generator", "eta", "t_range", "clip", "schedule", "no_bits_steps")
 
 
-def _split(kw: dict[str, Any], **rule: Any) -> tuple[CodeSpec, dict[str, Any]]:
-    spec = CodeSpec.create(**{k: kw.pop(k) for k in _SPEC_KEYS if k in kw}, **rule)
-    return spec, kw
+def _split(model: Any, image_hw: tuple[int, ...], kw: dict[str, Any], **rule: Any) -> tuple[CodeSpec, dict[str, Any]]:
+    """The family's spec from the keyword forms' settings (`model.make_spec`), and the other keywords."""
+    settings = {k: kw.pop(k) for k in _SPEC_KEYS if k in kw}
+    return model.make_spec(image_hw=tuple(image_hw)[-3:-1], **settings, **rule), kw
 
 
 def compress_sharded(model: Any, images: jax.Array, *, mesh: Mesh, num_atoms: int = 1, coef_bits: int = 1,
                      rule: Any = "ddcm", **kw: Any) -> CompressResult:  # fmt: skip
-    """`compress` of a batch (B, H, W, 3) over `mesh`, with `compress`'s keywords."""
-    spec, kw = _split(kw, rule=rule, num_atoms=num_atoms, coef_bits=coef_bits)
+    """`compress` of a batch (B, H, W, 3) over `mesh`, with `compress`'s keywords (any family)."""
+    spec, kw = _split(model, np.shape(images)[-3:], kw, rule=rule, num_atoms=num_atoms, coef_bits=coef_bits)
     return encode_sharded(model, spec, images, mesh=mesh, **kw)
 
 
 def restore_sharded(model: Any, measurements: jax.Array, operator: Any, *, mesh: Mesh,
                     image_shape: tuple[int, ...], rule: Any = "mse", **kw: Any) -> CompressResult:  # fmt: skip
-    """`restore` of a batch of measurements (B, ...) into images of `image_shape` (H, W, 3)."""
-    spec, kw = _split(kw, rule=rule, operator=operator)
+    """`restore` of a batch of measurements (B, ...) into images of `image_shape` (H, W, 3) (pixel models)."""
+    spec = CodeSpec.create(**{k: kw.pop(k) for k in _SPEC_KEYS if k in kw}, rule=rule, operator=operator)
     return encode_sharded(model, spec, mesh=mesh, measurements=measurements, image_shape=image_shape, **kw)
 
 
 def generate_sharded(model: Any, *, mesh: Mesh, key: jax.Array, image_shape: tuple[int, ...],
                      **kw: Any) -> CompressResult:  # fmt: skip
     """`generate` of one image per key in `key` (B,), over the mesh's data axis."""
-    spec, kw = _split(kw, rule="random")
+    kw.setdefault("no_bits_steps", 0)
+    spec, kw = _split(model, (*tuple(image_shape)[-3:-1], 3), kw, rule=Random())
     return encode_sharded(model, spec, mesh=mesh, key=key, image_shape=image_shape, **kw)
 
 
 def decompress_sharded(model: Any, indices: jax.Array, coeffs: jax.Array, *, mesh: Mesh,
                        image_shape: tuple[int, ...], num_atoms: int = 1, coef_bits: int = 1,
                        rule: Any = "ddcm", **kw: Any) -> jax.Array:  # fmt: skip
-    """`decompress` of a batch of codes (B, steps-1, M) over the mesh's data axis."""
-    spec, kw = _split(kw)
-    spec = spec.replace(rule=replay_rule(rule, num_atoms, coef_bits))
+    """`decompress` of a batch of codes (B, code_rows, M) over the mesh's data axis: the images."""
+    spec, kw = _split(model, (*tuple(image_shape)[-3:-1], 3), kw, rule=rule, num_atoms=num_atoms,
+                      coef_bits=coef_bits, decoding=True)  # fmt: skip
     return decode_sharded(model, spec, indices, coeffs, mesh=mesh, image_shape=image_shape, **kw)
 
 

@@ -169,7 +169,7 @@ class PixelFamily(Family):
 
     def complete_spec(self, spec: Any, image_hw: tuple[int, int], *, no_bits_steps: int | None = None,
                       schedule: str | None = None) -> Any:  # fmt: skip
-        if no_bits_steps is not None or schedule is not None:
+        if no_bits_steps or schedule is not None:
             raise ValueError("schedules, no-bits steps and prompts are settings of latent (Stable Diffusion) models")
         return spec
 

@@ -535,7 +535,7 @@ def generate(model: Family, *, steps: int, codebook_size: int, key: Key, class_l
     rule = Random() if ccfg_subset is None else GuidedSubset(int(ccfg_subset))
     spec = model.make_spec(image_hw=tuple(image_shape[-3:-1]), steps=steps, codebook_size=codebook_size, rule=rule,
                            generator=generator, eta=eta, clip=clip, no_bits_steps=0,
-                           schedule=(schedule or "ddcm") if model.named_schedules else schedule_name(schedule))  # fmt: skip
+                           schedule=schedule_name(schedule))  # fmt: skip
     return encode(model, spec, None, key=key, class_label=class_label, image_shape=image_shape,
                   schedule=_override(schedule), prompt=prompt, guidance=guidance, progress=progress)  # fmt: skip
 
@@ -563,8 +563,7 @@ def sample(model: Family, *, steps: int, key: Key, image_shape: tuple[int, ...] 
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
     spec = model.make_spec(image_hw=tuple(image_shape[-3:-1]), steps=steps, codebook_size=1, rule=Random(), eta=eta,
-                           clip=clip, schedule=(schedule_name(schedule) or "ddcm") if model.named_schedules else
-                           schedule_name(schedule), no_bits_steps=0 if model.named_schedules else None)  # fmt: skip
+                           clip=clip, schedule=schedule_name(schedule), no_bits_steps=0)  # fmt: skip
     shape = model.state_shape(tuple(image_shape[-3:]))
     x_T = start_noise(key, shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
     xs = model.schedule_xs(spec, _override(schedule))
