@@ -133,7 +133,7 @@ def header_for(model: Any, spec: CodeSpec, *, seed: int, geometry: Geometry, par
     if rule.code_name is None:
         raise ValueError(f"rule {type(rule).__name__} cannot be stored in a file")
     stored = bitstream.StoredSpec(rule.code_name, spec.steps, spec.codebook_size, rule.num_atoms,
-                                  rule.coef_bits if rule.code_name == "mp" else 0, spec.generator, spec.eta,
+                                  rule.coef_bits, spec.generator, spec.eta,
                                   spec.respacing, spec.t_range, spec.clip, spec.schedule, spec.no_bits_steps)  # fmt: skip
     provenance = bitstream.Provenance(seed, jax.__version__, PRNG_IMPL, partitionable,
                                       codebook_check(seed, partitionable, spec.generator))  # fmt: skip

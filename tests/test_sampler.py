@@ -98,12 +98,15 @@ def test_free_running_matches_trace(reference, tiny_model_dir, name):
     steps, K = len(tr["step"]), meta["K"]
     rule = rule_for(meta)
     x_T, book = nhwc(tr["x_T"]), nhwc(tr["codebook"][: steps - 1])
+    # Through one jitted call of the public keyword API: the steps are one scan.
     if meta["loss"] == "mse":
-        res = restore(model, nhwc(tr["measurement"]), Colorization(), steps=steps, codebook_size=K,
-                      rule=rule, key=0, x_T=x_T, codebook=book)  # fmt: skip
+        run = jax.jit(lambda y, key: restore(model, y, Colorization(), steps=steps, codebook_size=K, rule=rule,
+                                             key=key, x_T=x_T, codebook=book))  # fmt: skip
+        res = run(nhwc(tr["measurement"]), jax.random.key(0))
     else:
-        res = compress(model, nhwc(tr["reference_image"]), steps=steps, codebook_size=K,
-                       rule=rule, key=0, x_T=x_T, codebook=book)  # fmt: skip
+        run = jax.jit(lambda image, key: compress(model, image, steps=steps, codebook_size=K, rule=rule, key=key,
+                                                  x_T=x_T, codebook=book))  # fmt: skip
+        res = run(nhwc(tr["reference_image"]), jax.random.key(0))
     np.testing.assert_array_equal(res.indices, tr["indices"][: steps - 1])
     np.testing.assert_allclose(res.image, nhwc(tr["final"]), atol=1e-3)
     out = decompress(model, res, steps=steps, codebook_size=K, image_shape=x_T.shape, rule=rule,

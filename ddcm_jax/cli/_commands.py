@@ -361,7 +361,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         run.records.append({"file": str(path), **d})
         if not args.quiet:
             t = "all steps" if d["t_range"] is None else f"t in [{d['t_range'][0]}, {d['t_range'][1]}]"
-            extra = f", M {d['num_atoms']}" + (f", C {d['coef_bits']}" if d["rule"] == "mp" else "")
+            extra = f", M {d['num_atoms']}" + (f", C {d['coef_bits']}" if d["coef_bits"] else "")
             print(f"{name}: .ddcm v{d['format_version']}, {d['bytes']} bytes = {d['header_bytes']} header + "
                   f"{d['payload_bytes']} payload + 4 CRC-32\n"
                   f"  {d['task']}, rule {d['rule']}, T {d['steps']} ({printable(d['schedule'])}), K {d['codebook_size']}{extra}, "

@@ -111,11 +111,14 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
         p.set_defaults(policy="fit")
 
 
+DESCRIPTION = "The `ddcm` command line: compress, decompress, roundtrip, generate, restore, info, convert."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from ddcm_jax import __version__, cli
+    from ddcm_jax import __version__
     from ddcm_jax.convert import add_arguments as add_convert_arguments
 
-    parser = argparse.ArgumentParser(prog="ddcm", description=cli.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ddcm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ddcm_jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
