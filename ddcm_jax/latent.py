@@ -73,7 +73,6 @@ __all__ = [
     "encode",
     "forward_bytes",
     "generate",
-    "is_latent_model",
     "latent_schedule",
     "latent_shape",
     "make_spec",
@@ -90,11 +89,6 @@ Latent = Annotated[jax.Array, "*B h w 4 float32"]
 LatentImage = Annotated[jax.Array, "*B H W 3 float32 in [-1, 1]"]
 
 SCHEDULES = LATENT_SCHEDULES
-
-def is_latent_model(model: Any) -> bool:
-    """A Stable Diffusion model (`LatentDiffusionModel`), as opposed to a pixel-space ADM."""
-    return isinstance(model, LatentFamily)
-
 
 # --- schedules (the timesteps live in `ddcm_jax.respacing`, JAX-free for the bitstream) -------------
 

@@ -56,7 +56,6 @@ __all__ = [
     "abstract_params",
     "check_components",
     "implied_param_counts",
-    "is_latent_model_dir",
     "latent_fingerprint",
     "load_latent_model",
     "read_latent_model_json",
@@ -758,18 +757,6 @@ def _read_json_object(meta: Path) -> Any:
         raise M.ModelDirError(f"{where}: not valid JSON (nested too deeply)") from None
     except ValueError as e:
         raise M.ModelDirError(f"{where}: not valid JSON ({printable(e)[:200]})") from None
-
-
-def is_latent_model_dir(model_dir: str | os.PathLike) -> bool:
-    """Whether MODEL_DIR/model.json names the latent family (False for anything unreadable)."""
-    meta = Path(model_dir) / "model.json"
-    try:
-        if not meta.is_file():
-            return False
-        data = _read_json_object(meta)
-    except (ValueError, OSError):
-        return False
-    return isinstance(data, Mapping) and data.get("family") == FAMILY
 
 
 def read_latent_model_json(model_dir: str | os.PathLike) -> tuple[LatentModelConfig, str]:
