@@ -91,6 +91,8 @@ _WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "text_encoder": ("model", "pytorch_model"),
+    "transformer": ("diffusion_pytorch_model", "diffusion_pytorch_model"),  # FLUX (`convert.flux`)
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 
 # Limits on untrusted files.
@@ -179,6 +181,15 @@ def _read_bytes(path: Path, limit: int) -> bytes:
 # --- model_index.json and configs -----------------------------------------------------------------
 
 
+def _pipeline_class(root: Path) -> Any:
+    """model_index.json's `_class_name` (None when unreadable: the full check then says why)."""
+    try:
+        data = _read_json(root / "model_index.json")
+    except PipelineError:
+        return None
+    return data.get("_class_name") if isinstance(data, dict) else None
+
+
 def _check_model_index(path: Path) -> dict[str, Any]:
     """Validate model_index.json; returns {"pipeline": class, "scheduler": class, "tokenizer": class}."""
     from ddcm_jax.latent_model import SCHEDULER_CLASSES
@@ -190,7 +201,8 @@ def _check_model_index(path: Path) -> dict[str, Any]:
     cls = data.get("_class_name")
     if cls not in PIPELINE_CLASSES:
         raise PipelineError(
-            f"{where}: unsupported pipeline _class_name={_short(cls)} (supported: {', '.join(PIPELINE_CLASSES)})"
+            f"{where}: unsupported pipeline _class_name={_short(cls)} (supported: "
+            f"{', '.join(PIPELINE_CLASSES)}, FluxPipeline)"
         )
     found = {"pipeline": cls}
     for name, (library, classes) in COMPONENT_CLASSES.items():
@@ -363,6 +375,9 @@ class _SafetensorsFile:
         self._f.close()
 
 
+SafetensorsFile = _SafetensorsFile  # the run-time reader of MODEL_DIR tensor files (`ddcm_jax.tensorfile`)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -381,9 +396,14 @@ class TensorSource:
     owner: dict[str, str]  # key -> the name of the file holding it
     _readers: dict[str, Callable[[], np.ndarray]]
     _closers: list[Callable[[], None]]
+    _peekers: dict[str, Callable[[], np.ndarray]] = dataclasses.field(default_factory=dict)
 
     def read(self, key: str) -> np.ndarray:
         return self._readers.pop(key)()
+
+    def peek(self, key: str) -> np.ndarray:
+        """`read` without forgetting the key (a safetensors tensor is read again from its file)."""
+        return self._peekers[key]()
 
     def order(self, keys: list[str]) -> list[str]:
         """`keys` in the order that reads each file front to back."""
@@ -425,6 +445,7 @@ def _source_from_files(where: str, files: list[tuple[Path, str]]) -> TensorSourc
     """Open every (path, "safetensors" | "bin") file; keys must be unique across them."""
     shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
     readers: dict[str, Callable[[], np.ndarray]] = {}
+    peekers: dict[str, Callable[[], np.ndarray]] = {}
     closers: list[Callable[[], None]] = []
     owner: dict[str, str] = {}
     try:
@@ -435,10 +456,12 @@ def _source_from_files(where: str, files: list[tuple[Path, str]]) -> TensorSourc
                 items = sorted(st.entries.items(), key=lambda kv: kv[1][2])
                 found = {k: (e[1], e[0]) for k, e in items}
                 read = {k: functools.partial(st.read, k) for k, _ in items}
+                peek = read
             else:
                 state = read_state_dict(path)
                 found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
                 read = {k: functools.partial(state.pop, k) for k in state}
+                peek = {k: functools.partial(state.__getitem__, k) for k in state}
             for key in found:
                 if key in owner:
                     raise PipelineError(
@@ -447,12 +470,13 @@ def _source_from_files(where: str, files: list[tuple[Path, str]]) -> TensorSourc
                 owner[key] = path.name
             shapes.update(found)
             readers.update(read)
+            peekers.update(peek)
     except BaseException:
         for c in closers:
             c()
         raise
     label = f"{files[0][0].parent.name}/{files[0][0].name}"
-    return TensorSource(where, label, shapes, owner, readers, closers)
+    return TensorSource(where, label, shapes, owner, readers, closers, peekers)
 
 
 def open_weights(folder: str | os.PathLike, component: str) -> TensorSource:
@@ -691,6 +715,10 @@ def check_manifest(folder: str | os.PathLike) -> dict[str, int]:
     `PipelineError` (one line: the file and every key that does not map).
     """
     folder = Path(folder)
+    if _pipeline_class(folder) == "FluxPipeline":
+        from ddcm_jax.convert.flux import check_flux_manifest
+
+        return check_flux_manifest(folder)
     configs = read_pipeline_configs(folder)
     implied = _implied_counts(configs, budget=False)
     counts = {}
@@ -758,6 +786,10 @@ def convert_pipeline(pipeline_dir: str | os.PathLike, model_dir: str | os.PathLi
     from ddcm_jax.model import check_save_target, remove_stale_staging
 
     root = Path(pipeline_dir)
+    if _pipeline_class(root) == "FluxPipeline":
+        from ddcm_jax.convert.flux import convert_flux_pipeline
+
+        return convert_flux_pipeline(root, model_dir, compute_dtype=compute_dtype, overwrite=overwrite)
     check_save_target(model_dir, overwrite)  # before reading gigabytes
     remove_stale_staging(model_dir)  # what a killed conversion to this target left
     configs = read_pipeline_configs(root, compute_dtype=compute_dtype)

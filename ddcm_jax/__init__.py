@@ -7,8 +7,8 @@ The public API, re-exported here from the modules that define it:
   codec     `encode_image` / `decode_bytes` (pixels <-> `.ddcm` bytes)
   selection the rules (`DDCM`, `MatchingPursuit`, `Turbo`, `MSE`, `TurboMSE`, `Random`,
             `Soft`), `make_rule`, `select_atoms`
-  model     `load_model` (an ADM `DiffusionModel`, or a Stable Diffusion
-            `LatentDiffusionModel` for a folder from `ddcm convert --format diffusers`)
+  model     `load_model` (an ADM `DiffusionModel`, a Stable Diffusion `LatentDiffusionModel`
+            or a FLUX.1 `FluxModel` for a folder from `ddcm convert --format diffusers`)
   latent    the Stable Diffusion family (its schedules and conditioning; `LatentResult`
             is `CompressResult`)
   rate      `for_bpp`: the operating point for a target rate
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from ddcm_jax.bitstream import BitstreamError
     from ddcm_jax.codec import Encoded, decode_bytes, encode_image
     from ddcm_jax.families import load_model
+    from ddcm_jax.flux_model import FluxModel
     from ddcm_jax.jit import compiler_options
     from ddcm_jax.latent import LatentResult
     from ddcm_jax.latent_model import LatentDiffusionModel
@@ -85,6 +86,7 @@ _EXPORTS = {
     "decode_bytes": "ddcm_jax.codec",
     "encode_image": "ddcm_jax.codec",
     "compiler_options": "ddcm_jax.jit",
+    "FluxModel": "ddcm_jax.flux_model",
     "LatentResult": "ddcm_jax.latent",
     "LatentDiffusionModel": "ddcm_jax.latent_model",
     "DiffusionConfig": "ddcm_jax.model",
@@ -155,6 +157,7 @@ __all__ = [
     "DiffusionConfig",
     "DiffusionModel",
     "Encoded",
+    "FluxModel",
     "GaussianBlur",
     "GuidedSubset",
     "Inpainting",

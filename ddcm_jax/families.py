@@ -1,6 +1,6 @@
 """Every model family, by the name its MODEL_DIR's model.json carries: one line each.
 
-    FAMILIES = {"adm": ..., "sd": ...}: (read model.json -> (config, fingerprint), load the folder,
+    FAMILIES = {"adm": ..., "sd": ..., "flux": ...}: (read model.json -> (config, fingerprint), load the folder,
                                           where model.json keeps the timesteps, named schedules or not)
 
 `load_model` and `find_model` pick a folder's family here (`modeldir.peek_family`);
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ddcm_jax import latent_model, model
+from ddcm_jax import flux_model, latent_model, model
 from ddcm_jax.modeldir import (
     DEFAULT_MODEL,
     ModelDirError,
@@ -24,20 +24,23 @@ from ddcm_jax.modeldir import (
 )
 from ddcm_jax.modeldir import peek_num_timesteps as _peek_num_timesteps
 
-__all__ = ["FAMILIES", "find_model", "load_model", "named_schedules", "peek_num_timesteps"]
+__all__ = ["FAMILIES", "cfg_prompts", "find_model", "load_model", "named_schedules", "peek_num_timesteps"]
 
 
 class FamilyDir(NamedTuple):
     read: Callable[[Path], tuple[Any, str]]  # model.json -> (config, fingerprint); ModelDirError otherwise
     load: Callable[..., Any]  # (folder, *, verify) -> the loaded model (a `ddcm_jax.family.Family`)
-    timesteps_at: tuple[str, ...] = ("diffusion", "num_timesteps")  # model.json's keys of the timestep count
+    timesteps_at: tuple[str, ...] | int = ("diffusion", "num_timesteps")  # model.json's keys of the timestep
+    # count, or the count itself for a family that has one (FLUX: sigma = t / 1000)
     named_schedules: bool = False  # its codes name their timesteps (the loaded model's `named_schedules`)
+    cfg_prompts: bool = False  # a prompt conditions through classifier-free guidance (needs a scale)
 
 
 FAMILIES: dict[str, FamilyDir] = {
     "adm": FamilyDir(model.read_model_json, model.load_pixel_model),
     "sd": FamilyDir(latent_model.read_latent_model_json, latent_model.load_latent_model,
-                    ("scheduler", "num_train_timesteps"), named_schedules=True),
+                    ("scheduler", "num_train_timesteps"), named_schedules=True, cfg_prompts=True),
+    "flux": FamilyDir(flux_model.read_flux_model_json, flux_model.load_flux_model, 1000, named_schedules=True),
 }
 
 
@@ -57,10 +60,17 @@ def named_schedules(family: str | None) -> bool:
     return family in FAMILIES and FAMILIES[family].named_schedules
 
 
+def cfg_prompts(family: str | None) -> bool:
+    """Whether a prompt conditions the family's codes through classifier-free guidance (Stable
+    Diffusion: a guidance scale is needed) rather than directly (FLUX, guidance-distilled)."""
+    return family in FAMILIES and FAMILIES[family].cfg_prompts
+
+
 def peek_num_timesteps(model_dir: str | os.PathLike, family: str | None) -> int | None:
     """The number of diffusion timesteps the model.json of a MODEL_DIR of `family` records, read from that
     file alone; None when unreadable (loading the model then says why)."""
-    return _peek_num_timesteps(model_dir, _named(family).timesteps_at)
+    at = _named(family).timesteps_at
+    return at if isinstance(at, int) else _peek_num_timesteps(model_dir, at)
 
 
 def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL, *, verify: bool = True) -> Any:

@@ -7,10 +7,12 @@ name: every step of every family is
     out, aim       = family.denoise(x_t, s, cond)          the network (aim: a rule's
                                                             own target, e.g. compressed CFG)
     x0_hat, eps_hat = family.predict(x_t, out, s, spec)    the prediction type
-    x_prev         = s.sqrt_ab_prev x0_hat + s.dir_coef eps_hat + s.sigma z      (DDIM, eq. 12)
+    x_prev         = family.combine(x_t, x0_hat, eps_hat, s, z)
 
 with z the rule's codebook noise on the steps that carry bits and 0 on the
-others. `s` is one row of the family's `schedule_xs(spec, ...)`: a pytree of
+others. ADM and Stable Diffusion combine by DDIM (eq. 12, `ddim`):
+x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z;
+FLUX (`ddcm_jax.flux`) by the DDPM posterior on its coded steps, as Turbo-DDCM does. `s` is one row of the family's `schedule_xs(spec, ...)`: a pytree of
 (T,) arrays in run order that holds at least the fields of `StepFields`.
 
 Abstract/final in the equinox style: `PixelFamily` (`ddcm_jax.pixel`) and
@@ -26,7 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["Family", "StepFields", "step"]
+__all__ = ["Family", "StepFields", "ddim", "step"]
 
 
 class StepFields(NamedTuple):
@@ -43,13 +45,18 @@ class StepFields(NamedTuple):
     coded: jax.Array  # bool: the rule chooses (noisy and inside t_range); else its idle code
 
 
+def ddim(x0_hat: jax.Array, eps_hat: jax.Array, s: Any, noise: jax.Array) -> jax.Array:
+    """DDIM, eq. 12: x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z."""
+    return s.sqrt_ab_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise
+
+
 def step(family: Family, x_t: jax.Array, out: jax.Array, s: Any, noise: jax.Array, spec: Any) -> jax.Array:
-    """x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z.
+    """x_prev of one state from the network's output and the step's noise.
 
     Codebook, random and zero noise take this one path, for every family.
     """
     x0_hat, eps_hat = family.predict(x_t, out, s, spec)
-    return s.sqrt_ab_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise
+    return family.combine(x_t, x0_hat, eps_hat, s, noise)
 
 
 class Family(abc.ABC):
@@ -120,6 +127,10 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def predict(self, x_t: jax.Array, out: jax.Array, s: Any, spec: Any) -> tuple[jax.Array, jax.Array]:
         """(x0_hat, eps_hat) of one state from the network's raw output (the prediction type)."""
+
+    @abc.abstractmethod
+    def combine(self, x_t: jax.Array, x0_hat: jax.Array, eps_hat: jax.Array, s: Any, noise: jax.Array) -> jax.Array:
+        """x_prev from the prediction and the step's noise z (`ddim` for ADM and Stable Diffusion)."""
 
     # -- the network ------------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax import sampler
-from ddcm_jax.family import Family
+from ddcm_jax.family import Family, ddim
 from ddcm_jax.respacing import (
     LATENT_SCHEDULES,
     TURBO_TIMESTEPS,
@@ -155,7 +155,7 @@ def predict(x_t: Latent, out: Latent, s: LatentSchedT, prediction_type: str) -> 
 def step(x_t: Latent, out: Latent, s: LatentSchedT, noise: Latent, prediction_type: str) -> Latent:
     """(4): x_prev. Codebook, random and zero noise all take this path."""
     x0_hat, eps_hat = predict(x_t, out, s, prediction_type)
-    return s.sqrt_ab_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise
+    return ddim(x0_hat, eps_hat, s, noise)
 
 
 # --- rate ---------------------------------------------------------------------------------------------
@@ -326,6 +326,9 @@ class LatentFamily(Family):
 
     def predict(self, x_t: Latent, out: Latent, s: LatentSchedT, spec: Any) -> tuple[Latent, Latent]:
         return predict(x_t, out, s, self.prediction_type)
+
+    def combine(self, x_t: Latent, x0_hat: Latent, eps_hat: Latent, s: LatentSchedT, noise: Latent) -> Latent:
+        return ddim(x0_hat, eps_hat, s, noise)  # (4)
 
     def make_conditioning(self, *, prompt: str | None = None, guidance: float = 0.0, ccfg: bool = False,
                           edit_prompt: str | None = None, tskip: int = 0) -> Cond:  # fmt: skip

@@ -24,14 +24,12 @@ whose arrays, settings or tokenizer files were edited.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -259,6 +257,9 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 def check_components(unet: sd_unet.SDUNetConfig, vae: sd_vae.SDVAEConfig,
                      text: clip.CLIPTextConfig) -> None:  # fmt: skip
     """Refuse (LatentModelError) component configs that cannot work together."""
+    if vae.shift_factor is not None:
+        raise LatentModelError(f"the VAE has shift_factor {vae.shift_factor} (a FLUX-style VAE); "
+                               "Stable Diffusion models scale their latents only")
     if text.hidden_size != unet.cross_attention_dim:
         raise LatentModelError(
             f"the text encoder's hidden_size {text.hidden_size} differs from the UNet's "
@@ -403,11 +404,8 @@ class LatentModelConfig:
 
 
 def latent_fingerprint(config: LatentModelConfig, arrays_fingerprint: str) -> str:
-    """'sha256:<hex>' over the canonical JSON (sorted keys, no whitespace, ASCII) of
-    `config.settings()` plus `{"arrays": arrays_fingerprint}`: THE fingerprint of a latent model."""
-    payload = {**config.settings(), "arrays": arrays_fingerprint}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    """THE fingerprint of a latent model: `modeldir.settings_fingerprint` of its settings and arrays."""
+    return M.settings_fingerprint(config.settings(), arrays_fingerprint)
 
 
 def abstract_params(config: LatentModelConfig) -> dict[str, Any]:
@@ -427,7 +425,7 @@ def implied_param_counts(unet: sd_unet.SDUNetConfig, vae: sd_vae.SDVAEConfig,
     """{"text_encoder", "unet", "vae"}: the parameters each config implies, by arithmetic on the
     networks' structure (equal to the leaf sizes of their `abstract_params`, which tests check),
     so that a config can be refused in milliseconds, before its network is traced."""
-    return {"text_encoder": _text_params(text), "unet": _unet_params(unet), "vae": _vae_params(vae)}
+    return {"text_encoder": _text_params(text), "unet": _unet_params(unet), "vae": vae_param_count(vae)}
 
 
 def _conv(i: int, o: int, k: int = 3) -> int:
@@ -485,7 +483,8 @@ def _unet_params(cfg: sd_unet.SDUNetConfig) -> int:
     return total + 2 * ch + _conv(ch, cfg.out_channels)
 
 
-def _vae_params(cfg: sd_vae.SDVAEConfig) -> int:
+def vae_param_count(cfg: sd_vae.SDVAEConfig) -> int:
+    """Parameters of an `AutoencoderKL` from its config (arithmetic)."""
     chans, n, lat = cfg.block_out_channels, cfg.levels, cfg.latent_channels
     last = chans[-1]
     mid = 2 * _resnet_params(last, last)
@@ -681,21 +680,8 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
     meta = json.dumps(config.to_json(arrays, param_counts(params)), indent=2) + "\n"
     need = sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) + (1 << 20)
     need += sum(len(b) for b in tokenizer_files.values())
-    try:
-        created = M.make_parents(target.parent)
-    except OSError as e:
-        raise M.ModelDirError(f"{where}: cannot create the folder ({M.error_reason(e)})") from None
-    M.remove_stale_staging(target)  # a killed save's folder, before the free space is measured
-    stage = backup = None
-    try:
-        free = shutil.disk_usage(target.parent).free
-        if free < need:
-            raise M.ModelDirError(
-                f"{where}: not enough free space ({os.strerror(errno.ENOSPC)}: "
-                f"about {need:,} bytes needed, {free:,} free)"
-            )
-        stage = M.fresh_name(target.parent, target.name, "staging")
-        stage.mkdir()
+
+    def fill(stage: Path) -> None:
         # orbax copies NumPy leaves before writing (and compression buffers them again):
         # move each leaf to a CPU jax array first (the NumPy copy is released at once) and
         # write uncompressed, so that saving adds little to one copy of the parameters.
@@ -711,52 +697,12 @@ def save_latent_model(model_dir: str | os.PathLike, config: LatentModelConfig, p
         for name, data in tokenizer_files.items():
             (stage / "tokenizer" / name).write_bytes(data)
         (stage / "model.json").write_text(meta)
-        M.check_save_target(target, overwrite)  # again: something may have appeared meanwhile
-        if os.path.lexists(target):
-            backup = M.fresh_name(target.parent, target.name, "replaced")
-            os.rename(target, backup)
-        try:
-            os.rename(stage, target)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, target)
-                backup = None
-            raise
-        stage = None
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException as e:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        M.remove_empty(created)
-        if isinstance(e, M.ModelDirError) or not isinstance(e, Exception):
-            raise
-        raise M.ModelDirError(f"{where}: cannot write ({M.error_reason(e)})") from None
+
+    M.write_staged(target, overwrite, need, fill)
     return latent_fingerprint(config, arrays)
 
 
 # --- reading ------------------------------------------------------------------------------------
-
-
-def _read_json_object(meta: Path) -> Any:
-    where = printable(meta)
-    try:
-        with M.open_regular(meta) as f:  # a FIFO would block
-            raw = f.read(M.MAX_MODEL_JSON + 1)
-    except OSError as e:
-        raise M.ModelDirError(f"{where}: cannot read ({M.error_reason(e)})") from None
-    if len(raw) > M.MAX_MODEL_JSON:
-        raise M.ModelDirError(f"{where}: larger than {M.MAX_MODEL_JSON} bytes")
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=constant)
-    except RecursionError:
-        raise M.ModelDirError(f"{where}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:
-        raise M.ModelDirError(f"{where}: not valid JSON ({printable(e)[:200]})") from None
 
 
 def read_latent_model_json(model_dir: str | os.PathLike) -> tuple[LatentModelConfig, str]:
@@ -765,7 +711,7 @@ def read_latent_model_json(model_dir: str | os.PathLike) -> tuple[LatentModelCon
     meta = root / "model.json"
     if not meta.is_file():
         raise M.ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
-    data = _read_json_object(meta)
+    data = M.read_json_object(meta)
     try:
         config, fp, _ = LatentModelConfig.from_json(data)
     except (ValueError, TypeError, RecursionError) as e:
@@ -823,7 +769,7 @@ def load_latent_model(model_dir: str | os.PathLike, *, verify: bool = True) -> L
     if not meta.is_file():
         raise M.ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
     try:
-        config, fp, arrays = LatentModelConfig.from_json(_read_json_object(meta))
+        config, fp, arrays = LatentModelConfig.from_json(M.read_json_object(meta))
     except M.ModelDirError:
         raise
     except (ValueError, TypeError, RecursionError) as e:

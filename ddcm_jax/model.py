@@ -22,13 +22,11 @@ are checked by their arrays only.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,10 +54,12 @@ from ddcm_jax.modeldir import (  # noqa: F401  (MODEL_DIR machinery, shared by e
     make_parents,
     open_regular,
     quiet_orbax,
+    read_json_object,
     remove_empty,
     remove_stale_staging,
     resolve_model_dir,
     restore_params,
+    write_staged,
 )
 from ddcm_jax.models.adm import ADMConfig, abstract_params, adm_apply, param_count
 from ddcm_jax.pixel import PixelFamily
@@ -303,22 +303,8 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
     fp = fingerprint(params)
     meta = json.dumps(config.to_json(fp), indent=2) + "\n"
     need = sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) + len(meta) + (1 << 20)
-    try:
-        created = make_parents(target.parent)
-    except OSError as e:
-        raise ModelDirError(f"{where}: cannot create the folder ({error_reason(e)})") from None
-    remove_stale_staging(target)  # a killed save's folder, before the free space is measured
-    stage = backup = None
-    try:
-        free = shutil.disk_usage(target.parent).free
-        if free < need:
-            raise ModelDirError(
-                f"{where}: not enough free space ({os.strerror(errno.ENOSPC)}: "
-                f"about {need:,} bytes needed, {free:,} free)"
-            )
-        # os.mkdir, not mkdtemp: the folder gets the umask's permissions like any other.
-        stage = fresh_name(target.parent, target.name, "staging")
-        stage.mkdir()
+
+    def fill(stage: Path) -> None:
         with quiet_orbax():
             checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
             try:
@@ -326,27 +312,8 @@ def save_model(model_dir: str | os.PathLike, config: ModelConfig, params: Any,
             finally:
                 checkpointer.close()
         (stage / "model.json").write_text(meta)
-        check_save_target(target, overwrite)  # again: something may have appeared meanwhile
-        if os.path.lexists(target):
-            backup = fresh_name(target.parent, target.name, "replaced")
-            os.rename(target, backup)
-        try:
-            os.rename(stage, target)
-        except BaseException:
-            if backup is not None:
-                os.rename(backup, target)
-                backup = None
-            raise
-        stage = None
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException as e:
-        if stage is not None:
-            _remove_tree(stage)
-        remove_empty(created)
-        if isinstance(e, ModelDirError) or not isinstance(e, Exception):
-            raise
-        raise ModelDirError(f"{where}: cannot write ({error_reason(e)})") from None
+
+    write_staged(target, overwrite, need, fill)
     return fp
 
 
@@ -355,25 +322,9 @@ def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
     root = Path(model_dir).absolute()
     meta = root / "model.json"
     where = printable(meta)
-    try:
-        with open_regular(meta) as f:  # a folder or a FIFO (which would block) is refused
-            raw = f.read(MAX_MODEL_JSON + 1)
-    except FileNotFoundError:
-        raise ModelDirError(f"{printable(root)}: not a model directory (no model.json)") from None
-    except OSError as e:
-        raise ModelDirError(f"{where}: cannot read ({error_reason(e)})") from None
-    if len(raw) > MAX_MODEL_JSON:
-        raise ModelDirError(f"{where}: larger than {MAX_MODEL_JSON} bytes")
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=constant)
-    except RecursionError:
-        raise ModelDirError(f"{where}: not valid JSON (nested too deeply)") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integer digit limit
-        raise ModelDirError(f"{where}: not valid JSON ({printable(e)[:200]})") from None
+    if not os.path.lexists(meta):
+        raise ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
+    data = read_json_object(meta)  # bounded; a folder or a FIFO (which would block) is refused
     try:
         return ModelConfig.from_json(data)
     except (ValueError, TypeError, RecursionError) as e:

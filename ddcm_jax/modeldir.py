@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import json
@@ -23,7 +24,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,6 +52,16 @@ def _key_name(k: Any) -> str:
     return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
+def hash_leaf(h: Any, name: str, leaf: Any) -> None:
+    """Feed one array to a `fingerprint` hash (the per-array rule below), e.g. while streaming."""
+    arr = np.asarray(leaf)
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    h.update(name.encode())
+    h.update(b"\0" + arr.dtype.str.encode() + b"\0")
+    h.update(",".join(map(str, arr.shape)).encode() + b"\0")
+    h.update(np.ascontiguousarray(arr).tobytes())
+
+
 def fingerprint(params: Any) -> str:
     """'sha256:<hex>' over every array, sorted by '/'-joined key path.
 
@@ -60,12 +71,7 @@ def fingerprint(params: Any) -> str:
     """
     h = hashlib.sha256()
     for name, leaf in _leaves_in_canonical_order(params):
-        arr = np.asarray(leaf)
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        h.update(name.encode())
-        h.update(b"\0" + arr.dtype.str.encode() + b"\0")
-        h.update(",".join(map(str, arr.shape)).encode() + b"\0")
-        h.update(np.ascontiguousarray(arr).tobytes())
+        hash_leaf(h, name, leaf)
     return "sha256:" + h.hexdigest()
 
 
@@ -293,6 +299,92 @@ def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
         if not os.path.lexists(entry.path):
             removed.append(Path(entry.path))
     return removed
+
+
+def write_staged(target: Path, overwrite: bool, need: int, fill: Callable[[Path], None]) -> None:
+    """Write a MODEL_DIR atomically: `fill(stage)` writes every file into a fresh staging folder
+    beside `target` (after the free space was checked against `need` bytes), which then replaces
+    `target` by renames. Refusals and failures raise `ModelDirError` (one line) and leave nothing
+    behind: no staging folder, no parents this call created, the previous model where it was.
+    """
+    where = printable(target)
+    try:
+        created = make_parents(target.parent)
+    except OSError as e:
+        raise ModelDirError(f"{where}: cannot create the folder ({error_reason(e)})") from None
+    remove_stale_staging(target)  # a killed save's folder, before the free space is measured
+    stage = backup = None
+    try:
+        free = shutil.disk_usage(target.parent).free
+        if free < need:
+            raise ModelDirError(
+                f"{where}: not enough free space ({os.strerror(errno.ENOSPC)}: "
+                f"about {need:,} bytes needed, {free:,} free)"
+            )
+        # os.mkdir, not mkdtemp: the folder gets the umask's permissions like any other.
+        stage = fresh_name(target.parent, target.name, "staging")
+        stage.mkdir()
+        fill(stage)
+        check_save_target(target, overwrite)  # again: something may have appeared meanwhile
+        if os.path.lexists(target):
+            backup = fresh_name(target.parent, target.name, "replaced")
+            os.rename(target, backup)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            if backup is not None:
+                os.rename(backup, target)
+                backup = None
+            raise
+        stage = None
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException as e:
+        if stage is not None:
+            _remove_tree(stage)
+        remove_empty(created)
+        if isinstance(e, ModelDirError) or not isinstance(e, Exception):
+            raise
+        raise ModelDirError(f"{where}: cannot write ({error_reason(e)})") from None
+
+
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def is_sha256(value: Any) -> bool:
+    """Whether `value` is a 'sha256:<64 hex>' string."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def settings_fingerprint(settings: dict[str, Any], arrays_fingerprint: str) -> str:
+    """'sha256:<hex>' over the canonical JSON (sorted keys, no whitespace, ASCII) of a family's
+    settings plus `{"arrays": arrays_fingerprint}`: THE fingerprint of a latent or FLUX model."""
+    payload = {**settings, "arrays": arrays_fingerprint}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_json_object(meta: Path) -> Any:
+    """A model.json's object, read boundedly (`MAX_MODEL_JSON`); ModelDirError otherwise."""
+    where = printable(meta)
+    try:
+        with open_regular(meta) as f:  # a FIFO would block
+            raw = f.read(MAX_MODEL_JSON + 1)
+    except OSError as e:
+        raise ModelDirError(f"{where}: cannot read ({error_reason(e)})") from None
+    if len(raw) > MAX_MODEL_JSON:
+        raise ModelDirError(f"{where}: larger than {MAX_MODEL_JSON} bytes")
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=constant)
+    except RecursionError:
+        raise ModelDirError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ModelDirError(f"{where}: not valid JSON ({printable(e)[:200]})") from None
+
 
 
 DEFAULT_MODEL = "default"

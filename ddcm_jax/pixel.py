@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddcm_jax.family import Family
+from ddcm_jax.family import Family, ddim
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import replay_rule
 from ddcm_jax.spec import CodeSpec
@@ -97,7 +97,7 @@ def step(x_t: jax.Array, eps_hat: jax.Array, s: SchedT, noise: jax.Array,
          clip: bool = True) -> jax.Array:  # fmt: skip
     """Eq. (3): x_prev. Codebook, random and zero noise all take this path."""
     x0_hat, eps_hat = predict_x0(x_t, eps_hat, s, clip)
-    return s.sqrt_ab_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise  # (3)
+    return ddim(x0_hat, eps_hat, s, noise)  # (3)
 
 
 def model_schedule(model: Any, steps: int, respacing: str = "", schedule: Schedule | None = None) -> Schedule:
@@ -197,6 +197,9 @@ class PixelFamily(Family):
 
     def predict(self, x_t: jax.Array, out: jax.Array, s: SchedT, spec: Any) -> tuple[jax.Array, jax.Array]:
         return predict_x0(x_t, out, s, spec.clip)
+
+    def combine(self, x_t: jax.Array, x0_hat: jax.Array, eps_hat: jax.Array, s: SchedT, noise: jax.Array) -> jax.Array:
+        return ddim(x0_hat, eps_hat, s, noise)  # (3)
 
     def make_conditioning(self, *, prompt: str | None = None, guidance: float = 0.0, ccfg: bool = False,
                           edit_prompt: str | None = None, tskip: int = 0) -> None:  # fmt: skip

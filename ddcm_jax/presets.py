@@ -78,6 +78,13 @@ class Resolved(NamedTuple):
     size: int | None
 
 
+def rate_knob(rule: str | None) -> str | None:
+    """What a --rule flag's targets turn (`Code.rate_knob` of the rule `make_rule` makes of it)."""
+    from ddcm_jax.selection import make_rule
+
+    return make_rule(rule or "turbo").rate_knob
+
+
 def resolve(command: str, *, latent: bool = False, rule: str = "turbo", quality: str | None = None,
             task: str | None = None, steps: int | None = None, codebook_size: int | None = None,
             atoms: int | None = None, size: int | None = None, policy: str | None = None) -> Resolved:  # fmt: skip
@@ -85,19 +92,20 @@ def resolve(command: str, *, latent: bool = False, rule: str = "turbo", quality:
     for a latent model (`latent`: its family names its schedules), `LATENT_DEFAULTS`; other
     commands (generate) get `DEFAULT_STEPS` and `DEFAULT_K`. The coding size comes from the
     preset under the fit policy only."""
+    knob = rate_knob(rule)
     if latent:
         if task is not None:
             raise PresetError("restore runs on pixel-space models; latent models compress and generate")
         if quality is not None:
             raise PresetError("--quality levels are the pixel model's; with a latent model give -T, -K, -M")
         preset = dict(LATENT_DEFAULTS)
-        if rule != "turbo" or command == "generate":
+        if knob != "atoms" or command == "generate":  # one atom per step
             preset["atoms"] = 1
     elif task is not None:
         if task not in RESTORE_DEFAULTS:
             raise PresetError(f"unknown task {task!r} ({', '.join(RESTORE_DEFAULTS)})")
         preset = dict(RESTORE_DEFAULTS[task])
-        if rule == "ddcm":  # DDCM's single-atom rule: its own (slower, weaker) operating point
+        if knob == "codebook_size":  # DDCM's single-atom rule: its own (slower, weaker) operating point
             if atoms not in (None, 1):
                 raise PresetError("restore --rule ddcm codes one atom per step; -M is turbo's")
             preset.update(DDCM_RESTORE)
@@ -106,7 +114,7 @@ def resolve(command: str, *, latent: bool = False, rule: str = "turbo", quality:
             raise PresetError(f"unknown quality level {quality!r} ({', '.join(QUALITY)})")
         preset = dict(QUALITY[quality or DEFAULT_QUALITY])
         preset["codebook_size"] = DEFAULT_K
-        if rule != "turbo":  # the levels are turbo's; DDCM / matching pursuit keep the classic defaults
+        if knob != "atoms":  # the levels are turbo's; DDCM / matching pursuit keep the classic defaults
             if quality is not None:
                 raise PresetError("--quality sets turbo's operating points; with --rule ddcm give -T, -K, -M")
             preset = {"steps": DEFAULT_STEPS, "codebook_size": DEFAULT_K, "atoms": 1}
@@ -125,21 +133,22 @@ def check_targets(*, rule: str = "turbo", psnr: float | None = None, bpp: float 
                   atoms: int | None = None, codebook_size: int | None = None,
                   no_bits_steps: int | None = None) -> None:  # fmt: skip
     """A quality target (`psnr`, dB) or a rate target (`bpp`) and the knobs it turns, given too: refused."""
+    knob = rate_knob(rule)
     if psnr is not None:
         if bpp is not None:
             raise PresetError("--psnr and --bpp: give one target")
         if not (math.isfinite(psnr) and psnr > 0):
             raise PresetError("--psnr must be a positive number of dB")
-        if rule == "turbo" and atoms is not None:
+        if knob == "atoms" and atoms is not None:
             raise PresetError("--psnr searches turbo's -M; give one or the other")
-        if rule == "ddcm" and (codebook_size is not None or atoms not in (None, 1)):
+        if knob == "codebook_size" and (codebook_size is not None or atoms not in (None, 1)):
             raise PresetError("--psnr searches ddcm's -K; give one or the other (matching pursuit: no --psnr)")
     if bpp is not None:
         if not (math.isfinite(bpp) and bpp > 0):
             raise PresetError("--bpp must be a positive number of bits per pixel")
-        if rule == "turbo" and (atoms is not None or no_bits_steps is not None):
+        if knob == "atoms" and (atoms is not None or no_bits_steps is not None):
             raise PresetError("--bpp picks turbo's -M (and no-bits steps); give one or the other")
-        if rule == "ddcm" and (codebook_size is not None or atoms not in (None, 1)):
+        if knob == "codebook_size" and (codebook_size is not None or atoms not in (None, 1)):
             raise PresetError("--bpp picks ddcm's -K and -T; give one or the other (matching pursuit: no --bpp)")
 
 
@@ -154,8 +163,11 @@ def psnr_start_atoms(atoms: int, codebook_size: int) -> int:
 
 def check_family_options(*, latent: bool, command: str, eta: float = 1.0, class_label: int | None = None,
                          prompt: str | None = None, guidance: float | None = None, ccfg_subset: int | None = None,
-                         no_bits_steps: int | None = None, schedule: str | None = None) -> None:  # fmt: skip
-    """Latent-only options with a pixel model, and pixel-only ones with a latent model: refused."""
+                         no_bits_steps: int | None = None, schedule: str | None = None,
+                         cfg_prompts: bool = True) -> None:  # fmt: skip
+    """Latent-only options with a pixel model, and pixel-only ones with a latent model: refused.
+    `cfg_prompts`: the family conditions on a prompt through classifier-free guidance (Stable
+    Diffusion: --prompt needs --guidance), not directly (FLUX)."""
     given = [f for f, v in (("--no-bits-steps", no_bits_steps), ("--schedule", schedule), ("--prompt", prompt),
                             ("--guidance", guidance), ("--ccfg-subset", ccfg_subset)) if v is not None]  # fmt: skip
     if not latent and given:
@@ -173,7 +185,7 @@ def check_family_options(*, latent: bool, command: str, eta: float = 1.0, class_
             raise PresetError("--ccfg-subset: compressed guidance comes with --prompt and without --guidance")
         if ccfg_subset is not None and ccfg_subset < 1:
             raise PresetError("--ccfg-subset must be at least 1")
-    elif prompt and not guidance:
+    elif prompt and not guidance and cfg_prompts:
         raise PresetError("--prompt conditions the code through classifier-free guidance: give --guidance G > 0")
     if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= 100):
         raise PresetError("--guidance must be in 0..100")
@@ -190,9 +202,10 @@ def code_spec(*, latent: bool, steps: int, codebook_size: int, rule: str | None 
     `rule` None: a command without a choice of rule (generate): its spec's rule is "ddcm", and a
     latent model's steps are checked against the turbo schedule, as the command line does.
     """
+    from ddcm_jax.selection import make_rule
     from ddcm_jax.spec import CodeSpec, SpecError
 
-    named = rule or "turbo"
+    named = make_rule(rule or "turbo")  # generate's steps are checked as turbo's (see above)
     try:
         spec = CodeSpec.create(
             steps=steps, codebook_size=codebook_size, rule=rule or "ddcm", num_atoms=num_atoms, coef_bits=coef_bits,
@@ -203,14 +216,14 @@ def code_spec(*, latent: bool, steps: int, codebook_size: int, rule: str | None 
             n = no_bits_steps
             if not 0 <= n <= steps - 2:
                 raise SpecError("no_bits_steps", f"no-bits steps must be in 0..steps-2 = {steps - 2}, got {n}")
-            if named == "turbo" and t_range is not None:
+            if named.codes_first_steps and t_range is not None:
                 raise SpecError("t_range", "turbo codes its first steps; give --no-bits-steps instead")
     except SpecError as e:
         raise PresetError(f"{SPEC_FLAGS.get(e.field, e.field)}: {e}") from None
     if latent:
         from ddcm_jax.respacing import TURBO_TIMESTEPS
 
-        schedule = schedule or ("turbo" if named == "turbo" else "ddcm")
+        schedule = schedule or named.own_schedule
         if schedule == "turbo" and not 2 <= steps <= len(TURBO_TIMESTEPS):
             raise PresetError(f"--steps: the turbo schedule has 2..{len(TURBO_TIMESTEPS)} steps, not {steps}")
         if ccfg_subset is not None and ccfg_subset > codebook_size:

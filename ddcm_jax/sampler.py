@@ -1,7 +1,7 @@
 """The one DDCM sampler for every model family: one `lax.scan` over a pure step, rules plugged in.
 
 A family (`ddcm_jax.family.Family`: `ddcm_jax.pixel` for ADM, `ddcm_jax.latent`
-for Stable Diffusion) gives the network, the prediction type, the per-step
+for Stable Diffusion, `ddcm_jax.flux` for FLUX.1) gives the network, the prediction type, the per-step
 schedule and the image <-> state maps; the sampler knows none of them by name.
 Every step of every family, encoding and decoding alike:
 
@@ -10,7 +10,9 @@ Every step of every family, encoding and decoding alike:
   (3) indices, coeffs = rule.select(...) when encoding (the idle code outside t_range),
                         the code's own row when decoding
   (4) z               = replay.noise(book, indices, coeffs) on the steps with a code row, else 0
-  (5) x_prev          = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z
+  (5) x_prev          = family.combine(x_t, x0_hat, eps_hat, s, z)
+                        ADM, SD: sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps_hat + sigma z
+                        FLUX: the DDPM posterior mean + sigma z on coded steps (Turbo-DDCM's)
 
 Schedule rows enter the scan as xs, chosen indices leave it as ys. The first
 `spec.code_rows` steps in run order carry a code row; the rest (the last step,
@@ -142,7 +144,7 @@ def _scan(model: Family, spec: CodeSpec, x: jax.Array, xs: Any, cond: Any, noise
         x0_hat, eps_hat = barrier(model.predict(x_t, out, s, spec))  # (2)
         noise, ys = noise_fn(x_t, x0_hat, aim, s)  # (3)-(4)
         noise = barrier(jnp.where(s.noisy, noise, jnp.zeros_like(noise)))
-        return s.sqrt_ab_prev * x0_hat + s.dir_coef * eps_hat + s.sigma * noise, ys  # (5)
+        return model.combine(x_t, x0_hat, eps_hat, s, noise), ys  # (5)
 
     return jax.lax.scan(body, x, xs)
 

@@ -85,6 +85,9 @@ class Code:
     aims_at_guidance = False
 
     own_schedule = "ddcm"  # a latent code's named timesteps by default
+    # The setting rate and quality targets turn (`for_budget`, `ladder`), as the command line names
+    # it: "atoms" (Turbo: M, with its operating-point levels), "codebook_size" (DDCM: K), or None.
+    rate_knob: str | None = None
 
     @property
     def coeff_levels(self) -> int:
@@ -189,6 +192,7 @@ class DDCM(Code):
     """Compression: z* = argmax_k <z_k, w * (target - x0_hat)> (DDCM paper, Sec. 4)."""
 
     code_name = "ddcm"
+    rate_knob = "codebook_size"
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         idx, _ = book.best(_residual(ctx))  # a running argmax over the streamed codebook
@@ -296,6 +300,7 @@ class Turbo(Code):
         return self.num_atoms
 
     own_schedule = "turbo"
+    rate_knob = "atoms"
 
     def select(self, ctx: StepContext, book: AtomSource) -> Selection:
         return _turbo_select(book, _residual(ctx), self.num_atoms)

@@ -65,3 +65,13 @@ def sd_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, reference: Path)
     out = tmp_path_factory.mktemp("models") / "sd_tiny"
     assert main([str(reference / "sd_tiny"), "-o", str(out), "--format", "diffusers"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def flux_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, reference: Path) -> Path:
+    """The flux_tiny pipeline converted once per session through the public converter."""
+    from ddcm_jax.convert import main
+
+    out = tmp_path_factory.mktemp("models") / "flux_tiny"
+    assert main([str(reference / "flux_tiny"), "-o", str(out), "--format", "diffusers"]) == 0
+    return out

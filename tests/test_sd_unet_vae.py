@@ -299,7 +299,7 @@ def test_unet_config_refusals(reference: Path, option: str, value: object) -> No
     ("option", "value"),
     [
         ("latents_mean", [0.0, 0.0, 0.0, 0.0]),
-        ("shift_factor", 0.1159),
+        ("shift_factor", "0.1159"),  # a number is read (FLUX's VAE); a string is not
         ("down_block_types", ["AttnDownEncoderBlock2D"] * 4),
         ("up_block_types", ["UpDecoderBlock2D"] * 3),
         ("_class_name", "AutoencoderTiny"),

@@ -244,18 +244,20 @@ def _settings(args: argparse.Namespace) -> Coding:
 
     family = None if flag("model") is None else peek_family(args.model)
     latent, rule = families.named_schedules(family), flag("rule", "turbo")
+    turbo_targets = presets.rate_knob(rule) == "atoms"  # a target turns M (turbo), not K
     try:
         presets.check_targets(rule=rule, **{n: flag(n) for n in ("psnr", "bpp", "atoms", "codebook_size",
                                                                   "no_bits_steps")})  # fmt: skip
-        if flag("bpp") is not None and rule == "turbo":
+        if flag("bpp") is not None and turbo_targets:
             args.atoms = 1  # a placeholder: the target picks M
         given = {n: flag(n) for n in ("quality", "task", "steps", "codebook_size", "atoms", "size", "policy")}
         for name, value in presets.resolve(args.command, latent=latent, rule=rule, **given)._asdict().items():
             if hasattr(args, name):
                 setattr(args, name, value)
-        if flag("psnr") is not None and rule == "turbo":  # the search starts at the level's M (rate.search)
+        if flag("psnr") is not None and turbo_targets:  # the search starts at the level's M (rate.search)
             args.atoms = presets.psnr_start_atoms(args.atoms, args.codebook_size)
-        presets.check_family_options(latent=latent, command=args.command, eta=args.eta, **{
+        presets.check_family_options(latent=latent, command=args.command, eta=args.eta,
+                                     cfg_prompts=families.cfg_prompts(family), **{
             n: flag(n) for n in ("class_label", "prompt", "guidance", "ccfg_subset", "no_bits_steps", "schedule")})
         num_timesteps = None if flag("model") is None else families.peek_num_timesteps(args.model, family)
         spec = presets.code_spec(

@@ -23,9 +23,11 @@ attention projections `query` / `key` / `value` / `proj_attn`:
 `rename_legacy_keys` maps them to `to_q` / `to_k` / `to_v` / `to_out.0` before
 `params_from_state_dict`.
 
-`latents_mean` / `latents_std` / `shift_factor` (latent normalisation other
-than a single scale, used by later model families) are refused rather than
-silently ignored, since a sampler built for SD 1.x / 2.x would not apply them.
+`shift_factor` (FLUX's VAE: latent = (mode - shift) * scale) is read and kept
+in the config; the family that loads the VAE applies it (a Stable Diffusion
+model refuses one, `ddcm_jax.latent_model.check_components`).
+`latents_mean` / `latents_std` (per-channel normalisation of other model
+families) are refused rather than silently ignored.
 
 Precision: as in `sd_unet`: convolutions and the attention projections run in
 the compute dtype; GroupNorm and the attention scores and softmax are float32;
@@ -91,7 +93,6 @@ _DEFAULTS: dict[str, Any] = {
 
 _ONLY: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu", "swish"),
-    "shift_factor": (None,),
     "latents_mean": (None,),
     "latents_std": (None,),
 }
@@ -112,6 +113,7 @@ class SDVAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    shift_factor: float | None = None
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -127,6 +129,8 @@ class SDVAEConfig:
         L.check_int("latent_channels", self.latent_channels)
         groups = L.check_int("norm_num_groups", self.norm_num_groups, 1, 1024)
         L.check_float("scaling_factor", self.scaling_factor, 0.0, 1e6, open_lo=True)
+        if self.shift_factor is not None:
+            L.check_float("shift_factor", self.shift_factor, -1e6, 1e6)
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention",
                      "force_upcast"):  # fmt: skip
             L.check_bool(name, getattr(self, name))
@@ -194,6 +198,8 @@ class SDVAEConfig:
             scaling_factor=L.check_float(
                 "scaling_factor", cfg["scaling_factor"], 0.0, 1e6, open_lo=True
             ),
+            shift_factor=None if cfg["shift_factor"] is None
+            else L.check_float("shift_factor", cfg["shift_factor"], -1e6, 1e6),
             use_quant_conv=cfg["use_quant_conv"],
             use_post_quant_conv=cfg["use_post_quant_conv"],
             mid_block_add_attention=cfg["mid_block_add_attention"],
@@ -203,8 +209,11 @@ class SDVAEConfig:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A diffusers-style config (plus `compute_dtype`) that `from_json` reads back."""
+        """A diffusers-style config (plus `compute_dtype`) that `from_json` reads back
+        (`shift_factor` only when set: Stable Diffusion's MODEL_DIRs keep their form)."""
+        shift = {} if self.shift_factor is None else {"shift_factor": self.shift_factor}
         return {
+            **shift,
             "_class_name": "AutoencoderKL",
             "act_fn": "silu",
             "block_out_channels": list(self.block_out_channels),
