@@ -102,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path,
                         help=".pt/.pth (zip), .safetensors or .npz; with --format diffusers a pipeline folder")  # fmt: skip
     parser.add_argument("-o", "--output", required=True, type=Path, help="MODEL_DIR to create")
-    parser.add_argument("--format", default="guided-diffusion", choices=["guided-diffusion", "diffusers"],
-                        help="diffusers: a Stable Diffusion pipeline folder (model_index.json, unet/, vae/, ...)")  # fmt: skip
+    parser.add_argument("--format", choices=["guided-diffusion", "diffusers"],
+                        help="default: detected (a folder with model_index.json is diffusers: Stable Diffusion or "
+                        "FLUX.1; a file is a guided-diffusion checkpoint)")  # fmt: skip
     which = parser.add_mutually_exclusive_group()  # one is required for guided-diffusion (checked in run)
     which.add_argument("--config", type=Path, help="JSON of create_model keyword arguments")
     which.add_argument("--preset", choices=sorted(PRESETS))
@@ -151,16 +152,39 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def register(args: argparse.Namespace) -> None:
+    """List a converted MODEL_DIR where decoders look for models by fingerprint (`modeldir.registry_path`)."""
+    from ddcm_jax.modeldir import register_model_dir
+
+    where = register_model_dir(args.output)
+    if getattr(args, "quiet", False):
+        return
+    if where is None:
+        print("note: could not list it for decoders (pass --model, or set DDCM_MODELS)", file=sys.stderr)
+    else:
+        print(f"listed in {printable(where)}: files it makes decode without --model (delete the line to forget it)")
+
+
+def detect_format(source: str | Path) -> str:
+    """"diffusers" for a folder holding model_index.json (a diffusers pipeline), else "guided-diffusion"."""
+    return "diffusers" if (Path(source) / "model_index.json").is_file() else "guided-diffusion"
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed `ddcm convert`; every error is one line on stderr, exit 1, nothing written."""
     from ddcm_jax.model import ModelDirError
 
-    if getattr(args, "format", "guided-diffusion") == "diffusers":
+    fmt = getattr(args, "format", None) or detect_format(args.checkpoint)
+    if fmt == "diffusers":
         from ddcm_jax.convert import diffusers
 
         return diffusers.run(args)
     if args.config is None and args.preset is None:
-        print("ddcm convert: error: one of the arguments --config --preset is required", file=sys.stderr)
+        hint = ""
+        if Path(args.checkpoint).is_dir():
+            hint = f" ({printable(args.checkpoint)} is a folder without model_index.json: not a diffusers pipeline)"
+        print(f"ddcm convert: error: a guided-diffusion checkpoint needs --config JSON or --preset NAME{hint}",
+              file=sys.stderr)  # fmt: skip
         return 2
     ckpt = printable(args.checkpoint)
     config_name = printable(args.config) if args.config is not None else f"preset {args.preset}"
@@ -199,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not getattr(args, "quiet", False):
             print(f"wrote {printable(args.output)} ({fp})")
+        register(args)
         return 0
     lines = msg.splitlines() or [msg]
     print(f"ddcm convert: {printable(lines[0])}", file=sys.stderr)

@@ -868,6 +868,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not getattr(args, "quiet", False):
             print(f"wrote {_p(args.output)} ({fp})")
+        from ddcm_jax.convert import register
+
+        register(args)
         return 0
     lines = msg.splitlines() or [msg]
     print(f"ddcm convert: {lines[0]}", file=sys.stderr)

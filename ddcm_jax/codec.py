@@ -509,7 +509,8 @@ def decode_bytes(model: Any, data: bytes, source: str = "<bytes>", *, mesh: Any 
 
 def describe(stream: bitstream.FileHeader | Bitstream, nbytes: int) -> dict[str, Any]:
     """What `ddcm info` reports about a checked file of `nbytes` bytes (`bitstream.decode_header`: no payload
-    decoding): sizes, rates over the coded image, and every setting of its header."""
+    decoding): sizes, rates over the input's pixels (`bpp_input`, what `roundtrip` reports) and over the
+    coded image (`bpp`, the papers' payload count), and every setting of its header."""
     h = stream.header
     s, g, m, t, p = h.spec, h.geometry, h.model, h.task, h.provenance
     coded = g.size[0] * g.size[1]
@@ -520,6 +521,8 @@ def describe(stream: bitstream.FileHeader | Bitstream, nbytes: int) -> dict[str,
         "bytes": nbytes, "header_bytes": stream.header_bytes, "payload_bytes": stream.payload_bytes, "crc_bytes": 4,
         "payload_bits": stream.payload_bits, "coded_steps": n_coded,
         "bpp": stream.payload_bits / coded, "bpp_file": 8 * nbytes / coded,
+        "bpp_input": 8 * nbytes / (g.original_size[0] * g.original_size[1]),
+        "bpp_payload_input": stream.payload_bits / (g.original_size[0] * g.original_size[1]),
         "rule": s.rule, "task": t.name, "steps": s.steps, "codebook_size": s.codebook_size,
         "num_atoms": s.num_atoms, "coef_bits": s.coef_bits,
         "t_range": None if s.t_range is None else list(s.t_range), "eta": s.eta, "seed": p.seed,

@@ -24,7 +24,7 @@ from ddcm_jax.modeldir import (
 )
 from ddcm_jax.modeldir import peek_num_timesteps as _peek_num_timesteps
 
-__all__ = ["FAMILIES", "cfg_prompts", "find_model", "load_model", "named_schedules", "peek_num_timesteps"]
+__all__ = ["FAMILIES", "cfg_prompts", "find_model", "label_of_file", "load_model", "named_schedules", "peek_num_timesteps"]
 
 
 class FamilyDir(NamedTuple):
@@ -34,13 +34,17 @@ class FamilyDir(NamedTuple):
     # count, or the count itself for a family that has one (FLUX: sigma = t / 1000)
     named_schedules: bool = False  # its codes name their timesteps (the loaded model's `named_schedules`)
     cfg_prompts: bool = False  # a prompt conditions through classifier-free guidance (needs a scale)
+    label: str = "ADM (pixel)"  # for messages
+    noise_schedules: tuple[str, ...] = ("linear", "cosine")  # what its files' headers record
 
 
 FAMILIES: dict[str, FamilyDir] = {
     "adm": FamilyDir(model.read_model_json, model.load_pixel_model),
     "sd": FamilyDir(latent_model.read_latent_model_json, latent_model.load_latent_model,
-                    ("scheduler", "num_train_timesteps"), named_schedules=True, cfg_prompts=True),
-    "flux": FamilyDir(flux_model.read_flux_model_json, flux_model.load_flux_model, 1000, named_schedules=True),
+                    ("scheduler", "num_train_timesteps"), named_schedules=True, cfg_prompts=True,
+                    label="Stable Diffusion", noise_schedules=("scaled_linear",)),
+    "flux": FamilyDir(flux_model.read_flux_model_json, flux_model.load_flux_model, 1000, named_schedules=True,
+                      label="FLUX.1", noise_schedules=("flow",)),
 }
 
 
@@ -58,6 +62,11 @@ def named_schedules(family: str | None) -> bool:
     """Whether the family's codes name their timesteps (Stable Diffusion's "ddcm" / "turbo" schedules),
     known before loading (`modeldir.peek_family` gives a folder's family); False for None or an unknown name."""
     return family in FAMILIES and FAMILIES[family].named_schedules
+
+
+def label_of_file(noise_schedule: str) -> str:
+    """The family a file's header points to (its noise schedule), for messages ("FLUX.1", ...)."""
+    return next((f.label for f in FAMILIES.values() if noise_schedule in f.noise_schedules), "unknown")
 
 
 def cfg_prompts(family: str | None) -> bool:

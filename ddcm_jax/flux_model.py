@@ -419,7 +419,7 @@ def read_flux_model_json(model_dir: str | os.PathLike) -> tuple[FluxModelConfig,
 def _read_config(root: Path) -> tuple[FluxModelConfig, str, str]:
     meta = root / "model.json"
     if not meta.is_file():
-        raise M.ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
+        raise M.no_model_json(root)
     data = M.read_json_object(meta)
     try:
         return FluxModelConfig.from_json(data)

@@ -710,7 +710,7 @@ def read_latent_model_json(model_dir: str | os.PathLike) -> tuple[LatentModelCon
     root = Path(model_dir).absolute()
     meta = root / "model.json"
     if not meta.is_file():
-        raise M.ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
+        raise M.no_model_json(root)
     data = M.read_json_object(meta)
     try:
         config, fp, _ = LatentModelConfig.from_json(data)
@@ -767,7 +767,7 @@ def load_latent_model(model_dir: str | os.PathLike, *, verify: bool = True) -> L
     root = Path(model_dir).absolute()
     meta = root / "model.json"
     if not meta.is_file():
-        raise M.ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
+        raise M.no_model_json(root)
     try:
         config, fp, arrays = LatentModelConfig.from_json(M.read_json_object(meta))
     except M.ModelDirError:

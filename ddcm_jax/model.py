@@ -52,6 +52,7 @@ from ddcm_jax.modeldir import (  # noqa: F401  (MODEL_DIR machinery, shared by e
     fingerprint,
     fresh_name,
     make_parents,
+    no_model_json,
     open_regular,
     quiet_orbax,
     read_json_object,
@@ -323,7 +324,7 @@ def read_model_json(model_dir: str | os.PathLike) -> tuple[ModelConfig, str]:
     meta = root / "model.json"
     where = printable(meta)
     if not os.path.lexists(meta):
-        raise ModelDirError(f"{printable(root)}: not a model directory (no model.json)")
+        raise no_model_json(root)
     data = read_json_object(meta)  # bounded; a folder or a FIFO (which would block) is refused
     try:
         return ModelConfig.from_json(data)

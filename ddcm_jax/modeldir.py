@@ -348,6 +348,17 @@ def write_staged(target: Path, overwrite: bool, need: int, fill: Callable[[Path]
         raise ModelDirError(f"{where}: cannot write ({error_reason(e)})") from None
 
 
+def no_model_json(root: Path) -> ModelDirError:
+    """The refusal of a folder without model.json, with the command that would make one of it."""
+    where = printable(root)
+    hint = ""
+    if (root / "model_index.json").is_file():
+        hint = f"; a diffusers pipeline: convert it first with `ddcm convert {where} -o MODEL_DIR`"
+    elif root.is_file():
+        hint = f"; a checkpoint file: convert it first with `ddcm convert {where} -o MODEL_DIR --preset NAME`"
+    return ModelDirError(f"{where}: not a model directory (no model.json){hint}")
+
+
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -520,14 +531,65 @@ def restore_params(params_dir: Path, target: Any) -> Any:
             checkpointer.close()
 
 
+_MAX_REGISTRY_BYTES = 1 << 20
+
+
+def registry_path() -> Path:
+    """The file `ddcm convert` lists its MODEL_DIRs in, one absolute path per line:
+    $DDCM_REGISTRY, else $XDG_DATA_HOME/ddcm_jax/models.txt (~/.local/share/ddcm_jax/models.txt).
+    Delete a line (or the file) to forget a model; the MODEL_DIR itself is not touched."""
+    if os.environ.get("DDCM_REGISTRY"):
+        return Path(os.environ["DDCM_REGISTRY"])
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "ddcm_jax" / "models.txt"
+
+
+def registered_model_dirs() -> list[Path]:
+    """The MODEL_DIRs listed in `registry_path()` (an unreadable or oversized file lists none)."""
+    path = registry_path()
+    try:
+        with open_regular(path) as f:
+            raw = f.read(_MAX_REGISTRY_BYTES + 1)
+    except (OSError, ModelDirError):
+        return []
+    if len(raw) > _MAX_REGISTRY_BYTES:
+        return []
+    lines = raw.decode("utf-8", "replace").splitlines()
+    return [Path(line) for line in lines if line.strip() and Path(line).is_absolute()]
+
+
+def register_model_dir(model_dir: str | os.PathLike) -> Path | None:
+    """Add a MODEL_DIR to the registry (once; written atomically), so that decoders find it by its
+    fingerprint without DDCM_MODELS; returns the registry file, or None when it cannot be written
+    (the conversion itself stands: the folder can still be given with --model)."""
+    target = Path(model_dir).absolute()
+    path = registry_path()
+    listed = registered_model_dirs()
+    if target in listed:
+        return path
+    text = "".join(f"{p}\n" for p in [*listed, target] if "\n" not in str(p))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return None
+    return path
+
+
 def known_model_dirs() -> list[Path]:
     """MODEL_DIRs a decoder may pick by fingerprint, in search order.
 
     Each entry of the DDCM_MODELS environment variable (os.pathsep-separated)
-    is a MODEL_DIR or a folder of MODEL_DIRs; then the models installed inside
-    the package (`ddcm_jax/weights/`). Unreadable entries are skipped.
+    is a MODEL_DIR or a folder of MODEL_DIRs; then the MODEL_DIRs `ddcm convert`
+    registered (`registry_path`); then the models installed inside the package
+    (`ddcm_jax/weights/`). Unreadable entries are skipped.
     """
     roots = [Path(p) for p in os.environ.get("DDCM_MODELS", "").split(os.pathsep) if p]
+    roots.extend(registered_model_dirs())
     roots.append(Path(__file__).resolve().parent / "weights")
     found: list[Path] = []
     for root in roots:

@@ -194,13 +194,16 @@ def check_family_options(*, latent: bool, command: str, eta: float = 1.0, class_
 def code_spec(*, latent: bool, steps: int, codebook_size: int, rule: str | None = "ddcm", num_atoms: int = 1,
               coef_bits: int = 1, generator: str = "philox", eta: float = 1.0,
               t_range: tuple[int, int] | None = None, no_bits_steps: int | None = None, schedule: str | None = None,
-              ccfg_subset: int | None = None, seed: int = 0, num_timesteps: int | None = None) -> Any:  # fmt: skip
+              ccfg_subset: int | None = None, seed: int = 0, num_timesteps: int | None = None,
+              origins: dict[str, str] | None = None) -> Any:  # fmt: skip
     """The `CodeSpec` of these settings (validated there, once), and the settings that go with it checked:
     a latent model's no-bits steps and named schedule (`schedule`, default the rule's), the compressed
     CFG subset, the seed, and the model's `num_timesteps` (None: unknown) against T and `t_range`.
 
     `rule` None: a command without a choice of rule (generate): its spec's rule is "ddcm", and a
     latent model's steps are checked against the turbo schedule, as the command line does.
+    `origins`: where the settings the user did not give came from ({"num_atoms": "the quality level
+    'medium'"}), said in a refusal that blames one of them.
     """
     from ddcm_jax.selection import make_rule
     from ddcm_jax.spec import CodeSpec, SpecError
@@ -219,7 +222,11 @@ def code_spec(*, latent: bool, steps: int, codebook_size: int, rule: str | None 
             if named.codes_first_steps and t_range is not None:
                 raise SpecError("t_range", "turbo codes its first steps; give --no-bits-steps instead")
     except SpecError as e:
-        raise PresetError(f"{SPEC_FLAGS.get(e.field, e.field)}: {e}") from None
+        flag = SPEC_FLAGS.get(e.field, e.field)
+        given = {"steps": steps, "codebook_size": codebook_size, "num_atoms": num_atoms}
+        why = (f" ({flag} was not given: {given[e.field]} came from {origins[e.field]})"
+               if origins and e.field in origins and e.field in given else "")  # fmt: skip
+        raise PresetError(f"{flag}: {e}{why}") from None
     if latent:
         from ddcm_jax.respacing import TURBO_TIMESTEPS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -15,6 +16,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 REPO = Path(__file__).resolve().parent.parent
 # The command line's persistent XLA cache stays out of the tests (one test turns it on in a tmp folder).
 os.environ.setdefault("DDCM_COMPILE_CACHE", "0")
+# `ddcm convert` lists its MODEL_DIRs for decoders: in tests, in a file of this run, not the user's.
+os.environ.setdefault("DDCM_REGISTRY", os.path.join(tempfile.mkdtemp(prefix="ddcm-registry-"), "models.txt"))
 SHARED = Path(os.environ.get("DDCM_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
 KODAK = SHARED / "data" / "kodak"

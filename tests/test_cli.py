@@ -124,9 +124,10 @@ def test_bad_bitstreams_fail_cleanly_and_write_nothing(tiny_model_dir, encoded, 
 
 def test_wrong_model_is_named(encoded, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DDCM_MODELS", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("DDCM_REGISTRY", str(tmp_path / "no_registry.txt"))  # no model `ddcm convert` listed
     code, _, err = run(capsys, "decompress", encoded, "-o", tmp_path / "o", "-q")
     assert code == 1
-    _one_error_line(err, str(encoded), "needs model sha256:", "--model")
+    _one_error_line(err, str(encoded), "needs the ADM (pixel) model sha256:", "--model")
     assert not (tmp_path / "o").exists()
 
 

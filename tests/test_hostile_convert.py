@@ -620,6 +620,7 @@ def test_damaged_copy_does_not_shadow_the_packaged_model(tmp_path, monkeypatch, 
     fp = json.loads((packaged / "model.json").read_text())["fingerprint"]
     bad = _damage(packaged, tmp_path / "bad")
     monkeypatch.setenv("DDCM_MODELS", str(bad))
+    monkeypatch.setenv("DDCM_REGISTRY", str(tmp_path / "no_registry.txt"))  # nothing `ddcm convert` listed
     models: dict = {}
     assert families.find_model(fp[:39], models) == packaged
     assert list(models) == [packaged] and models[packaged].fingerprint == fp  # the caller keeps what was loaded

@@ -373,8 +373,9 @@ def test_usage_errors(tiny_dir, tmp_path, capsys) -> None:
     assert code == 2 and "--config and --preset" in err
     code, err = convert(tiny_dir, tmp_path / "m", capsys, "--noise-schedule", "cosine")
     assert code == 2 and not (tmp_path / "m").exists()
-    code = main([str(tiny_dir), "-o", str(tmp_path / "m")])  # guided-diffusion without --config
-    assert code == 2 and "--config --preset" in capsys.readouterr().err
+    code = main([str(tiny_dir), "-o", str(tmp_path / "m"), "--format", "guided-diffusion"])  # without --config
+    assert code == 2 and "needs --config JSON or --preset NAME" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_existing_output_refused_before_reading(tiny_dir, converted, capsys) -> None:

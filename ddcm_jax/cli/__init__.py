@@ -159,7 +159,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _check_text(args)
         return COMMANDS[args.command](args)
     except UsageError as e:
-        parser.error(printable(str(e)))  # exits with 2
+        vars(args).get("usage_parser", parser).error(printable(str(e)))  # the command's usage; exits with 2
     except KeyboardInterrupt:
         _exit_interrupted(args.command)
     except Exception as e:

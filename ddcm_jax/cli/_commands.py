@@ -41,8 +41,13 @@ def _model_of(head: Any, given: Path | None, models: dict[Path, Any], name: str,
 
     where = given or find_model(head.model.fingerprint_hex, models)
     if where is None:
-        raise InputError(f"{name}: needs model {head.model.fingerprint_hex}…, which is not among the known models "
-                         "(DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
+        from ddcm_jax.families import label_of_file
+        from ddcm_jax.modeldir import registry_path
+
+        family = label_of_file(head.model.noise_schedule)
+        raise InputError(f"{name}: needs the {family} model {head.model.fingerprint_hex}…, not among the known models "
+                         f"(the packaged ones, those `ddcm convert` listed in {printable(registry_path())}, "
+                         "DDCM_MODELS); pass --model MODEL_DIR")  # fmt: skip
     if where not in models:
         models[where] = _load_model(where)
     codec.check_model(head, models[where], name, budget=budget)
@@ -256,7 +261,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--size {e}") from None
     run = Run("generate", args, len(seeds))
     budget = memory.budget_bytes()
-    for group in _groups(seeds, lambda _: 0, jax.local_device_count()):
+    free = []
+    for sd in seeds:  # outputs that exist are refused before anything is generated (unless --overwrite)
+        stem = args.output / f"gen_{sd - base.seed:0{width}d}"
+        try:
+            for suffix in (".ddcm", ".png"):
+                run.claim(stem.with_suffix(suffix), stem)
+            free.append(sd)
+        except InputError as e:
+            run.fail(stem, e)
+            run.done()
+    for group in _groups(free, lambda _: 0, jax.local_device_count()):
         t0 = time.perf_counter()
         try:
             with run.steps("generate") as progress:
@@ -362,7 +377,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not args.quiet:
             t = "all steps" if d["t_range"] is None else f"t in [{d['t_range'][0]}, {d['t_range'][1]}]"
             extra = f", M {d['num_atoms']}" + (f", C {d['coef_bits']}" if d["coef_bits"] else "")
-            print(f"{name}: .ddcm v{d['format_version']}, {d['bytes']} bytes = {d['header_bytes']} header + "
+            print(f"{name}: {d['bpp_input']:.4f} bpp over the {d['original_size'][1]}x{d['original_size'][0]} "
+                  f"input ({d['bpp_payload_input']:.4f} payload only)\n"
+                  f"  .ddcm v{d['format_version']}, {d['bytes']} bytes = {d['header_bytes']} header + "
                   f"{d['payload_bytes']} payload + 4 CRC-32\n"
                   f"  {d['task']}, rule {d['rule']}, T {d['steps']} ({printable(d['schedule'])}), K {d['codebook_size']}{extra}, "
                   f"{t}, eta {d['eta']:g}, seed {d['seed']}"

@@ -28,7 +28,13 @@ def _common(p: argparse.ArgumentParser, distributed: bool = True) -> None:
 
 def _io(p: argparse.ArgumentParser, what: str = "INPUT") -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar=what)
+    _output(p)
+
+
+def _output(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that already exist (default: refuse them, per input)")  # fmt: skip
 
 
 def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
@@ -111,7 +117,8 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
         p.set_defaults(policy="fit")
 
 
-DESCRIPTION = "The `ddcm` command line: compress, decompress, roundtrip, generate, restore, info, convert."
+DESCRIPTION = ("The `ddcm` command line: compress, decompress, roundtrip, generate, edit, restore, info, train, "
+               "convert.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="compressed generation: images + their bitstreams",
                        description="Generate N images with random atoms; each comes with its .ddcm file.")  # fmt: skip
     p.add_argument("-n", "--num-images", type=int, required=True, metavar="N")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _output(p)
     _model_arg(p, True)
     _coding(p, rules=False, policy=False)
     p.add_argument("--class-label", type=int, help="class for a class-conditional model")
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "then decode the same code conditioned on --dst-prompt from step --tskip on. A .ddcm input "
                        "made with --src-prompt is re-edited without re-encoding.")  # fmt: skip
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="images, .ddcm files, or folders")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    _output(p)
     p.add_argument("--model", type=Path, default=None, metavar="MODEL_DIR",
                    help="a latent (Stable Diffusion) MODEL_DIR (for .ddcm inputs: default, the one the file names)")
     p.add_argument("--src-prompt", dest="prompt", required=True, metavar="TEXT", help="what the image shows")
@@ -201,10 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="DDPM training of an ADM network; writes a MODEL_DIR (needs the train extra).")  # fmt: skip
     add_train_arguments(p)
 
-    p = sub.add_parser("convert", help="convert a PyTorch checkpoint into a MODEL_DIR",
-                       description="Convert a guided-diffusion checkpoint, or a diffusers Stable Diffusion folder "
-                       "(--format diffusers), into a MODEL_DIR (no torch needed).")  # fmt: skip
+    p = sub.add_parser("convert", help="convert a PyTorch checkpoint or a diffusers folder into a MODEL_DIR",
+                       usage="ddcm convert CHECKPOINT -o MODEL_DIR (--config JSON | --preset NAME)\n"
+                       "       ddcm convert PIPELINE_DIR -o MODEL_DIR [--format diffusers]",
+                       description="Convert a guided-diffusion checkpoint, or a diffusers Stable Diffusion or FLUX.1 "
+                       "folder (detected by its model_index.json; --format diffusers), into a MODEL_DIR (no torch "
+                       "needed).")  # fmt: skip
     add_convert_arguments(p)
+    for sp in sub.choices.values():  # a usage error found after parsing prints its command's usage
+        sp.set_defaults(usage_parser=sp)
     return parser
 
 
@@ -251,6 +263,11 @@ def _settings(args: argparse.Namespace) -> Coding:
         if flag("bpp") is not None and turbo_targets:
             args.atoms = 1  # a placeholder: the target picks M
         given = {n: flag(n) for n in ("quality", "task", "steps", "codebook_size", "atoms", "size", "policy")}
+        source = (f"the quality level {flag('quality') or DEFAULT_QUALITY!r}" if flag("quality") or
+                  (args.command in presets.QUALITY_COMMANDS and not latent and flag("task") is None)
+                  else "the defaults")  # fmt: skip
+        origins = {field: source for field, name in (("steps", "steps"), ("codebook_size", "codebook_size"),
+                                                     ("num_atoms", "atoms")) if given[name] is None}  # fmt: skip
         for name, value in presets.resolve(args.command, latent=latent, rule=rule, **given)._asdict().items():
             if hasattr(args, name):
                 setattr(args, name, value)
@@ -263,7 +280,7 @@ def _settings(args: argparse.Namespace) -> Coding:
         spec = presets.code_spec(
             latent=latent, steps=args.steps, codebook_size=args.codebook_size, rule=flag("rule"),
             num_atoms=flag("atoms", 1), coef_bits=flag("coef_bits", 1), generator=args.generator, eta=args.eta,
-            seed=args.seed, num_timesteps=num_timesteps,
+            seed=args.seed, num_timesteps=num_timesteps, origins=origins,
             **{n: flag(n) for n in ("t_range", "no_bits_steps", "schedule", "ccfg_subset")})  # fmt: skip
         if flag("task") is not None:
             presets.check_task(factor=args.factor, blur_kernel=args.blur_kernel, blur_sigma=args.blur_sigma)

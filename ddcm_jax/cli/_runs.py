@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -148,6 +149,8 @@ class Run:
             raise InputError(f"{source}: would overwrite {out}, already written for {self.claimed[key]}")
         if out.is_dir() and not out.is_symlink():  # found now, not after the encoding
             raise InputError(f"{source}: its output {out} is a folder, not a file")
+        if os.path.lexists(out) and not vars(self.args).get("overwrite", False):  # never lose a file unasked
+            raise InputError(f"{source}: its output {out} exists; give --overwrite to replace it, or another -o")
         self.claimed[key] = source
 
     @contextlib.contextmanager

@@ -42,8 +42,32 @@ class SDStateDictError(ValueError):
 # --------------------------------------------------------------------------- layers
 
 
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float) -> jax.Array:
+    """`torch.nn.GroupNorm` over the last axis of x (B, ..., C), in float32, cast back.
+
+    Two passes (mean, then the mean of squared deviations), each reduced in two stages:
+    per channel over the positions (B, N, C), a reduction XLA:CPU vectorises along the
+    contiguous channels, then per group over its C / G channel sums. Reducing the
+    (B, N, G, C/G) view at once instead strides across the channels: the same values to
+    float32 rounding (2e-6 measured), 2.6x slower with the SiLU after it on CPU.
+    """
+    h = x.astype(jnp.float32)
+    b, c = h.shape[0], h.shape[-1]
+    flat = h.reshape(b, -1, c)
+    count = flat.shape[1] * (c // groups)
+
+    def per_group(v: jax.Array) -> jax.Array:  # (B, C) channel sums -> (B, 1, C) group means
+        g = v.reshape(b, groups, c // groups).sum(-1) / count
+        return jnp.repeat(g, c // groups, axis=-1)[:, None, :]
+
+    d = flat - per_group(flat.sum(axis=1))
+    inv = jax.lax.rsqrt(per_group(jnp.square(d).sum(axis=1)) + epsilon)
+    out = d * (inv * scale.reshape(1, 1, c)) + bias.reshape(1, 1, c)
+    return out.reshape(h.shape).astype(x.dtype)
+
+
 class GroupNorm(nn.Module):
-    """`torch.nn.GroupNorm(groups, C, eps)` over the last axis, computed in float32."""
+    """`torch.nn.GroupNorm(groups, C, eps)` over the last axis, computed in float32 (`group_norm`)."""
 
     groups: int
     epsilon: float
@@ -53,14 +77,7 @@ class GroupNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        h = x.astype(jnp.float32)
-        g = h.reshape(*h.shape[:-1], self.groups, c // self.groups)
-        axes = (*range(1, g.ndim - 2), g.ndim - 1)  # every axis but batch and group
-        mean = g.mean(axis=axes, keepdims=True)
-        var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
-        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-        bshape = (1,) * (h.ndim - 1) + (c,)
-        return (g.reshape(h.shape) * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype)
+        return group_norm(x, scale, bias, self.groups, self.epsilon)
 
 
 class LayerNorm(nn.Module):

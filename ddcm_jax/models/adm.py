@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddcm_jax.models._layers import by_query_blocks
+from ddcm_jax.models._layers import by_query_blocks, group_norm
 
 __all__ = [
     "LIMITS",
@@ -460,7 +460,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 class GroupNorm32(nn.Module):
-    """GroupNorm(32, C) evaluated in float32 (two-pass variance), cast back."""
+    """GroupNorm(32, C) evaluated in float32 (two-pass variance, `_layers.group_norm`), cast back."""
 
     groups: int = 32
     epsilon: float = 1e-5
@@ -470,14 +470,7 @@ class GroupNorm32(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        h = x.astype(jnp.float32)
-        g = h.reshape(*h.shape[:-1], self.groups, c // self.groups)
-        axes = (*range(1, g.ndim - 2), g.ndim - 1)  # spatial and within-group axes
-        mean = g.mean(axis=axes, keepdims=True)
-        var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
-        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
-        bshape = (1,) * (h.ndim - 1) + (c,)
-        return (g.reshape(h.shape) * scale.reshape(bshape) + bias.reshape(bshape)).astype(x.dtype)
+        return group_norm(x, scale, bias, self.groups, self.epsilon)
 
 
 def _conv(features: int, name: str, dtype: Any, *, kernel: int = 3, stride: int = 1,
