@@ -41,6 +41,7 @@ from ddcm_jax.convert.diffusers import (
     read_manifest,
 )
 
+from ddcm_jax.flux_model import network_param_counts
 from ddcm_jax.models import _layers as L
 from ddcm_jax.models import clip, flux_transformer, sd_vae, t5
 from ddcm_jax.printable import printable
@@ -165,18 +166,12 @@ def _stored_dtype(dtype: Any) -> np.dtype:
     return d if d in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)) else np.dtype(np.float32)
 
 
-def _vae_count(cfg: sd_vae.SDVAEConfig) -> int:
-    from ddcm_jax.latent_model import vae_param_count
-
-    return vae_param_count(cfg)
-
-
 def check_flux_manifest(folder: str | os.PathLike) -> dict[str, int]:
     """`check_manifest` for a FLUX pipeline: every key of every network's `state_dict_shapes.json`
     mapped from shapes alone; returns the parameter counts (and "total")."""
     folder = Path(folder)
     configs = read_flux_configs(folder)
-    implied = _counts(configs)
+    implied = network_param_counts(configs.configs)
     counts = {}
     for component in NETWORKS:
         path = folder / component / "state_dict_shapes.json"
@@ -186,15 +181,6 @@ def check_flux_manifest(folder: str | os.PathLike) -> dict[str, int]:
         counts[component] = implied[component]
     counts["total"] = sum(counts.values())
     return counts
-
-
-def _counts(configs: FluxConfigs) -> dict[str, int]:
-    return {
-        "text_encoder": clip.param_count(configs["text_encoder"]),
-        "text_encoder_2": t5.param_count(configs["text_encoder_2"]),
-        "transformer": flux_transformer.param_count(configs["transformer"]),
-        "vae": _vae_count(configs["vae"]),
-    }
 
 
 def _read_t5_tokenizer(folder: Path, config: t5.T5Config) -> tuple[Any, dict[str, bytes]]:
@@ -258,7 +244,7 @@ def convert_flux_pipeline(pipeline_dir: str | os.PathLike, model_dir: str | os.P
     check_save_target(model_dir, overwrite)
     remove_stale_staging(model_dir)
     configs = read_flux_configs(root, compute_dtype=compute_dtype)
-    implied = _counts(configs)
+    implied = network_param_counts(configs.configs)
     clip_tok, clip_files = _read_tokenizer(root / "tokenizer", configs["text_encoder"])
     t5_tok, t5_files = _read_t5_tokenizer(root / "tokenizer_2", configs["text_encoder_2"])
     sources: dict[str, TensorSource] = {}

@@ -231,16 +231,23 @@ def abstract_params(config: FluxModelConfig) -> dict[str, Any]:
     }
 
 
-def implied_param_counts(config: FluxModelConfig) -> dict[str, int]:
-    """Parameters per network from the configs alone (arithmetic: milliseconds even for FLUX.1-dev)."""
+def network_param_counts(configs: Mapping[str, Any]) -> dict[str, int]:
+    """Parameters per network from its config alone, {network name: config} (arithmetic: milliseconds even
+    for FLUX.1-dev); the converter asks this before a model config exists."""
     from ddcm_jax.latent_model import vae_param_count
 
     return {
-        "text_encoder": clip.param_count(config.text_encoder),
-        "text_encoder_2": t5.param_count(config.text_encoder_2),
-        "transformer": flux_transformer.param_count(config.transformer),
-        "vae": vae_param_count(config.vae),
+        "text_encoder": clip.param_count(configs["text_encoder"]),
+        "text_encoder_2": t5.param_count(configs["text_encoder_2"]),
+        "transformer": flux_transformer.param_count(configs["transformer"]),
+        "vae": vae_param_count(configs["vae"]),
     }
+
+
+def implied_param_counts(config: FluxModelConfig) -> dict[str, int]:
+    """`network_param_counts` of a model's configs."""
+    return network_param_counts({"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2,
+                                 "transformer": config.transformer, "vae": config.vae})  # fmt: skip
 
 
 def leaf_entries(abstract: Any) -> list[tuple[str, tuple[int, ...]]]:
