@@ -63,6 +63,7 @@ __all__ = [
     "generation_side",
     "header_for",
     "make_operator",
+    "measured_view",
     "mesh_for",
     "prompt_hash",
     "restore_image",
@@ -241,7 +242,7 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
                   notes: list[tuple[str, ...]] | None = None, mesh: Any = None, budget: int | None = None,
                   partitionable: bool | None = None, progress: Progress | None = None,
                   no_bits_steps: int | None = None, schedule: str | None = None, prompt: str | None = None,
-                  guidance: float = 0.0, **op_args: Any) -> list[Encoded]:  # fmt: skip
+                  guidance: float = 0.0, measured: bool = False, **op_args: Any) -> list[Encoded]:  # fmt: skip
     """Compress (or, with a restoration `task`, restore) uint8 RGB images that share a coded size.
 
     A latent model compresses (`ddcm_jax.latent`): the spec's schedule (or
@@ -255,8 +256,18 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
     else with DDCM's single-atom `MSE(operator)` (the spec's t_range is not
     used); its file holds only the code, and decoding it reproduces the
     restored image without the measurement.
+
+    `measured` (restoration): the inputs are already degraded photos, the measurements y themselves
+    (a grey, blurred or holed photo; for super-resolution the low-resolution one, whose result is
+    `factor` times larger), not clean photos to degrade; there is no original to compare with
+    (`reference` None). `measured_view` gives the geometry and y of each task.
     """
     budget, partitionable = _edge(budget, partitionable)
+    given = pixel_list
+    if measured:
+        if task == "compression":
+            raise ValueError("measured inputs are for restoration tasks")
+        pixel_list = [measured_view(task, p, op_args.get("factor", 4)) for p in pixel_list]
     coded, originals = _coded_inputs(model, pixel_list, size_policy, budget, coding_size)
     if task != "compression" and not model.restores:
         raise ValueError(f"{task}: restoration runs on pixel-space models; latent models compress and generate")
@@ -278,18 +289,58 @@ def encode_images(model: Any, pixel_list: list[Pixels], spec: CodeSpec, *, seed:
             res = encode_sharded(model, run, x, mesh=mesh, key=_keys(heads), prompt=prompt, guidance=guidance,
                                  progress=_listener(progress))  # fmt: skip
         else:
-            res = encode_sharded(model, run, mesh=mesh, key=_keys(heads), measurements=jax.vmap(op)(jnp.asarray(x)),
+            y = _measurements(op, task, x, measured)
+            if measured and task == "super-resolution":
+                y = _low_resolution_y(given, y, size_policy, coding_side(model, size_policy, coding_size),
+                                      size_multiple(model), op.factor)  # fmt: skip
+            res = encode_sharded(model, run, mesh=mesh, key=_keys(heads), measurements=y,
                                  image_shape=(*heads[0].geometry.size, 3), progress=_listener(progress))  # fmt: skip
     notes = notes or [()] * len(pixel_list)
-    out = [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], images.reference(p, size_policy), n)
+    out = [_finish(hb, res.image[b], res.indices[b], res.coeffs[b], None if measured else
+                   images.reference(p, size_policy), n)
            for b, (hb, p, n) in enumerate(zip(heads, pixel_list, notes, strict=True))]  # fmt: skip
     if task == "compression":
         return out
-    y = np.asarray(jax.vmap(op)(jnp.asarray(x)))
+    y = np.asarray(y)
     # Consistency of what the user gets (the decoded uint8 pixels) with the measurement, at the coded size.
     a_out = np.asarray(jax.vmap(op)(jnp.asarray(images.to_model(images.from_model(np.asarray(res.image))))))
     return [dataclasses.replace(e, degraded=_degraded_view(y[b], hb), consistency_db=_psnr_pm1(a_out[b], y[b]))
             for b, (e, hb) in enumerate(zip(out, heads, strict=True))]  # fmt: skip
+
+
+def measured_view(task: str, pixels: Pixels, factor: int = 4) -> Pixels:
+    """A degraded photo as the image the restoration codes: the photo itself (its grey, blur or holes are
+    the measurement), or for super-resolution the low-resolution photo enlarged `factor` times, each pixel
+    a factor x factor block, so that the result has the size the task promises; y is then the
+    low-resolution photo itself where the coded size is the enlarged size (--pad, or a --size that holds
+    it; `_low_resolution_y`), and A of the coded copy where the coding size scaled it down."""
+    if task != "super-resolution":
+        return pixels
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    return np.asarray(Image.fromarray(pixels).resize((w * factor, h * factor), Image.NEAREST))
+
+
+def _low_resolution_y(photos: list[Pixels], pooled: jax.Array, policy: str, side: int, multiple: int,
+                      factor: int) -> jax.Array:  # fmt: skip
+    """The measured low-resolution photos as y, prepared at 1/factor of the coded geometry, where that gives
+    y's shape (the enlarged size is coded: --pad, or a --size that holds it); else A of the enlargement (the
+    coding size scaled the photo down, and y is of that copy)."""
+    small = [images.prepare(p, policy, max(1, side // factor), max(1, multiple // factor)) for p in photos]
+    if any(s.shape != tuple(pooled.shape[1:]) for s in small):
+        return pooled
+    return jnp.asarray(np.stack([images.to_model(s) for s in small]))
+
+
+def _measurements(op: Any, task: str, x: np.ndarray, measured: bool) -> jax.Array:
+    """y of each coded image: A(x), except a measured blurred photo, which is y itself (blurring it again would
+    measure a different photo). A measured grey photo's A is its own grey; a measured holed photo's A drops its
+    holes; a measured low-resolution photo's A pools its enlargement back to it."""
+    x = jnp.asarray(x)
+    if measured and task == "blur":
+        return x
+    return jax.vmap(op)(x)
 
 
 def _psnr_pm1(a: np.ndarray, b: np.ndarray) -> float:

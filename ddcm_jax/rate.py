@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 from ddcm_jax.selection import MAX_DDCM_BITS, MAX_TURBO_ATOMS, RateError
 from ddcm_jax.spec import CodeSpec
 
-__all__ = ["MAX_DDCM_BITS", "MAX_TURBO_ATOMS", "QualityTarget", "RateError", "for_bpp", "for_image", "ladder",
-           "quality_target", "search"]  # fmt: skip
+__all__ = ["MAX_DDCM_BITS", "MAX_TURBO_ATOMS", "QualityTarget", "RateError", "describe_point", "for_bpp", "for_image",
+           "ladder", "quality_target", "rate_note", "search"]  # fmt: skip
 
 def for_bpp(spec: CodeSpec, bpp: float, pixels: int, *, latent: bool = False,
             max_steps: int | None = None) -> CodeSpec:  # fmt: skip
@@ -50,6 +50,33 @@ def for_image(spec: CodeSpec, bpp: float, height: int, width: int, *, crop: bool
         spec = spec.replace(schedule=schedule or spec.rule.own_schedule)
     pixels = min(height, width) ** 2 if crop else height * width
     return for_bpp(spec, bpp, pixels, latent=latent, max_steps=max_steps)
+
+
+def describe_point(spec: CodeSpec) -> str:
+    """The operating point in the flags' words: "T 30, K 1024, M 128" (turbo), "T 83, K 1024" (ddcm), and a
+    latent code's no-bits steps when it has any."""
+    parts = [f"T {spec.steps}", f"K {spec.codebook_size}"]
+    if spec.rule.knob_label(spec).startswith("M "):
+        parts.append(spec.rule.knob_label(spec))
+    if getattr(spec, "no_bits_steps", None):
+        parts.append(f"{spec.no_bits_steps} no-bits steps")
+    return ", ".join(parts)
+
+
+def rate_note(spec: CodeSpec, bpp: float, height: int, width: int, point: CodeSpec, *, crop: bool = False,
+              latent: bool = False, schedule: str | None = None, max_steps: int | None = None) -> str:
+    """What `--bpp` chose for an H0 x W0 input, in one line: the point, its payload rate, and whether the target
+    was reached (the grid's nearest point below it) or is out of reach (the rule's most at these T and K: a
+    budget four times larger gives no more bits)."""
+    pixels = min(height, width) ** 2 if crop else height * width
+    got = point.payload_bits() / pixels
+    line = f"--bpp {bpp:g}: {describe_point(point)} gives {got:.4f} bpp (payload over the input's pixels)"
+    more = for_image(spec, 4 * bpp, height, width, crop=crop, latent=latent, schedule=schedule, max_steps=max_steps)
+    if more.payload_bits() == point.payload_bits() and got < 0.9 * bpp:
+        knobs = "K and T" if point.rule.knob_label(point).startswith("K ") else "M"
+        return (f"{line}: the target is out of reach, this is the most {knobs} can carry here"
+                f" (give more steps -T or a larger -K)")  # fmt: skip
+    return f"{line}: the largest point not above the target"
 
 
 def ladder(spec: CodeSpec) -> list[CodeSpec]:

@@ -118,3 +118,77 @@ def test_info_leads_with_bpp_over_the_input(tiny_model_dir, tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     bpp = 8 * path.stat().st_size / (48 * 32)  # the whole file over the input's pixels, as roundtrip counts
     assert first.startswith(f"{path}: {bpp:.4f} bpp over the 48x32 input")
+
+
+def test_compress_says_its_operating_point_and_where_it_came_from(tiny_model_dir, tmp_path, capsys):
+    src = tmp_path / "a.png"
+    Image.new("RGB", (48, 32), (9, 99, 199)).save(src)
+    assert main(["compress", str(src), "-o", str(tmp_path / "c"), "--model", str(tiny_model_dir), "-Q", "low",
+                 "-T", "3", "--size", "32"]) == 0  # fmt: skip
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "operating point: T 3, K 1024, M 128, 32 px (fit); unset values from the quality level 'low'"
+
+
+@pytest.mark.parametrize("bpp,reach", [(0.05, "the largest point not above the target"),
+                                       (40.0, "the target is out of reach")])  # fmt: skip
+def test_bpp_says_what_it_chose_and_whether_the_target_is_out_of_reach(tiny_model_dir, tmp_path, capsys, bpp,
+                                                                         reach):  # fmt: skip
+    """`--bpp 0.05` on a latent model once gave 0.0166 bpp (M capped) without a word."""
+    src = tmp_path / "a.png"
+    Image.new("RGB", (48, 32), (9, 99, 199)).save(src)
+    assert main(["compress", str(src), "-o", str(tmp_path / "c"), "--model", str(tiny_model_dir), "-T", "3",
+                 "-K", "64", "--size", "32", "--bpp", str(bpp), "--json", str(tmp_path / "s.json")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"operating point: per image, the largest payload not above --bpp {bpp:g}")
+    note = next(line for line in out.splitlines() if line.startswith(f"note: {src}: --bpp"))
+    rec = json.loads((tmp_path / "s.json").read_text())["items"][0]
+    assert f"gives {rec['bpp']:.4f} bpp" in note and reach in note
+    assert note.split(": ", 2)[2] in rec["notes"]
+    if bpp > 1:  # 2 coded steps of the most atoms 64 can give: far below 40 bpp x 1,536 pixels
+        assert rec["bpp"] < 0.9 * bpp
+
+
+@pytest.mark.parametrize("task", ["super-resolution", "colorization", "blur", "inpainting"])
+def test_a_degraded_photo_is_restored_as_the_measurement(tiny_model_dir, task):
+    """`restore --measured`: the input is y itself (grey, blurred, holed, or low-resolution), not a clean photo."""
+    import numpy as np
+
+    from ddcm_jax import CodeSpec, codec, images
+    from ddcm_jax.families import load_model
+
+    model = load_model(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    side = 8 if task == "super-resolution" else 32
+    photo = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    if task == "colorization":
+        photo = np.repeat(photo[..., :1], 3, axis=2)  # a grey photo: its own measurement
+    spec = CodeSpec.create(steps=3, codebook_size=8, rule="turbo", num_atoms=2)
+    enc = codec.encode_images(model, [photo], spec, task=task, measured=True, size_policy="pad", blur_kernel=5,
+                              blur_sigma=1.0)[0]  # fmt: skip
+    assert enc.reference is None and enc.consistency_db is not None
+    out_side = 4 * side if task == "super-resolution" else side
+    assert enc.decoded.shape == (out_side, out_side, 3)
+    y_view = enc.degraded
+    if task == "inpainting":  # the default hole (the centre half of each side) is dropped, the rest is y
+        keep = np.ones((side, side), bool)
+        keep[side // 4 : side - side // 4, side // 4 : side - side // 4] = False
+        assert (y_view[keep] == photo[keep]).all() and (y_view[~keep] == images.from_model(np.zeros(3))).all()
+    else:  # exactly the given photo: pooled back from its enlargement, its own grey, not blurred again
+        assert (y_view == photo).all()
+    decoded, _ = codec.decode_bytes(model, enc.data)
+    assert (decoded == enc.decoded).all()
+
+
+def test_restore_measured_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    import numpy as np
+
+    src = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8)).save(src)
+    out = tmp_path / "r"
+    assert main(["restore", str(src), "--task", "super-resolution", "--measured", "-o", str(out), "--model",
+                 str(tiny_model_dir), "-T", "3", "-K", "8", "-M", "2", "--pad"]) == 0  # fmt: skip
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(str(src)))
+    assert "consistency with the measured input" in line
+    with Image.open(out / "small.png") as im:
+        assert im.size == (48, 32)
+    assert sorted(p.name for p in out.iterdir()) == ["small.ddcm", "small.png"]  # no _degraded.png: that is the input

@@ -87,19 +87,26 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
             run.claim(job.stem.with_suffix(".ddcm"), job.source)
             if writes_png:
                 run.claim(job.stem.with_suffix(".png"), job.source)
-            if args.command == "restore":
+            if args.command == "restore" and not args.measured:
                 run.claim(_degraded_path(job.stem), job.source)
             pixels, notes = images.load_image(job.source, budget=budget)
             for note in notes:
                 run.say(f"note: {job.source}: {note}")
             h0, w0 = pixels.shape[:2]
+            if getattr(args, "measured", False) and args.task == "super-resolution":
+                h0, w0 = h0 * args.factor, w0 * args.factor  # the result of a low-resolution photo
             # The decoded image comes back at the input's geometry: resampled and, maybe, written.
             memory.check_host("resample", h0, w0, what=str(job.source), budget=budget)
             if writes_png:
                 memory.check_host("png", h0, w0, what=str(job.source), budget=budget)
             side = codec.coding_side(model, args.policy, args.size)
-            coded = images.coded_size(pixels.shape[:2], args.policy, side, codec.size_multiple(model))
-            loaded.append(_Loaded(job, pixels, notes, coded, t0, coding.for_image(args, h0, w0)))
+            coded = images.coded_size((h0, w0), args.policy, side, codec.size_multiple(model))
+            spec = coding.for_image(args, h0, w0)
+            rate_line = coding.rate_note(args, h0, w0, spec)
+            if rate_line is not None:
+                run.say(f"note: {job.source}: {rate_line}")
+                notes = [*notes, rate_line]
+            loaded.append(_Loaded(job, pixels, notes, coded, t0, spec))
         except Exception as e:
             run.fail(job.source, e)
             run.done()
@@ -130,7 +137,7 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
                 files = {out_ddcm: enc.data}
                 if writes_png:
                     files[item.job.stem.with_suffix(".png")] = images.png_bytes(result)
-                if enc.degraded is not None:
+                if enc.degraded is not None and not getattr(args, "measured", False):
                     files[_degraded_path(item.job.stem)] = images.png_bytes(enc.degraded)
                 images.commit_files(files)
                 quality: dict[str, Any] = {}
@@ -146,7 +153,7 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
                               notes=list(item.notes))  # fmt: skip
                 run.records.append(rec)
                 if args.command == "restore":
-                    run.say(_restore_line(item.job.source, out_ddcm, rec))
+                    run.say(_restore_line(item.job.source, out_ddcm, rec, args.measured))
                 elif not decode_back:
                     run.say(f"{item.job.source} -> {out_ddcm} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp)")
             except Exception as e:
@@ -157,14 +164,35 @@ def _encode_jobs(args: argparse.Namespace, run: Run, jobs: list[Job], encode: Ca
 def _psnr_search(args: argparse.Namespace, run: Run, model: Any, item: _Loaded, encode: Callable[..., Any],
                  budget: int) -> Any:  # fmt: skip
     """--psnr P: `rate.quality_target` with real encodes against the input; its note said and kept."""
+    import math
+
     from ddcm_jax import metrics, rate
 
+    # One bar over the whole search: at most 2 + log2(points) tries of T steps each (`rate.search`), so
+    # its ETA is the search's (an upper bound: a target found early ends it sooner).
+    steps = item.spec.steps
+    most = 2 + math.ceil(math.log2(max(2, len(rate.ladder(item.spec)))))
+    bar = run._bar(most * steps, f"--psnr {args.psnr:g}", "step", leave=False)
+    tries: list[Any] = []
+
     def encode_and_measure(point: Any, i: int, n: int) -> tuple[Any, float]:
-        with run.steps(f"encode {i + 1}/{n}") as progress:
-            enc = encode(model, [item.pixels], point, budget, progress)[0]
+        tries.append(point)
+        base = (len(tries) - 1) * steps
+        if bar is not None:
+            bar.set_description(f"--psnr {args.psnr:g}, try {len(tries)}: {point.rule.knob_label(point)}")
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(base + done * steps // max(1, total) - bar.n)
+
+        enc = encode(model, [item.pixels], point, budget, progress)[0]
         return enc, metrics.psnr(enc.reference, enc.decoded)
 
-    found = rate.quality_target(item.spec, args.psnr, encode_and_measure, item.spec)
+    try:
+        found = rate.quality_target(item.spec, args.psnr, encode_and_measure, item.spec)
+    finally:
+        if bar is not None:
+            bar.close()
     note = found.note(len(found.result.data))
     run.say(f"note: {item.job.source}: {note}")
     item.notes.append(note)  # and into the JSON summary's notes
@@ -175,10 +203,13 @@ def _degraded_path(stem: Path) -> Path:
     return stem.with_name(stem.name + "_degraded.png")
 
 
-def _restore_line(source: Path, out: Path, rec: dict[str, Any]) -> str:
+def _restore_line(source: Path, out: Path, rec: dict[str, Any], measured: bool = False) -> str:
     """What `restore` prints per image: the files, the rate, agreement with the measurement and the original."""
     c, p, lp = rec.get("consistency_psnr"), rec.get("psnr"), rec.get("lpips")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    if measured:
+        return (f"{source} -> {out.with_suffix('.png')} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp); "
+                f"consistency with the measured input {fmt(c, '.2f')} dB")  # fmt: skip
     return (f"{source} -> {out.with_suffix('.png')} ({rec['bytes']} bytes, {rec['bpp']:.4f} bpp); "
             f"consistency with the measurement {fmt(c, '.2f')} dB; against the original: PSNR {fmt(p, '.2f')} dB, "
             f"LPIPS {fmt(lp, '.3f')}; degraded input: {_degraded_path(out.with_suffix(''))}")  # fmt: skip
@@ -214,10 +245,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
     run.protect(every_input)
     for e in errors:
         run.error(e)
+    if jobs:
+        run.say(coding.describe(args))
     task: dict[str, Any] = {}
     if args.command == "restore":
         task = dict(task=args.task, factor=args.factor, blur_sigma=args.blur_sigma, blur_kernel=args.blur_kernel,
-                    mask=_load_mask(args.mask) if args.mask is not None else None)  # fmt: skip
+                    mask=_load_mask(args.mask) if args.mask is not None else None, measured=args.measured)  # fmt: skip
 
     def encode(model: Any, pixel_list: list[Any], spec: Any, budget: int, progress: Any) -> Any:
         return codec.encode_images(model, pixel_list, spec, seed=coding.seed, size_policy=coding.policy,
@@ -475,8 +508,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return run.finish()
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ddcm_jax.cli._eval import cmd_eval as run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "edit": cmd_edit,
+    "eval": cmd_eval,
     "compress": cmd_encode,
     "roundtrip": cmd_encode,
     "restore": cmd_encode,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,8 +45,28 @@ def _model_arg(p: argparse.ArgumentParser, encodes: bool) -> None:
                    if encodes else "default: the model the file names, looked up by fingerprint")  # fmt: skip
 
 
+def _comma_list(kind: Callable[[str], Any], choices: Sequence[str] | None = None) -> Callable[[str], list[Any]]:
+    """An argparse type: "a,b,c" -> [kind(a), kind(b), kind(c)], each checked."""
+
+    def parse(text: str) -> list[Any]:
+        out = []
+        for part in (x.strip() for x in text.split(",")):
+            if choices is not None and part not in choices:
+                raise argparse.ArgumentTypeError(f"{part!r} is not one of {', '.join(choices)}")
+            try:
+                out.append(kind(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part!r} is not a {kind.__name__}") from None
+        if not out or len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError("give distinct values, separated by commas")
+        return out
+
+    return parse
+
+
 def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = True, restore: bool = False,
-            prompts: bool = True) -> None:  # fmt: skip
+            prompts: bool = True, points: bool = False) -> None:  # fmt: skip
+    """The coding flags; `points` (eval): --quality and --bpp take comma lists, each one operating point."""
     from ddcm_jax.bitstream import CODEBOOK_GENERATORS  # NumPy only: --help stays fast
 
     g = p.add_argument_group("coding")
@@ -55,7 +76,11 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        "pulled back through the degradation, A^T(y - A(x0_hat))) or ddcm (one atom per step, "
                        "DDCM's MSE rule)")  # fmt: skip
         g.add_argument("--atoms", "-M", type=int, default=None, help="turbo's atoms per step M (default per task)")
-    if rules:
+    if points:
+        g.add_argument("--quality", "-Q", type=_comma_list(str, list(QUALITY)), default=None, metavar="LEVEL,...",
+                       help="operating points: quality levels (" + ", ".join(QUALITY) + "; default: all of them "
+                       "for a pixel model, the defaults for a latent one); explicit flags below apply to each")  # fmt: skip
+    elif rules:
         g.add_argument("--quality", "-Q", choices=list(QUALITY), default=None,
                        help=f"operating point: coding size, steps and atoms (default {DEFAULT_QUALITY}; "
                        + "; ".join(f"{k}: {v['size']} px, T {v['steps']}, M {v['atoms']}" for k, v in QUALITY.items())
@@ -74,7 +99,11 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        "matching pursuit when M > 1)")  # fmt: skip
         g.add_argument("--t-range", type=int, nargs=2, metavar=("T_A", "T_B"),
                        help="select atoms only at original timesteps in [min, max] (others use atom 0)")  # fmt: skip
-    if rules:
+    if points:
+        g.add_argument("--bpp", type=_comma_list(float), default=None, metavar="B,...",
+                       help="operating points: rate targets in bits per input pixel, each the largest payload not "
+                       "above it (as compress --bpp)")  # fmt: skip
+    if rules and not points:
         g.add_argument("--bpp", type=float, default=None, metavar="B",
                        help="target rate: per image, the operating point whose payload is the largest not above B "
                        "bits per input pixel (turbo: M, and a latent model's no-bits steps; ddcm: K and T)")  # fmt: skip
@@ -82,11 +111,8 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
                        help="quality target: per image, the lowest-rate point (turbo: M = 1, 2, 4, ...; ddcm: "
                        "K = 2, 4, ..., 2^16) whose decoded image reaches P dB, by a binary search of real encodes "
                        "(about 1 + log2 of the number of points: 5 for turbo at K = 1024); reports what it reached")  # fmt: skip
-        g.add_argument("--no-bits-steps", type=int, default=None, metavar="NBS",
-                       help="latent models: the last NBS steps before the final one carry no bits (turbo's "
-                       "default: Turbo-DDCM's heuristic for the coded size; ddcm: 0)")  # fmt: skip
-        g.add_argument("--schedule", choices=["ddcm", "turbo"], default=None,
-                       help="latent models: the original DDCM's or Turbo-DDCM's timesteps (default: the rule's)")
+    if rules:
+        _latent_coding(g)
     if not restore and prompts:
         g.add_argument("--prompt", default=None, metavar="TEXT",
                        help="latent models: the text that conditions the code (the decoder needs it too)")
@@ -117,8 +143,16 @@ def _coding(p: argparse.ArgumentParser, *, rules: bool = True, policy: bool = Tr
         p.set_defaults(policy="fit")
 
 
-DESCRIPTION = ("The `ddcm` command line: compress, decompress, roundtrip, generate, edit, restore, info, train, "
-               "convert.")
+def _latent_coding(g: Any) -> None:
+    g.add_argument("--no-bits-steps", type=int, default=None, metavar="NBS",
+                   help="latent models: the last NBS steps before the final one carry no bits (turbo's "
+                   "default: Turbo-DDCM's heuristic for the coded size; ddcm: 0)")  # fmt: skip
+    g.add_argument("--schedule", choices=["ddcm", "turbo"], default=None,
+                   help="latent models: the original DDCM's or Turbo-DDCM's timesteps (default: the rule's)")
+
+
+DESCRIPTION = ("The `ddcm` command line: compress, decompress, roundtrip, generate, edit, restore, info, eval, "
+               "train, convert.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,20 +220,48 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("restore", help="compressed restoration of degraded versions of the inputs",
-                       description="Degrade each input by TASK, restore it by compressed posterior "
-                       "sampling, and write the restored image and its .ddcm file.")  # fmt: skip
+                       description="Degrade each input by TASK (or, with --measured, take it as already "
+                       "degraded), restore it by compressed posterior sampling, and write the restored image and "
+                       "its .ddcm file.")  # fmt: skip
     _io(p)
     p.add_argument("--task", required=True, choices=["colorization", "super-resolution", "inpainting", "blur"])
     p.add_argument("--factor", type=int, default=4, help="super-resolution factor")
     p.add_argument("--blur-sigma", type=float, default=3.0, help="Gaussian blur std (pixels)")
     p.add_argument("--blur-kernel", type=int, default=61, help="Gaussian blur kernel size (odd)")
     p.add_argument("--mask", type=Path, help="inpainting mask image, white = observed (default: centre hole)")
+    p.add_argument("--measured", action="store_true",
+                   help="the inputs are already degraded photos (grey, blurred, holed, or low-resolution: the result "
+                   "is --factor times larger), restored as they are; default: degrade clean inputs first and "
+                   "compare the result with them (the evaluation mode)")  # fmt: skip
     _model_arg(p, True)
     _coding(p, rules=False, restore=True)
     _common(p)
 
     p = sub.add_parser("info", help="describe .ddcm files", description="Print what a .ddcm file holds.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
+    _common(p, distributed=False)
+
+    p = sub.add_parser("eval", help="rate-distortion of our codec against JPEG, WebP, AVIF and JPEG XL",
+                       usage="ddcm eval IMAGES... -o DIR [--model MODEL_DIR] [--quality LEVEL,...] [--bpp B,...] "
+                       "[--codecs jpeg,webp,avif,jxl] [coding flags]\n       ddcm eval --plot JSON... -o DIR",
+                       description="Code every image whole at each operating point into real .ddcm files, decode "
+                       "them, and code the same images with the other codecs at a ladder of qualities and at our "
+                       "bytes; measure bpp, PSNR, MS-SSIM, LPIPS and seconds; write DIR/<codec>.json (CompressAI's "
+                       "schema), the rate-distortion plots and a figure. Resumes: what an earlier run made with the "
+                       "same settings is reused. docs/evaluation.md gives the protocol.")  # fmt: skip
+    p.add_argument("inputs", nargs="*", type=Path, metavar="IMAGES", help="images or folders of them")
+    _output(p)
+    p.add_argument("--plot", nargs="+", type=Path, metavar="JSON",
+                   help="only redraw the plots into DIR from these results files (ours, or any in CompressAI's schema)")
+    _model_arg(p, True)
+    p.add_argument("--codecs", type=_comma_list(str, ["jpeg", "webp", "avif", "jxl", "none"]),
+                   default=["jpeg", "webp", "avif", "jxl"], metavar="NAME,...",
+                   help="the other codecs (jpeg, webp, avif, jxl; none for ours alone; default: all four)")
+    p.add_argument("--scales", type=_comma_list(int), default=[1, 2, 3, 4, 6, 8], metavar="S,...",
+                   help="down-scalings tried for the other codecs at our bytes (default 1,2,3,4,6,8)")
+    p.add_argument("--figure-image", metavar="NAME",
+                   help="the image of DIR/figure.png (default: the first)")
+    _coding(p, points=True, prompts=True)
     _common(p, distributed=False)
 
     from ddcm_jax.train import add_arguments as add_train_arguments
@@ -230,6 +292,31 @@ class Coding(NamedTuple):
     policy: str
     latent: bool = False
     num_timesteps: int | None = None  # the model's, when model.json says
+    origin: str = "the defaults"  # where the settings the user did not give came from
+
+    def describe(self, args: argparse.Namespace) -> str:
+        """The operating point the flags chose, and why, in one line (what the encoding commands print first)."""
+        from ddcm_jax import rate
+
+        size = getattr(args, "size", None)
+        where = f", {size} px ({self.policy})" if size else f" ({self.policy}, the model's size)"
+        if getattr(args, "bpp", None) is not None:
+            return (f"operating point: per image, the largest payload not above --bpp {args.bpp:g} at "
+                    f"T {self.spec.steps}, K {self.spec.codebook_size}{where}")  # fmt: skip
+        if getattr(args, "psnr", None) is not None:
+            return (f"operating point: per image, the lowest rate reaching --psnr {args.psnr:g} dB, searched from "
+                    f"{rate.describe_point(self.spec)}{where}")  # fmt: skip
+        return f"operating point: {rate.describe_point(self.spec)}{where}; unset values from {self.origin}"
+
+    def rate_note(self, args: argparse.Namespace, height: int, width: int, point: Any) -> str | None:
+        """With --bpp: what it chose for an H0 x W0 input and whether the target was reached."""
+        if getattr(args, "bpp", None) is None:
+            return None
+        from ddcm_jax import rate
+
+        return rate.rate_note(self.spec, args.bpp, height, width, point, crop=self.policy == "crop",
+                              latent=self.latent, schedule=getattr(args, "schedule", None),
+                              max_steps=self.num_timesteps)  # fmt: skip
 
     def for_image(self, args: argparse.Namespace, height: int, width: int) -> Any:
         """The spec of one image: `spec`, or with --bpp the operating point for the pixels of its output
@@ -286,7 +373,11 @@ def _settings(args: argparse.Namespace) -> Coding:
             presets.check_task(factor=args.factor, blur_kernel=args.blur_kernel, blur_sigma=args.blur_sigma)
     except presets.PresetError as e:
         raise UsageError(str(e)) from None
-    return Coding(spec, args.seed, flag("policy", "fit"), latent, num_timesteps)
+    if flag("task") is not None:
+        source = f"the {args.task} task's defaults"
+    elif latent:
+        source = "the latent defaults"
+    return Coding(spec, args.seed, flag("policy", "fit"), latent, num_timesteps, source)
 
 
 def _latent_kwargs(args: argparse.Namespace, spec: Any = None) -> dict[str, Any]:
