@@ -318,7 +318,7 @@ class Evaluation:
                         self._fail(f"{name} with {b.name} at the bytes of {p.label}", e, 0.0)
                     self.progress(self.work_of(*px.shape[:2])[f"same:{c}"] / max(1, len(self.points)))
 
-    def _base_key(self, b: Baseline_t, source_hash: str, **what: Any) -> dict[str, Any]:
+    def _base_key(self, b: baselines.Baseline, source_hash: str, **what: Any) -> dict[str, Any]:
         return {"codec": b.describe(), "input": source_hash, **what}
 
     def _ladder(self, c: str, b: Any, name: str, px: np.ndarray) -> None:
@@ -412,7 +412,6 @@ class Evaluation:
         return written
 
 
-Baseline_t = Any  # baselines.Baseline (annotation only)
 
 
 def _fmt(v: float | None, f: str) -> str:
