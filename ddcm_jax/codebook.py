@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax.pytree import pytree_dataclass, static_field
+
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "GENERATORS",
@@ -315,13 +317,7 @@ GENERATORS = tuple(name for name in _GENERATORS if name != "array")  # those a k
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def static_field(default: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field that `jax.tree_util.register_dataclass` keeps out of the leaves (static)."""
-    return dataclasses.field(default=default, metadata=dict(static=True))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class AtomSource:
     """One step's codebook: K atoms of `shape`, from a root key and step index, or an array.
 

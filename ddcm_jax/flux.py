@@ -32,7 +32,6 @@ next entry, 0 after the last (a_prev = 1 there: the last step returns x0_hat).
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Annotated, Any, NamedTuple
 
 import jax
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax.family import Family
+from ddcm_jax.pytree import pytree_dataclass
 from ddcm_jax.respacing import turbo_timesteps
 from ddcm_jax.spec import CodeSpec
 
@@ -160,8 +160,7 @@ def flux_schedule(steps: int, coded_steps: int, t_range: tuple[int, int] | None 
 # --- conditioning --------------------------------------------------------------------------------
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class FluxCond:
     """What every step is conditioned on: T5's states (1, L, d), CLIP's pooled output (1, d'),
     and the distilled guidance value (None for a model without a guidance embedding)."""

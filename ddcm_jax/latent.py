@@ -41,7 +41,6 @@ the raw network output as the originals do.
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Annotated, Any, NamedTuple
 
 import jax
@@ -50,6 +49,7 @@ import numpy as np
 
 from ddcm_jax import sampler
 from ddcm_jax.family import Family, ddim
+from ddcm_jax.pytree import pytree_dataclass, static_field
 from ddcm_jax.respacing import (
     LATENT_SCHEDULES,
     TURBO_TIMESTEPS,
@@ -194,8 +194,7 @@ def _check_spec(spec: CodeSpec) -> None:
         raise ValueError("a latent code needs a named schedule ('ddcm' or 'turbo'), clip=False, eta 1, no respacing")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class Cond:
     """What a latent run's steps are conditioned on (shared by a batch; a pytree).
 
@@ -209,7 +208,7 @@ class Cond:
     guidance: jax.Array  # scalar float32 (unused with one context)
     edit: jax.Array | None = None
     tskip: jax.Array | None = None  # scalar int32
-    ccfg: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    ccfg: bool = static_field(False)
 
 
 def _context(model: Any, prompt: str | None, guidance: float, ccfg: bool = False) -> jax.Array:

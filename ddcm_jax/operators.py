@@ -13,18 +13,18 @@ boundary extension. It is separable and applied as two small matrices.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax.pytree import pytree_dataclass, static_field
+
 __all__ = ["Colorization", "GaussianBlur", "Inpainting", "SuperResolution", "operator_by_name"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class Colorization:
     """Grayscale observation: the channel mean, (H, W, 3) -> (H, W, 1)."""
 
@@ -32,8 +32,7 @@ class Colorization:
         return jnp.mean(x, axis=-1, keepdims=True)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class Inpainting:
     """Observation of the pixels where `mask` (H, W, 1 or C) is 1, zeros elsewhere."""
 
@@ -74,12 +73,11 @@ def bicubic_matrix(n: int, factor: int) -> np.ndarray:
     return out
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class SuperResolution:
     """Downsampling by an integer factor with the antialiased bicubic kernel above."""
 
-    factor: int = dataclasses.field(metadata=dict(static=True))
+    factor: int = static_field()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h, w = x.shape[-3], x.shape[-2]
@@ -88,13 +86,12 @@ class SuperResolution:
         return jnp.einsum("ih,jw,hwc->ijc", mh, mw, x)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class GaussianBlur:
     """Separable Gaussian blur, `kernel_size` taps (odd), std `sigma`; reflect boundary."""
 
     sigma: jax.Array
-    kernel_size: int = dataclasses.field(metadata=dict(static=True), default=9)
+    kernel_size: int = static_field(9)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kernel_size % 2 != 1:

@@ -49,6 +49,7 @@ import numpy as np
 
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.family import Family
+from ddcm_jax.pytree import pytree_dataclass
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import Random, StepContext
 from ddcm_jax.shapes import Codebook, Coeffs, Image, Indices, Key, Label, Measurement, Weights
@@ -76,8 +77,7 @@ __all__ = [
 ]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class CompressResult:
     """What encoding and decoding return, for every family (a pytree: it can leave `jit` / `vmap`).
 

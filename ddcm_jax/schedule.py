@@ -14,19 +14,17 @@ Notation (DDIM, Song et al. 2021, eq. 12; guided-diffusion `ddim_sample`):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
+from ddcm_jax.pytree import pytree_dataclass, static_field
 from ddcm_jax.respacing import beta_schedule, space_timesteps
 
 __all__ = ["Schedule", "beta_schedule", "space_timesteps"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class Schedule:
     """A respaced schedule. Arrays are indexed by respaced step i (0 = last to run).
 
@@ -38,9 +36,9 @@ class Schedule:
     alpha_bar: np.ndarray
     alpha_bar_prev: np.ndarray
     timesteps: np.ndarray
-    name: str = dataclasses.field(metadata=dict(static=True), default="linear")
-    num_timesteps: int = dataclasses.field(metadata=dict(static=True), default=1000)
-    respacing: str = dataclasses.field(metadata=dict(static=True), default="")
+    name: str = static_field("linear")
+    num_timesteps: int = static_field(1000)
+    respacing: str = static_field("")
 
     @classmethod
     def create(cls, name: str = "linear", num_timesteps: int = 1000,

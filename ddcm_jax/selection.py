@@ -14,7 +14,10 @@ them (`best`, `top_abs`, `scores`, `map`, `best_of`) without ever holding
 K x D. Every rule computes the noise it returns with its own `noise` method,
 so encoder and decoder run the same arithmetic on the same indices.
 
-Adding a rule: write a registered dataclass with `select`, `noise`, a
+Adding a rule: write a class decorated with `ddcm_jax.pytree.pytree_dataclass`
+(not `jax.tree_util.register_dataclass`, whose tree structures of two rules
+with the same fields compare equal, so `jit` can run one's program for the
+other; see `ddcm_jax.pytree`) with `select`, `noise`, a
 `num_atoms` / `coeff_width` and, if files may store it, a `code_name` that
 `ddcm_jax.bitstream.RULES` knows (see `DDCM`); pass it in a `CodeSpec` (or as
 `rule=` to `compress`). Rule names become rule objects only in `make_rule`.
@@ -25,7 +28,6 @@ methods read them so that sampler and bitstream cannot disagree.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -34,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax import bitstream
-from ddcm_jax.codebook import AtomSource, dot, static_field
+from ddcm_jax.codebook import AtomSource, dot
 from ddcm_jax.codes import FORMATS
 from ddcm_jax.jit import jit
+from ddcm_jax.pytree import pytree_dataclass, static_field
 from ddcm_jax.respacing import no_bits_steps_for_bpp, no_bits_steps_heuristic
 from ddcm_jax.shapes import Atoms, Key, StepIndices
 
@@ -61,8 +64,8 @@ __all__ = [
 RULE_NAMES = ("ddcm", "mp", "matching_pursuit", "turbo", "random", "mse", "mse_inner")
 
 def _rule(cls: type) -> type:
-    """Frozen dataclass + pytree registration (static fields marked with `static_field`)."""
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+    """Frozen dataclass + pytree registration (static fields marked with `static_field`); see `ddcm_jax.pytree`."""
+    return pytree_dataclass(cls)
 
 
 class Code:

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 
 from ddcm_jax import bitstream
-from ddcm_jax.codebook import GENERATORS, static_field
+from ddcm_jax.codebook import GENERATORS
+from ddcm_jax.pytree import pytree_dataclass, static_field
 from ddcm_jax.selection import DDCM, make_rule, replay_rule
 
 __all__ = ["MAX_CODEBOOK_SIZE", "CodeSpec", "SpecError"]
@@ -38,8 +39,7 @@ class SpecError(ValueError):
         self.field = field
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class CodeSpec:
     """The code of an image: steps T, codebook size K, rule (with its M, C), generator, eta, schedule, t_range.
 

@@ -50,6 +50,7 @@ import optax
 from ddcm_jax import train_data
 from ddcm_jax.model import DiffusionConfig, ModelConfig, save_model
 from ddcm_jax.models.adm import ADMConfig, adm_apply, adm_init
+from ddcm_jax.pytree import pytree_dataclass
 from ddcm_jax.schedule import beta_schedule
 
 __all__ = ["DEFAULT_IMAGES", "PIP_IMAGES", "TrainConfig", "TrainState", "load_training_images", "main", "train"]
@@ -101,8 +102,7 @@ class TrainConfig:
         return d
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class TrainState:
     step: jax.Array
     params: Any
