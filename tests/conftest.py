@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,22 @@ os.environ.setdefault("DDCM_REGISTRY", os.path.join(tempfile.mkdtemp(prefix="ddc
 SHARED = Path(os.environ.get("DDCM_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
 KODAK = SHARED / "data" / "kodak"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Collect once and freeze the heap before an xdist worker reports that it has finished.
+
+    After the report, pytest still collects garbage at unconfigure and the worker's
+    end runs more collections; execnet sends a SIGINT to a worker still executing 5 s
+    after the controller asks it to stop. A worker's heap here is over a million
+    objects (JAX's traces and programs), a full collection 1-1.4 s on 2 busy cores,
+    so the worker sometimes ran past 5 s and the interrupt surfaced in a GC callback
+    as a `KeyboardInterrupt` warning under a passing run. Frozen objects are never
+    scanned again, so those later collections only see what is new.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
