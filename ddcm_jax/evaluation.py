@@ -505,6 +505,7 @@ def draw_rd(curves: Sequence[dict[str, Any]], out_dir: Path, title: str = "") ->
     import matplotlib.pyplot as plt
 
     written = []
+    curves = sorted(curves, key=lambda c: not str(c["name"]).startswith("DDCM"))  # ours first: the same colour always
     for metric, (ylabel, keys) in _PLOTS.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         drawn = 0
@@ -519,6 +520,10 @@ def draw_rd(curves: Sequence[dict[str, Any]], out_dir: Path, title: str = "") ->
             ours = curve["name"].startswith("DDCM")
             ax.plot(*zip(*pts, strict=True), marker="o", lw=2.4 if ours else 1.4, ms=5, label=curve["name"],
                     zorder=3 if ours else 2)  # fmt: skip
+            if ours and "point" in res:  # our points are few and named: say which is which
+                for b, v, name in zip(res["bpp"], res[key], res["point"], strict=True):
+                    if b is not None and v is not None:
+                        ax.annotate(str(name), (b, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
             drawn += 1
         if not drawn:
             plt.close(fig)
