@@ -6,8 +6,9 @@ At the shapes of `adm_small_64px` (benchmarks/configs.py) at batch 1: a 3x3
 convolution at each level's resolution and width, GroupNorm(32) + SiLU, and one
 attention block's core (softmax(q k^T) v) at each attention resolution. The
 JAX side is the package's own layers (`GroupNorm32`, flax `nn.Conv`, the
-`AttentionBlock` math; "bhtc": the same math contracted in (b, h, t, c) and
-transposed after, faster but rounding differently, so not used), jitted; the torch side the modules the original uses.
+`AttentionBlock` math, head-major with 256-query blocks; "token-major (before)": the
+same math contracted in (b, t, h, c), as the package did until the format contract
+allowed other rounding), jitted; the torch side the modules the original uses.
 Interleaved repeats, medians.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from flax import linen as nn
 
+from ddcm_jax.models._layers import by_query_blocks
 from ddcm_jax.models.adm import GroupNorm32
 
 LEVELS = [(64, 32), (32, 64), (16, 96), (8, 128)]  # (resolution, channels) of adm_small_64px
@@ -76,18 +78,21 @@ def main() -> None:
         q, k, v = (rng.standard_normal((1, t, heads, ch)).astype(np.float32) for _ in range(3))
         scale = 1.0 / np.sqrt(np.sqrt(ch))
 
-        def core(q, k, v, layout):
+        def token_major(q, k, v):  # the package's formulation before: contracted in (b, t, h, c)
             w = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-            w = jax.nn.softmax(w, axis=-1)
-            if layout == "bthc":  # the package's: the dot writes (b, t, h, c) itself
-                return jnp.einsum("bhts,bshc->bthc", w, v)
-            # The alternative: contract in (b, h, t, c), transpose after. Faster, but it rounds
-            # differently and moves version-1 decodes past their pin, so it is not used.
-            a = jnp.einsum("bhts,bhsc->bhtc", w, jnp.transpose(v, (0, 2, 1, 3)))
-            return jnp.transpose(a, (0, 2, 1, 3))
+            return jnp.einsum("bhts,bshc->bthc", jax.nn.softmax(w, axis=-1), v)
 
-        attn = jax.jit(lambda q, k, v: core(q, k, v, "bthc"))
-        attn_alt = jax.jit(lambda q, k, v: core(q, k, v, "bhtc"))
+        def head_major(q, k, v):  # the package's now (`AttentionBlock`): (b, h, t, c), 256 queries at a time
+            q, k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k * scale, v))
+
+            def blk(qb):
+                w = jax.nn.softmax(jnp.einsum("bhtc,bhsc->bhts", qb * scale, k), axis=-1)
+                return jnp.einsum("bhts,bhsc->bhtc", w, v)
+
+            return jnp.transpose(by_query_blocks(blk, q, axis=2), (0, 2, 1, 3))
+
+        attn = jax.jit(head_major)
+        attn_alt = jax.jit(token_major)
 
         qt, kt, vt = (torch.from_numpy(a.transpose(0, 2, 3, 1).reshape(heads, ch, t).copy()) for a in (q, k, v))
 
@@ -98,7 +103,7 @@ def main() -> None:
 
         add("attention core", (res, res, c), *_median_pair(lambda: attn(q, k, v).block_until_ready(), tattn,
                                                             args.repeats))  # fmt: skip
-        add("attention core, bhtc", (res, res, c),
+        add("attention core, token-major (before)", (res, res, c),
             *_median_pair(lambda: attn_alt(q, k, v).block_until_ready(), tattn, args.repeats))
     if args.json:
         meta = {"jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

@@ -191,21 +191,37 @@ QUERY_BLOCK = 256
 
 
 def by_query_blocks(core: Callable[[jax.Array], jax.Array], q: jax.Array,
-                    block: int | None = QUERY_BLOCK) -> jax.Array:  # fmt: skip
-    """core(q) for q (B, T, ...) -> (B, T, ...), computed `block` queries at a time (`lax.map`).
+                    block: int | None = QUERY_BLOCK, axis: int = 1) -> jax.Array:  # fmt: skip
+    """core(q) for queries along `axis` of q (1: (B, T, ...); 2: head-major (B, H, T, d)),
+    computed `block` queries at a time (`lax.map`).
 
     Softmax attention is row-wise in the queries, so the blocks compute exactly the same
-    numbers (tested bit for bit); only the (B, H, block, S) score matrix that is live at once
-    shrinks, and it stays in cache: on 2 CPU cores the core is 1.6-3.6x faster at 1,024 tokens and
-    1.4x at 4,096 (`benchmarks/results/attention_cpu.json`). Sequences of at most one block, or
-    not a multiple of it (or `block` None), run whole.
+    numbers (tested bit for bit); only the score matrix that is live at once shrinks to
+    (B, H, block, S), and it stays in cache (`benchmarks/results/attention_cpu.json`).
+    Sequences of at most one block, or not a multiple of it (or `block` None), run whole.
     """
-    b, t = q.shape[:2]
+    t = q.shape[axis]
     if block is None or t <= block or t % block:
         return core(q)
-    blocks = jnp.moveaxis(q.reshape(b, t // block, block, *q.shape[2:]), 1, 0)
-    out = jax.lax.map(core, blocks)
-    return jnp.moveaxis(out, 0, 1).reshape(b, t, *out.shape[3:])
+    lead, rest = q.shape[:axis], q.shape[axis + 1 :]
+    blocks = jnp.moveaxis(q.reshape(*lead, t // block, block, *rest), axis, 0)
+    out = jax.lax.map(core, blocks)  # (n, *lead, block, *rest_out)
+    return jnp.moveaxis(out, 0, axis).reshape(*lead, t, *out.shape[axis + 2 :])
+
+
+def heads_first(a: jax.Array, heads: int) -> jax.Array:
+    """(B, T, H d) -> (B, H, T, d): each head's rows contiguous, so both products are plain
+    batched matrix products. On 2 CPU cores this layout made the attention core 1.3-2.3x
+    faster than contracting in the (B, T, H, d) layout, with the same numbers bit for bit
+    (`benchmarks/bench_attention.py`)."""
+    b, t, c = a.shape
+    return a.reshape(b, t, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def heads_last(a: jax.Array) -> jax.Array:
+    """(B, H, T, d) -> (B, T, H d), the inverse of `heads_first`."""
+    b, h, t, d = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
@@ -215,23 +231,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
     The scores are accumulated and soft-maxed in float32 whatever the inputs'
     dtype; `upcast` also casts q and k to float32 before the product
     (diffusers' `upcast_attention`). The weights are cast back to v's dtype. `query_block`:
-    see `by_query_blocks` (None: all queries at once; the same numbers).
+    see `by_query_blocks` (None: all queries at once; the same numbers). Computed
+    head-major (`heads_first`).
     """
-    b, t, c = q.shape
-    s = k.shape[1]
-    d = c // heads
+    d = q.shape[-1] // heads
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    q = q.reshape(b, t, heads, d) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    k = k.reshape(b, s, heads, d)
-    v = v.reshape(b, s, heads, d)
+    q = heads_first(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), heads)
+    k, v = heads_first(k, heads), heads_first(v, heads)
 
     def core(qb: jax.Array) -> jax.Array:
-        w = jnp.einsum("bthd,bshd->bhts", qb, k, preferred_element_type=jnp.float32)
+        w = jnp.einsum("bhtd,bhsd->bhts", qb, k, preferred_element_type=jnp.float32)
         w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("bhts,bshd->bthd", w, v)
+        return jnp.einsum("bhts,bhsd->bhtd", w, v)
 
-    return by_query_blocks(core, q, query_block).reshape(b, t, heads * d)
+    return heads_last(by_query_blocks(core, q, query_block, axis=2))
 
 
 # ------------------------------------------------------------------- name/layout rule

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddcm_jax.models._layers import by_query_blocks, group_norm
+from ddcm_jax.models._layers import by_query_blocks, group_norm, heads_last
 
 __all__ = [
     "LIMITS",
@@ -582,14 +582,15 @@ class AttentionBlock(nn.Module):
         # Scaling q and k by ch^-1/4 each (not the product by ch^-1/2) is the
         # original's choice for float16 stability; kept for identical rounding.
         scale = 1.0 / math.sqrt(math.sqrt(ch))
-        k = k * scale
+        # Head-major (B, heads, T, ch): both products plain batched matmuls (`_layers.heads_first`).
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k * scale, v))
 
         def core(qb: jax.Array) -> jax.Array:
-            w = jnp.einsum("bthc,bshc->bhts", qb * scale, k)
+            w = jnp.einsum("bhtc,bhsc->bhts", qb * scale, k)
             w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(w.dtype)
-            return jnp.einsum("bhts,bshc->bthc", w, v)
+            return jnp.einsum("bhts,bhsc->bhtc", w, v)
 
-        a = by_query_blocks(core, q).reshape(b, hh * ww, c)
+        a = heads_last(by_query_blocks(core, q, axis=2))
         out = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(a)
         return (seq + out).reshape(b, hh, ww, c)
 

@@ -424,13 +424,16 @@ def _sdpa(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
     precision = _precision(dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
 
+    # Head-major (B, H, S, d): both products plain batched matmuls (`_layers.heads_first`).
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+
     def core(qb: jax.Array) -> jax.Array:
-        s = jnp.einsum("bqhd,bkhd->bhqk", qb, k, precision=precision,
+        s = jnp.einsum("bhqd,bhkd->bhqk", qb, k, precision=precision,
                        preferred_element_type=jnp.float32)  # fmt: skip
         w = jax.nn.softmax(s * scale, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", w, v, precision=precision)
+        return jnp.einsum("bhqk,bhkd->bhqd", w, v, precision=precision)
 
-    return L.by_query_blocks(core, q)
+    return L.by_query_blocks(core, q, axis=2).transpose(0, 2, 1, 3)
 
 
 class FluxAttention(nn.Module):
