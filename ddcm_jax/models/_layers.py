@@ -211,9 +211,9 @@ def by_query_blocks(core: Callable[[jax.Array], jax.Array], q: jax.Array,
 
 def heads_first(a: jax.Array, heads: int) -> jax.Array:
     """(B, T, H d) -> (B, H, T, d): each head's rows contiguous, so both products are plain
-    batched matrix products. On 2 CPU cores this layout made the attention core 1.3-2.3x
-    faster than contracting in the (B, T, H, d) layout, with the same numbers bit for bit
-    (`benchmarks/bench_attention.py`)."""
+    batched matrix products. On 2 CPU cores this layout made the attention core 1.1-1.9x
+    faster than contracting in the (B, T, H, d) layout (256 to 4,096 tokens), with the same
+    numbers bit for bit (`benchmarks/results/attention_cpu.json`)."""
     b, t, c = a.shape
     return a.reshape(b, t, heads, c // heads).transpose(0, 2, 1, 3)
 
