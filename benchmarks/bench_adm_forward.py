@@ -4,9 +4,13 @@
 
 The PyTorch network is `tests/torch_adm.py` (the test suite checks it computes
 what the converted Flax model computes); both run the same random weights.
-Reports the median of `--repeats` timed calls after warm-up (and, for JAX,
-after compilation, reported separately). Needs the `bench` extra for torch;
-without it only the JAX side is timed.
+With `--guided-diffusion DIR` (a checkout of openai/guided-diffusion: the folder
+holding its `guided_diffusion` package) the original UNet itself is timed too,
+built by its `create_model` with the same options and loaded with the same
+state dict (strict); its output's largest difference from `tests/torch_adm.py`'s
+is recorded. Reports the median of `--repeats` timed calls after warm-up (and,
+for JAX, after compilation, reported separately), the sides interleaved. Needs
+the `bench` extra for torch; without it only the JAX side is timed.
 """
 
 from __future__ import annotations
@@ -40,7 +44,20 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
-def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict:
+def _original(kwargs: dict, net: object) -> object:
+    """guided-diffusion's own UNet (`create_model`) with `net`'s weights, strictly loaded."""
+    import inspect
+
+    from guided_diffusion import script_util
+
+    params = inspect.signature(script_util.create_model).parameters
+    defaults = {k: v for k, v in script_util.model_and_diffusion_defaults().items() if k in params}
+    model = script_util.create_model(**{**defaults, **kwargs})
+    model.load_state_dict(net.state_dict(), strict=True)
+    return model.eval()
+
+
+def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str, original: bool = False) -> dict:
     cfg = ADMConfig.from_create_model({**kwargs, "compute_dtype": dtype})
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
@@ -63,6 +80,17 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict
                 net(xt, tt)
 
         torch_call()
+        if original:
+            gd = _original(kwargs, net)
+            with torch.inference_mode():
+                diff = (gd(xt, tt) - net(xt, tt)).abs().max().item()
+            row["original_max_abs_diff_vs_torch_adm"] = diff
+
+            def original_call():
+                with torch.inference_mode():
+                    gd(xt, tt)
+
+            original_call()
     else:
         from ddcm_jax.models import adm_init
 
@@ -75,16 +103,21 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str) -> dict
     jax_call = lambda: fwd(params, x, t).block_until_ready()  # noqa: E731
     jax_call()
     # Interleaved, so that a slow spell of a shared machine hits both sides alike.
-    times: dict[str, list[float]] = {"jax": [], "torch": []}
+    times: dict[str, list[float]] = {"jax": [], "torch": [], "original": []}
     for _ in range(repeats):
         times["jax"] += _time(jax_call, 1)
         if torch_call is not None:
             times["torch"] += _time(torch_call, 1)
+        if "original_max_abs_diff_vs_torch_adm" in row:
+            times["original"] += _time(original_call, 1)
     row["jax_s"] = statistics.median(times["jax"])
     if torch_call is not None:
         row["torch_s"] = statistics.median(times["torch"])
     if "torch_s" in row:
         row["speedup_vs_torch"] = row["torch_s"] / row["jax_s"]
+    if times["original"]:
+        row["original_s"] = statistics.median(times["original"])
+        row["speedup_vs_original"] = row["original_s"] / row["jax_s"]
     return row
 
 
@@ -95,13 +128,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--guided-diffusion", type=Path, default=None,
+                        help="a checkout of openai/guided-diffusion: time its UNet too")  # fmt: skip
     args = parser.parse_args()
+    if args.guided_diffusion is not None:
+        if not (args.guided_diffusion / "guided_diffusion" / "unet.py").is_file():
+            parser.error(f"{args.guided_diffusion}: no guided_diffusion/unet.py there")
+        sys.path.insert(0, str(args.guided_diffusion.resolve()))
     rows = []
     for name in args.configs:
         kwargs = CONFIGS[name]
         for batch in args.batches:
             for dtype in args.dtypes:
-                row = bench(name, kwargs, batch, args.repeats, dtype)
+                row = bench(name, kwargs, batch, args.repeats, dtype, args.guided_diffusion is not None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     try:

@@ -3,9 +3,10 @@ under the caller's own `jax.jit`, side by side in one run (issue 26: within 1.2x
 
     python benchmarks/bench_eager_calls.py --json benchmarks/results/eager_calls_cpu.json
 
-Models: the packaged default ADM MODEL_DIR (`model(x, t)`) and `sd_tiny` converted from
+Models: the packaged default ADM MODEL_DIR (`model(x, t)`), `sd_tiny` converted from
 `../shared/reference/sd_tiny` into a temporary folder (`model(x, t, context)`, `encode`,
-`decode`, `encode_prompt`). Each call is warmed up (compiled) once on both sides, then timed
+`decode`, `encode_prompt`) and `flux_tiny` likewise (`transformer(...)`, `encode`, `decode`,
+`encode_prompt`). Each call is warmed up (compiled) once on both sides, then timed
 `--repeats` times, the two sides interleaved so that both see the same load; medians reported.
 """
 
@@ -19,6 +20,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 SHARED = Path(os.environ.get("DDCM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -93,6 +96,44 @@ def main() -> None:
     # Strings cannot enter a jit: the caller tokenizes on the host, then calls its jitted encoder.
     record("sd", "encode_prompt(prompt)", "1 prompt", lambda: sd.encode_prompt(["a photograph of a cat"]),
            lambda: text_jit(sd.params["text_encoder"], sd.tokenize(["a photograph of a cat"])))  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp) / "flux_tiny"
+        assert convert([str(SHARED / "reference" / "flux_tiny"), "-o", str(where), "--format", "diffusers", "-q"]) == 0
+        flux = ddcm_jax.load_model(where)
+    from ddcm_jax.flux import img_ids, pack
+    from ddcm_jax.models import t5
+
+    side, c = 16, flux.config.latent_channels
+    f = flux.config.downsampling_factor
+    zf = jax.random.normal(jax.random.key(3), (1, side, side, c), jnp.float32)
+    hs = pack(zf)
+    tc = flux.config.transformer
+    ehs = jax.random.normal(jax.random.key(4), (1, 16, tc.joint_attention_dim), jnp.float32)
+    pooled = jax.random.normal(jax.random.key(5), (1, tc.pooled_projection_dim), jnp.float32)
+    tt = jnp.array([0.5], jnp.float32)
+    g = jnp.array([3.5], jnp.float32) if flux.guidance_embeds else None
+    txt_ids, ids = np.zeros((16, 3), np.float32), img_ids(side, side)
+    imgf = jax.random.uniform(jax.random.key(6), (1, side * f, side * f, 3), jnp.float32, -1, 1)
+    tr_jit = jax.jit(lambda m, *a: m.transformer(*a))
+    inputs = (hs, tt, g, ehs, pooled, txt_ids, ids)
+    record("flux", "transformer(...)", f"1x{hs.shape[1]}x{hs.shape[2]}", lambda: flux.transformer(*inputs),
+           lambda: tr_jit(flux, *inputs))  # fmt: skip
+    encf_jit = jax.jit(lambda m, ii: m.encode(ii))
+    decf_jit = jax.jit(lambda m, zz: m.decode(zz))
+    record("flux", "encode(images)", f"1x{side * f}x{side * f}x3", lambda: flux.encode(imgf), lambda: encf_jit(flux, imgf))
+    record("flux", "decode(latents)", f"1x{side}x{side}x{c}", lambda: flux.decode(zf), lambda: decf_jit(flux, zf))
+    cfg = flux.config
+
+    def prompt_jitted(p_t5, p_clip, ids_t5, ids_clip):
+        return (t5.t5_encode(cfg.text_encoder_2, p_t5, ids_t5),
+                clip.clip_text_apply(cfg.text_encoder, p_clip, ids_clip)[1])  # fmt: skip
+
+    prompt_jit = jax.jit(prompt_jitted)
+    words = ["a photograph of a cat"]
+    record("flux", "encode_prompt(prompt)", "1 prompt", lambda: flux.encode_prompt(words),
+           lambda: prompt_jit(flux.params["text_encoder_2"], flux.params["text_encoder"],
+                              flux.tokenize_t5(words), flux.tokenize(words)))  # fmt: skip
 
     result = {"benchmark": "eager_calls", "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),

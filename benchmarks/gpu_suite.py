@@ -1,4 +1,4 @@
-"""GPU benchmark suite: ADM-256 forward, DDCM compression vs the original's loop, SD 2.1 components.
+"""GPU benchmark suite: ADM-256 forward, DDCM compression and Turbo-DDCM round trips vs the originals, SD 2.1, selection.
 
     bash benchmarks/gpu_suite.sh                      # full mode, one GPU, about 7 minutes
     python benchmarks/gpu_suite.py --mode reduced --json /tmp/gpu_reduced.json   # tiny, CPU, < 1 min
@@ -13,11 +13,22 @@ without stopping the rest):
                  memory); and the same network in PyTorch (`tests/torch_adm.py`),
                  float32, for reference.
   ddcm_compress  `ddcm_jax.compress` with that model, K = 4096, 100 respaced steps,
-                 batch 1, 8, 32 (one jitted call; a 50-step run at batch 1 separates
-                 the fixed cost for the extrapolation to 1000 steps); against the
-                 original's per-step loop on the same GPU: PyTorch UNet forward,
-                 x0_hat, residual, `torch.randn(K, D)` from a generator seeded per
-                 step, matmul, argmax, DDIM step (batch 1).
+                 batch 1, 8, 32 at float32 and 32 at bfloat16 compute (one jitted call;
+                 a 50-step run at batch 1 separates the fixed cost for the
+                 extrapolation to 1000 steps); against the original's per-step loop on
+                 the same GPU: PyTorch UNet forward, x0_hat, residual,
+                 `torch.randn(K, D)` from a generator seeded per step, matmul, argmax,
+                 DDIM step (batch 1).
+  latent_turbo   Turbo-DDCM's round trip at Stable Diffusion 2.1-base 512 px (UNet,
+                 VAE and text encoder of the real sizes, random weights): jitted
+                 `ddcm_jax.compress` (VAE encoder included) then `ddcm_jax.decompress`
+                 (VAE decoder included), T = 30, K = 16384, M = 50, batch 1 and 16 at
+                 float32, 16 at bfloat16 (also with the fused Pallas scoring kernel);
+                 seconds per image of the round trip, and
+                 whether the decoder rebuilt the encoder's picture; against the
+                 original Turbo-DDCM code's `compress` + `decompress` loop (its
+                 `roundtrip.py`, batch 1, float16 as it runs by default) rewritten
+                 around diffusers' UNet and VAE of the same configs.
   sd_components  Stable Diffusion 2.1-base's UNet (865.9 M parameters, random weights;
                  shapes checked against the released model's manifest when
                  ../shared/reference is there) at a 64x64x4 latent with a 77x1024
@@ -25,6 +36,11 @@ without stopping the rest):
                  selection step (top-64 of |<z_k, r>| over K = 16384 atoms of
                  D = 16384, `ddcm_jax.select_atoms(rule="turbo")`), with the
                  original's `randn(D, K)` + matmul + topk for reference.
+  selection      one selection step with XLA's chunked stream and with the fused
+                 Pallas kernel (`kernel="pallas"`, `ddcm_jax.fused`), and whether
+                 both chose the same indices: Turbo top-64 at K = 16384, D = 16384,
+                 DDCM argmax at K = 4096, D = 196,608 (ADM-256); the originals'
+                 `randn` + matmul + topk / argmax for reference.
 
 Budget: `--budget-s` (default 420) covers the whole run. Each side of a case
 gets a share of what is left (unused time rolls over) and skips the items it
@@ -126,6 +142,35 @@ SD_TINY_UNET = {
     "use_linear_projection": True,
 }
 
+# stabilityai/stable-diffusion-2-1-base vae/config.json, text_encoder/config.json and
+# scheduler/scheduler_config.json (the options that change the networks and the process).
+SD21_BASE_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD21_BASE_TEXT = {"hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096, "layer_norm_eps": 1e-05,
+                  "max_position_embeddings": 77, "num_attention_heads": 16, "num_hidden_layers": 23,
+                  "projection_dim": 512, "vocab_size": 49408}  # fmt: skip
+SD21_BASE_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                       "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                       "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+                       "steps_offset": 1, "trained_betas": None}  # fmt: skip
+# shared/reference/sd_tiny's vae and text encoder (the options that change the networks).
+SD_TINY_VAE = {**SD21_BASE_VAE, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
+               "sample_size": 128}  # fmt: skip
+SD_TINY_TEXT = {"hidden_act": "gelu", "hidden_size": 32, "intermediate_size": 37, "layer_norm_eps": 1e-05,
+                "max_position_embeddings": 77, "num_attention_heads": 4, "num_hidden_layers": 2,
+                "projection_dim": 32, "vocab_size": 523}  # fmt: skip
+
 MODES: dict[str, dict[str, Any]] = {
     "full": {
         "adm": ADM256,
@@ -135,12 +180,27 @@ MODES: dict[str, dict[str, Any]] = {
                               (32, "bfloat16"), (32, "float32")), "repeats": 5},
         "torch_forward": {"batches": (1, 8, 32), "repeats": 5},
         "compress": {"steps": 100, "half_steps": 50, "K": 4096,
-                     # (batch, steps, timed repeats after a discarded warm-up call; 0 = the first call alone)
-                     "plan": ((1, 100, 2), (8, 100, 0), (1, 50, 1), (32, 100, 0))},
+                     # (batch, steps, timed repeats after a discarded warm-up call (0 = the first call
+                     # alone), compute dtype)
+                     "plan": ((1, 100, 2, "float32"), (8, 100, 0, "float32"), (1, 50, 1, "float32"),
+                              (32, 100, 0, "float32"), (32, 100, 0, "bfloat16"))},
         "torch_compress": {"batch": 1, "repeats": 1},
         "sd": {"unet": SD21_BASE_UNET, "manifest": "sd_manifests/sd21_base", "latent": 64, "context": 77,
                "items": ((1, "bfloat16"), (1, "float32"), (8, "bfloat16"), (8, "float32")), "repeats": 5},
         "turbo": {"K": 16384, "latent": 64, "M": 64, "repeats": 10},
+        # Turbo-DDCM's round trip at SD 2.1-base 512 px: T 30 (its default), K 16384, M 50 (one of the
+        # original's M with a packaged combination table); (batch, unet/vae compute dtype, repeats,
+        # codebook kernel).
+        "latent": {"unet": SD21_BASE_UNET, "vae": SD21_BASE_VAE, "text_encoder": SD21_BASE_TEXT,
+                   "scheduler": SD21_BASE_SCHEDULER, "manifest": "sd_manifests/sd21_base", "image": 512,
+                   "T": 30, "K": 16384, "M": 50,
+                   "plan": ((1, "float32", 1, "xla"), (16, "float32", 0, "xla"), (16, "bfloat16", 0, "xla"),
+                            (16, "bfloat16", 0, "pallas"))},
+        # The original runs float16 unless --float32 is given.
+        "torch_latent": {"dtype": "float16", "repeats": 1},
+        # (name, rule, K, residual shape, M): a Turbo step at SD 2.1-base 512 px latents, a DDCM step at ADM-256.
+        "selection": {"items": (("turbo_sd21_512px", "turbo", 16384, (64, 64, 4), 64),
+                                ("ddcm_adm256", "ddcm", 4096, (256, 256, 3), 1)), "repeats": 10},
         "min_start_s": 15.0,
         "rank_promotion": "allow",
         "xla_flags": "",
@@ -149,11 +209,18 @@ MODES: dict[str, dict[str, Any]] = {
         "adm": ADM_TINY,
         "forward": {"items": ((1, "bfloat16"), (1, "float32"), (2, "float32")), "repeats": 2},
         "torch_forward": {"batches": (1, 2), "repeats": 2},
-        "compress": {"steps": 3, "half_steps": 2, "K": 64, "plan": ((1, 3, 1), (2, 3, 0), (1, 2, 1))},
+        "compress": {"steps": 3, "half_steps": 2, "K": 64,
+                     "plan": ((1, 3, 1, "float32"), (2, 3, 0, "float32"), (1, 2, 1, "float32"), (2, 3, 0, "bfloat16"))},
         "torch_compress": {"batch": 1, "repeats": 1},
         "sd": {"unet": SD_TINY_UNET, "manifest": None, "latent": 8, "context": 77,
                "items": ((1, "bfloat16"), (1, "float32"), (2, "float32")), "repeats": 2},
         "turbo": {"K": 64, "latent": 8, "M": 4, "repeats": 3},
+        "latent": {"unet": SD_TINY_UNET, "vae": SD_TINY_VAE, "text_encoder": SD_TINY_TEXT,
+                   "scheduler": SD21_BASE_SCHEDULER, "manifest": None, "image": 64, "T": 4, "K": 64, "M": 3,
+                   "plan": ((1, "float32", 1, "xla"), (2, "float32", 0, "xla"), (2, "float32", 0, "pallas"))},
+        "torch_latent": {"dtype": "float32", "repeats": 1},
+        "selection": {"items": (("turbo_small", "turbo", 96, (8, 8, 4), 4), ("ddcm_small", "ddcm", 80, (8, 8, 3), 1)),
+                      "repeats": 2},
         "min_start_s": 0.0,
         "rank_promotion": "raise",
         # Compile faster (LLVM at -O0): reduced-mode timings only check the plumbing.
@@ -167,8 +234,12 @@ PARTS: tuple[tuple[str, str, float], ...] = (
     ("adm_forward", "torch", 25.0),
     ("ddcm_compress", "jax", 170.0),
     ("ddcm_compress", "torch", 30.0),
+    ("latent_turbo", "jax", 150.0),
+    ("latent_turbo", "torch", 40.0),
     ("sd_components", "jax", 90.0),
     ("sd_components", "torch", 15.0),
+    ("selection", "jax", 30.0),
+    ("selection", "torch", 10.0),
 )
 CASES = tuple(dict.fromkeys(case for case, _, _ in PARTS))
 
@@ -233,12 +304,13 @@ def adm_params(mode_cfg: dict[str, Any]) -> Any:
     return random_params(abstract_params(adm_config(mode_cfg)), SEED)
 
 
-def adm_model(mode_cfg: dict[str, Any], params: Any = None) -> Any:
-    """A float32 `DiffusionModel` with the benchmark's random weights (default diffusion: linear, 1000)."""
+def adm_model(mode_cfg: dict[str, Any], params: Any = None, dtype: str = "float32") -> Any:
+    """A `DiffusionModel` with the benchmark's random weights computing in `dtype` (default
+    diffusion: linear, 1000)."""
     from ddcm_jax.model import DiffusionModel, ModelConfig
 
     params = adm_params(mode_cfg) if params is None else params
-    return DiffusionModel(ModelConfig(adm_config(mode_cfg)), params, "sha256:benchmark")
+    return DiffusionModel(ModelConfig(adm_config(mode_cfg, dtype)), params, "sha256:benchmark")
 
 
 def compress_inputs(mode_cfg: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -585,27 +657,28 @@ def ddcm_compress_jax(part: Part, mode: str) -> None:
     cc = cfg["compress"]
     t0 = time.perf_counter()
     host = adm_params(cfg)
-    model = adm_model(cfg, jax.block_until_ready(jax.device_put(host)))
+    params = jax.block_until_ready(jax.device_put(host))
+    model = adm_model(cfg, params)
     arch = model.config.architecture
     part.doc["config"] = {"create_model": cfg["adm"], "K": cc["K"], "rule": "ddcm", "generator": "philox",
-                          "key": SEED, "D": arch.image_size**2 * 3, "compute_dtype": arch.compute_dtype,
+                          "key": SEED, "D": arch.image_size**2 * 3, "compute_dtypes": sorted({d for *_, d in cc["plan"]}),
                           "params_build_s": time.perf_counter() - t0, "steps": cc["steps"],
                           "half_steps": cc["half_steps"], "plan": cc["plan"]}  # fmt: skip
     if mode == "reduced":
         part.doc["config"]["params_sha256"] = params_sha256(host)
     del host
     part.write()
-    done: dict[tuple[int, int], dict[str, Any]] = {}
-    for batch, steps, repeats in cc["plan"]:
+    done: dict[tuple[int, int, str], dict[str, Any]] = {}
+    for batch, steps, repeats, dtype in cc["plan"]:
         images, labels = compress_inputs(cfg, batch)
-        like = [r for (b, s), r in done.items() if b <= batch]
+        like = [r for (b, _, _), r in done.items() if b <= batch]
         prev = max(like, key=lambda r: (r["batch"], r["steps"])) if like else None
         scale = 1.0 if prev is None else steps / prev["steps"]
         est = _estimate(prev, batch, repeats + 1, scale)
         fn = functools.partial(compress_call, steps=steps, codebook_size=cc["K"])
-        row = {"impl": "jax", "batch": batch, "steps": steps, "K": cc["K"], "D": part.doc["config"]["D"]}
-        args = (model, jnp.asarray(images), jnp.asarray(labels))
-        got, out = _jax_item(part, f"jax batch {batch} steps {steps}", fn, args, repeats, est, row)
+        row = {"impl": "jax", "batch": batch, "steps": steps, "dtype": dtype, "K": cc["K"], "D": part.doc["config"]["D"]}
+        args = (adm_model(cfg, params, dtype), jnp.asarray(images), jnp.asarray(labels))
+        got, out = _jax_item(part, f"jax {dtype} batch {batch} steps {steps}", fn, args, repeats, est, row)
         if not got:
             continue
         indices = np.asarray(out[0])
@@ -615,16 +688,16 @@ def ddcm_compress_jax(part: Part, mode: str) -> None:
                    image_finite=bool(np.isfinite(np.asarray(out[1])).all()))  # fmt: skip
         if mode == "reduced":
             got["indices"] = indices.tolist()
-        done[batch, steps] = got
+        done[batch, steps, dtype] = got
         _extrapolations(part, cc)
 
 
 def _extrapolations(part: Part, cc: dict[str, Any]) -> None:
-    rows = {(r["batch"], r["steps"]): r for r in part.doc["rows"]}
-    for (batch, steps), row in rows.items():
+    rows = {(r["batch"], r["steps"], r["dtype"]): r for r in part.doc["rows"]}
+    for (batch, steps, dtype), row in rows.items():
         if steps != cc["steps"]:
             continue
-        half = rows.get((batch, cc["half_steps"]))
+        half = rows.get((batch, cc["half_steps"], dtype))
         ex = extrapolate(row["seconds"], steps, 1000, None if half is None else (half["seconds"], half["steps"]))
         ex["seconds_per_image"] = ex["seconds"] / batch
         row["extrapolated"] = ex
@@ -696,6 +769,258 @@ def ddcm_compress_torch(part: Part, mode: str) -> None:
 
 
 # -- case 3 --------------------------------------------------------------------------------------
+
+
+def latent_config(mode_cfg: dict[str, Any], dtype: str = "float32") -> Any:
+    """The round trip's `LatentModelConfig`: UNet and VAE at `dtype` compute, no tokenizer files
+    (the benchmark never tokenizes: the empty prompt's embedding is computed from its ids)."""
+    from ddcm_jax.latent_model import LatentModelConfig, SchedulerConfig
+    from ddcm_jax.models import clip, sd_unet, sd_vae
+
+    lc = mode_cfg["latent"]
+    none = "sha256:" + hashlib.sha256(b"").hexdigest()
+    return LatentModelConfig(unet=sd_unet.SDUNetConfig.from_json(lc["unet"], compute_dtype=dtype),
+                             vae=sd_vae.SDVAEConfig.from_json(lc["vae"], compute_dtype=dtype),
+                             text_encoder=clip.CLIPTextConfig.from_json(lc["text_encoder"]),
+                             scheduler=SchedulerConfig.from_diffusers(lc["scheduler"]),
+                             tokenizer_files=tuple((n, none) for n in ("merges.txt", "tokenizer_config.json",
+                                                                       "vocab.json")))  # fmt: skip
+
+
+def latent_params(mode_cfg: dict[str, Any]) -> Any:
+    """Random weights of the real shapes (NumPy), the text encoder's included (it is part of the
+    loaded model, so of its memory). `null_prompt`, the empty prompt's embedding the original
+    computes once at start-up, is N(0, 1) here: no network runs, so the weights are the same
+    bits in every process whatever its XLA options."""
+    from ddcm_jax.latent_model import abstract_params
+
+    config = latent_config(mode_cfg)
+    abstract = {k: v for k, v in abstract_params(config).items() if k != "null_prompt"}
+    params = random_params(abstract, SEED + 2)
+    shape = (1, config.prompt_length, config.text_encoder.hidden_size)
+    params["null_prompt"] = np.random.default_rng(SEED + 3).standard_normal(shape).astype(np.float32)
+    return params
+
+
+def latent_model(mode_cfg: dict[str, Any], params: Any, dtype: str = "float32") -> Any:
+    from ddcm_jax.latent_model import LatentDiffusionModel
+
+    return LatentDiffusionModel(latent_config(mode_cfg, dtype), params, "sha256:benchmark")
+
+
+def latent_inputs(mode_cfg: dict[str, Any], batch: int) -> np.ndarray:
+    """Images (B, H, W, 3) float32 in [-1, 1]; image i is the same in every batch."""
+    n = mode_cfg["latent"]["image"]
+    return np.stack([np.random.default_rng(2000 + i).uniform(-1, 1, (n, n, 3)) for i in range(batch)]).astype(np.float32)
+
+
+def latent_compress_call(model: Any, images: Any, *, steps: int, codebook_size: int, num_atoms: int,
+                         kernel: str = "xla") -> Any:  # fmt: skip
+    """What the suite times for encoding: `ddcm_jax.compress`, rule turbo, philox codebooks, key = SEED."""
+    import ddcm_jax
+
+    res = ddcm_jax.compress(model, images, steps=steps, codebook_size=codebook_size, num_atoms=num_atoms,
+                            rule="turbo", key=SEED, codebook_kernel=kernel)  # fmt: skip
+    return res.indices, res.coeffs, res.image
+
+
+def latent_decompress_call(model: Any, indices: Any, coeffs: Any, *, steps: int, codebook_size: int, num_atoms: int,
+                           image_shape: tuple[int, ...]) -> Any:  # fmt: skip
+    """Decoding: `ddcm_jax.decompress` of those indices and signs (its own UNet passes, VAE decoder)."""
+    import ddcm_jax
+
+    res = ddcm_jax.decompress(model, indices, coeffs, steps=steps, codebook_size=codebook_size, num_atoms=num_atoms,
+                              rule="turbo", key=SEED, image_shape=image_shape)  # fmt: skip
+    return res.image
+
+
+def _sha(a: Any) -> str:
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def latent_turbo_jax(part: Part, mode: str) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from ddcm_jax.respacing import no_bits_steps_heuristic
+
+    _need_accelerator(mode)
+    cfg = MODES[mode]
+    lc = cfg["latent"]
+    t0 = time.perf_counter()
+    host = latent_params(cfg)
+    params = jax.block_until_ready(jax.device_put(host))
+    config = latent_config(cfg)
+    n = lc["image"]
+    f = config.downsampling_factor
+    part.doc["config"] = {"unet": lc["unet"], "vae": lc["vae"], "text_encoder": lc["text_encoder"],
+                          "scheduler": lc["scheduler"], "image": [n, n, 3], "latent": [n // f, n // f, 4],
+                          "T": lc["T"], "K": lc["K"], "M": lc["M"], "D": (n // f) ** 2 * 4, "rule": "turbo",
+                          "generator": "philox", "key": SEED, "plan": lc["plan"],
+                          "no_bits_steps": no_bits_steps_heuristic(lc["T"], lc["K"], lc["M"], n, n),
+                          "params": {k: sum(math.prod(v.shape) for v in jax.tree.leaves(params[k]))
+                                     for k in ("unet", "vae", "text_encoder")},
+                          "params_build_s": time.perf_counter() - t0,
+                          "manifest_check": _manifest_check(config.unet, lc["manifest"])}  # fmt: skip
+    if mode == "reduced":
+        part.doc["config"]["params_sha256"] = params_sha256(host)
+    del host
+    part.write()
+    kw = {"steps": lc["T"], "codebook_size": lc["K"], "num_atoms": lc["M"]}
+    prev: dict[str, Any] | None = None
+    for batch, dtype, repeats, kernel in lc["plan"]:
+        model = latent_model(cfg, params, dtype)
+        images = jnp.asarray(latent_inputs(cfg, batch))
+        base = {"impl": "jax", "batch": batch, "dtype": dtype, "kernel": kernel, "T": lc["T"], "K": lc["K"],
+                "M": lc["M"]}  # fmt: skip
+        est = _estimate(prev, batch, 2 * (repeats + 1))
+        enc_fn = functools.partial(latent_compress_call, kernel=kernel, **kw)
+        enc, out = _jax_item(part, f"jax compress {dtype} {kernel} batch {batch}", enc_fn, (model, images), repeats,
+                             est, {**base, "phase": "compress"})  # fmt: skip
+        if not enc:
+            continue
+        indices, coeffs, image = out
+        enc.update(seconds_per_image=enc["seconds"] / batch, indices_shape=list(np.shape(indices)),
+                   indices_sha256=_sha(np.asarray(indices, np.int32)), image_finite=bool(np.isfinite(image).all()))  # fmt: skip
+        if mode == "reduced":
+            enc["indices"] = np.asarray(indices).tolist()
+            enc["coeffs"] = np.asarray(coeffs).tolist()
+        part.write()
+        dec_fn = functools.partial(latent_decompress_call, image_shape=tuple(images.shape), **kw)
+        dec, decoded = _jax_item(part, f"jax decompress {dtype} {kernel} batch {batch}", dec_fn,
+                                 (model, jnp.asarray(indices), jnp.asarray(coeffs)), repeats, 0.0,
+                                 {**base, "phase": "decompress"})  # fmt: skip
+        if not dec:
+            continue
+        same = bool(np.array_equal(np.asarray(decoded), np.asarray(image)))
+        dec.update(seconds_per_image=dec["seconds"] / batch, decoded_equals_encoder_image=same,
+                   roundtrip_seconds=enc["seconds"] + dec["seconds"],
+                   roundtrip_seconds_per_image=(enc["seconds"] + dec["seconds"]) / batch,
+                   roundtrip_images_per_s=batch / (enc["seconds"] + dec["seconds"]))  # fmt: skip
+        part.write()
+        prev = {"batch": batch, "seconds": dec["roundtrip_seconds"] / 2,
+                "compile_s": enc["compile_s"] + dec["compile_s"]}  # fmt: skip
+
+
+def latent_turbo_torch(part: Part, mode: str) -> None:
+    """Turbo-DDCM's own round trip (`roundtrip.py`: `TurboDDCM.compress`, then `.decompress`), batch 1.
+
+    Its loop rewritten around diffusers' UNet2DConditionModel and AutoencoderKL of the same
+    configs (random weights): at start-up (untimed, as in the original) the empty prompt's
+    embedding (random here: the text encoder is not timed) and the first UNet call on x_T;
+    compress: VAE encode (mode x scaling), per coded step the UNet (except the first), x0_hat,
+    residual, `manual_seed` + `codebook.normal_()` of the (D, K) buffer, `codebook.T @ r`,
+    `topk(|.|, M)`, the signed sum `codebook @ x` over its std, the DDIM step (eta 1) and the
+    indices to the host (`.item()`, as its bit-stream encoder takes them); then the no-bits
+    steps (eta 0) and the VAE decode; decompress: the same steps from the indices.
+    """
+    torch, dev = _need_torch(mode)
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise Skip(f"diffusers not installed ({exc})") from exc
+    from ddcm_jax.respacing import no_bits_steps_heuristic, turbo_timesteps
+
+    part.doc["env"].update(_torch_env(torch, dev), diffusers=diffusers.__version__)
+    cfg = MODES[mode]
+    lc, tl = cfg["latent"], cfg["torch_latent"]
+    dtype = getattr(torch, tl["dtype"])
+    T, K, M, n = lc["T"], lc["K"], lc["M"], lc["image"]
+    t0 = time.perf_counter()
+    torch.manual_seed(SEED)
+    diffusers.utils.logging.set_verbosity_error()  # its note on casting a random model with `.to`
+    with torch.device(dev):
+        unet = diffusers.UNet2DConditionModel.from_config(lc["unet"]).to(dtype).eval()
+        vae = diffusers.AutoencoderKL.from_config(lc["vae"]).to(dtype).eval()
+    config = latent_config(cfg)
+    ac = torch.tensor(config.scheduler.alphas_cumprod(), dtype=torch.float32, device=dev)
+    final_ac = config.scheduler.final_alpha_cumprod()
+    scale = float(config.vae.scaling_factor)
+    ts, _ = turbo_timesteps(T)
+    ts = [int(v) for v in ts]
+    nbs = no_bits_steps_heuristic(T, K, M, n, n)
+    f = config.downsampling_factor
+    shape = (1, 4, n // f, n // f)
+    D = math.prod(shape)
+    context = torch.randn(1, config.prompt_length, config.text_encoder.hidden_size, device=dev, dtype=dtype)
+    part.doc["config"] = {"batch": 1, "T": T, "K": K, "M": M, "D": D, "dtype": tl["dtype"], "no_bits_steps": nbs,
+                          "timesteps": ts, "build_s": time.perf_counter() - t0, "params": {
+                              "unet": sum(p.numel() for p in unet.parameters()),
+                              "vae": sum(p.numel() for p in vae.parameters())}, **tl}  # fmt: skip
+    part.write()
+
+    def eps_of(x: Any, t: int) -> Any:
+        return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def reverse(eps: Any, j: int, x: Any, eta: float, noise: Any) -> Any:
+        a = ac[ts[j]]
+        a_prev = ac[ts[j + 1]] if j + 1 < T else torch.tensor(final_ac, device=dev)
+        var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        out = a_prev**0.5 * x0 + (1 - a_prev - eta * var) ** 0.5 * eps
+        return out + eta * var**0.5 * noise if eta > 0 else out
+
+    g = torch.Generator(device=dev)
+    x_T = torch.randn(shape, generator=g.manual_seed(SEED), device=dev, dtype=dtype)
+    codebook = torch.empty(D, K, device=dev, dtype=dtype)
+    with torch.inference_mode():
+        eps_T = eps_of(x_T, ts[0])  # start-up, untimed (the original's `x_T_denoised`)
+
+    def tail(x: Any, j: int) -> Any:
+        for jj in range(j, T):  # the no-bits steps (eta 0) and the last one
+            x = reverse(eps_of(x.to(dtype), ts[jj]), jj, x, 0.0, None)
+        return vae.decode(x.to(dtype) / scale).sample.clamp(-1, 1)
+
+    def compress(image: Any) -> tuple[Any, list[list[int]], list[list[int]]]:
+        target = vae.encode(image).latent_dist.mode() * scale
+        x, chosen, signs = x_T, [], []
+        for j in range(T - 1 - nbs):
+            eps = eps_T if j == 0 else eps_of(x.to(dtype), ts[j])
+            a = ac[ts[j]]
+            r = (target - ((x - (1 - a) ** 0.5 * eps) / a**0.5).to(dtype)).to(dtype)
+            g.manual_seed(SEED + j + 1)
+            codebook.normal_(generator=g)
+            ip = codebook.T @ r.reshape(-1)
+            top = torch.topk(ip.abs(), M).indices
+            w = torch.zeros(K, device=dev, dtype=dtype)
+            w[top] = torch.sign(ip[top])
+            noise = codebook @ w
+            noise = (noise / noise.std()).view(shape)
+            x = reverse(eps, j, x, 1.0, noise)
+            chosen.append([int(v.item()) for v in top])
+            signs.append([int((w[v] > 0).item()) for v in top])
+        return tail(x, T - 1 - nbs), chosen, signs
+
+    def decompress(chosen: list[list[int]], signs: list[list[int]]) -> Any:
+        x = x_T
+        for j in range(T - 1 - nbs):
+            eps = eps_T if j == 0 else eps_of(x.to(dtype), ts[j])
+            g.manual_seed(SEED + j + 1)
+            codebook.normal_(generator=g)
+            w = torch.zeros(K, device=dev, dtype=dtype)
+            w[chosen[j]] = 2 * torch.tensor(signs[j], device=dev, dtype=dtype) - 1
+            noise = codebook @ w
+            x = reverse(eps, j, x, 1.0, (noise / noise.std()).view(shape))
+        return tail(x, T - 1 - nbs)
+
+    image = torch.from_numpy(latent_inputs(cfg, 1).transpose(0, 3, 1, 2).copy()).to(dev, dtype)
+    sync = _torch_sync(torch, dev)
+    with torch.inference_mode():
+        try:
+            sync(compress(image)[0])  # warm-up (cuDNN / cuBLAS handles, allocator)
+            _torch_reset_peak(torch, dev)
+            enc, (_, chosen, signs) = _timed(lambda: compress(image), tl["repeats"], lambda out: (sync(out[0]), out)[1])
+            dec, _ = _timed(lambda: decompress(chosen, signs), tl["repeats"], sync)
+            part.add_row({"impl": "torch_original_loop", "batch": 1, "dtype": tl["dtype"], "T": T, "K": K, "M": M,
+                          "compress": enc, "decompress": dec, "seconds": enc["seconds"] + dec["seconds"],
+                          "roundtrip_seconds_per_image": enc["seconds"] + dec["seconds"],
+                          "roundtrip_images_per_s": 1 / (enc["seconds"] + dec["seconds"]),
+                          "coded_steps": len(chosen), "peak_bytes": _torch_peak(torch, dev)})  # fmt: skip
+        except Exception as exc:
+            part.error("torch round trip batch 1", exc)
+
+
+# -- case 4 --------------------------------------------------------------------------------------
 
 
 def _sd_config(cfg: dict[str, Any]) -> Any:
@@ -803,13 +1128,83 @@ def sd_components_torch(part: Part, mode: str) -> None:
             part.error("torch turbo selection", exc)
 
 
+# -- case 5 --------------------------------------------------------------------------------------
+
+
+def _select(key: Any, r: Any, step: Any, *, k: int, m: int, rule: str, kernel: str) -> Any:
+    import ddcm_jax
+
+    return ddcm_jax.select_atoms(key, r, k, step=step, num_atoms=m, rule=rule, kernel=kernel)
+
+
+def _torch_select(torch: Any, gen: Any, dev: str, r: Any, rule: str, k: int, m: int) -> Any:
+    gen.manual_seed(SEED + 6)
+    if rule == "ddcm":
+        return torch.argmax(torch.randn(k, r.numel(), generator=gen, device=dev) @ r)
+    ip = r @ torch.randn(r.numel(), k, generator=gen, device=dev)
+    return torch.topk(ip.abs(), m).indices
+
+
+def selection_jax(part: Part, mode: str) -> None:
+    """One step's selection, XLA's chunked stream against the fused Pallas kernel: same indices?"""
+    import jax
+    import jax.numpy as jnp
+
+    _need_accelerator(mode)
+    sc = MODES[mode]["selection"]
+    part.doc["config"] = {"items": sc["items"], "kernels": ["xla", "pallas"], "repeats": sc["repeats"]}
+    part.write()
+    for name, rule, k, shape, m in sc["items"]:
+        r = jnp.asarray(np.random.default_rng(7).standard_normal(shape).astype(np.float32))
+        key = jax.random.key(SEED)
+        got: dict[str, Any] = {}
+        for kernel in ("xla", "pallas"):
+            select = functools.partial(_select, k=k, m=m, rule=rule, kernel=kernel)
+            row = {"case": name, "rule": rule, "kernel": kernel, "K": k, "D": math.prod(shape), "M": m, "batch": 1}
+            done, out = _jax_item(part, f"{name} {kernel}", select, (key, r, jnp.int32(5)), sc["repeats"], 0.0, row)
+            if done:
+                done["steps_per_s"] = 1 / done["seconds"]
+                got[kernel] = (done, np.asarray(out[0]))
+        if len(got) == 2:
+            (xla, a), (pallas, b) = got["xla"], got["pallas"]
+            pallas.update(same_indices_as_xla=bool(np.array_equal(a, b)), xla_over_pallas_seconds=xla["seconds"] /
+                          pallas["seconds"])  # fmt: skip
+        part.write()
+
+
+def selection_torch(part: Part, mode: str) -> None:
+    """The originals' selection step: `randn(K, D)` (DDCM) or `randn(D, K)` (Turbo), matmul, argmax or topk."""
+    torch, dev = _need_torch(mode)
+    part.doc["env"].update(_torch_env(torch, dev))
+    sc = MODES[mode]["selection"]
+    part.doc["config"] = {"items": sc["items"], "repeats": sc["repeats"]}
+    gen = torch.Generator(device=dev)
+    for name, rule, k, shape, m in sc["items"]:
+        d = math.prod(shape)
+        r = torch.from_numpy(np.random.default_rng(7).standard_normal(d).astype(np.float32)).to(dev)
+        select = functools.partial(_torch_select, torch, gen, dev, r, rule, k, m)
+
+        with torch.inference_mode():
+            try:
+                _torch_reset_peak(torch, dev)
+                timing, _ = _timed(select, sc["repeats"], _torch_sync(torch, dev))
+                part.add_row({"impl": "torch", "case": name, "rule": rule, "K": k, "D": d, "M": m, "batch": 1,
+                              **timing, "steps_per_s": 1 / timing["seconds"], "peak_bytes": _torch_peak(torch, dev)})  # fmt: skip
+            except Exception as exc:
+                part.error(f"torch {name}", exc)
+
+
 FUNCS = {
     ("adm_forward", "jax"): adm_forward_jax,
     ("adm_forward", "torch"): adm_forward_torch,
     ("ddcm_compress", "jax"): ddcm_compress_jax,
     ("ddcm_compress", "torch"): ddcm_compress_torch,
+    ("latent_turbo", "jax"): latent_turbo_jax,
+    ("latent_turbo", "torch"): latent_turbo_torch,
     ("sd_components", "jax"): sd_components_jax,
     ("sd_components", "torch"): sd_components_torch,
+    ("selection", "jax"): selection_jax,
+    ("selection", "torch"): selection_torch,
 }
 
 
@@ -930,15 +1325,35 @@ def summarize(name: str, case: dict[str, Any]) -> dict[str, Any]:
         for r in jx:
             if r["steps"] != steps:
                 continue
-            out[f"jax_b{r['batch']}_seconds_per_image"] = r["seconds_per_image"]
-            out[f"jax_b{r['batch']}_seconds_per_image_1000_steps"] = r["extrapolated"]["seconds_per_image"]
+            at = f"b{r['batch']}" if r.get("dtype", "float32") == "float32" else f"b{r['batch']}_{r['dtype']}"
+            out[f"jax_{at}_seconds_per_image"] = r["seconds_per_image"]
+            out[f"jax_{at}_seconds_per_image_1000_steps"] = r["extrapolated"]["seconds_per_image"]
             if t and t["steps"] == r["steps"]:
-                if r["batch"] == 1:
+                if at == "b1":
                     out["jax_over_torch_seconds_per_image_b1"] = r["seconds_per_image"] / t["seconds_per_image"]
-                out[f"speedup_vs_torch_b1_per_image_jax_b{r['batch']}"] = t["seconds_per_image"] / r["seconds_per_image"]
+                out[f"speedup_vs_torch_b1_per_image_jax_{at}"] = t["seconds_per_image"] / r["seconds_per_image"]
         if t:
             out["torch_b1_seconds_per_image"] = t["seconds_per_image"]
             out["torch_b1_seconds_per_image_1000_steps"] = t["extrapolated"]["seconds_per_image"]
+    elif name == "latent_turbo":
+        t = next((r for r in tr if r["batch"] == 1), None)
+        if t:
+            out["torch_b1_roundtrip_seconds_per_image"] = t["roundtrip_seconds_per_image"]
+        for r in jx:
+            if r["phase"] != "decompress":
+                continue
+            at = f"jax_{r['dtype']}_b{r['batch']}" + ("" if r.get("kernel", "xla") == "xla" else f"_{r['kernel']}")
+            out[f"{at}_roundtrip_seconds_per_image"] = r["roundtrip_seconds_per_image"]
+            if t:
+                out[f"speedup_vs_torch_b1_per_image_{at}"] = t["roundtrip_seconds_per_image"] / r["roundtrip_seconds_per_image"]
+    elif name == "selection":
+        for r in jx:
+            if r["kernel"] == "pallas" and "same_indices_as_xla" in r:
+                out[f"{r['case']}_xla_over_pallas_seconds"] = r["xla_over_pallas_seconds"]
+                out[f"{r['case']}_same_indices"] = r["same_indices_as_xla"]
+            t = next((x for x in tr if x["case"] == r["case"]), None)
+            if t:
+                out[f"{r['case']}_torch_over_jax_{r['kernel']}_seconds"] = t["seconds"] / r["seconds"]
     elif name == "sd_components":
         j = next((r for r in jx if r["component"] == "turbo_select"), None)
         t = next((r for r in tr if r["component"] == "turbo_select"), None)

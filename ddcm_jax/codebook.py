@@ -282,6 +282,17 @@ class _Philox(Generator):
     def linear(self, book: AtomSource, ks: jax.Array, r: jax.Array) -> jax.Array:
         return _philox_scores(book.root, book.step, ks, r)
 
+    def all_scores(self, book: AtomSource, r: jax.Array) -> jax.Array | None:
+        if book.kernel != "pallas":
+            return None  # streamed chunk by chunk
+        from ddcm_jax import fused  # fused builds on this module
+
+        local, first = book._slice()
+        s = fused.philox_scores(book.root, book.step, r, local, first)
+        if book.axis_name is not None:
+            s = jax.lax.all_gather(s, book.axis_name, tiled=True)
+        return s[: book.size]
+
 
 class _Threefry(Generator):
     def atoms(self, book: AtomSource, ks: jax.Array) -> jax.Array:
@@ -328,6 +339,9 @@ class AtomSource:
     devices of that mesh axis (inside `shard_map`): each scores a contiguous
     slice of indices and the results are combined exactly as one device would
     have ranked them (ties to the lower index).
+    `kernel` "xla" (default) streams chunks through XLA; "pallas" scores a philox
+    codebook in one fused kernel (`ddcm_jax.fused`: the atoms never reach memory;
+    the same atoms, sums in another order).
     """
 
     size: int = static_field()
@@ -335,6 +349,7 @@ class AtomSource:
     generator: str = static_field("philox")
     chunk: int | None = static_field(None)
     axis_name: str | None = static_field(None)
+    kernel: str = static_field("xla")
     root: jax.Array | None = None
     step: jax.Array | None = None
     array: jax.Array | None = None
@@ -345,6 +360,10 @@ class AtomSource:
             raise ValueError(f"unknown codebook generator {self.generator!r} ({', '.join(GENERATORS)})")
         if (self.array is not None) != (self.generator == "array"):
             raise ValueError("explicit atoms go with generator='array' (use AtomSource.from_array)")
+        if self.kernel not in ("xla", "pallas"):
+            raise ValueError(f"unknown codebook kernel {self.kernel!r} (xla, pallas)")
+        if self.kernel == "pallas" and self.generator != "philox":
+            raise ValueError(f"the pallas kernel scores philox codebooks, not {self.generator!r} ones")
 
     @classmethod
     def from_array(cls, array: jax.Array, **kw: Any) -> AtomSource:

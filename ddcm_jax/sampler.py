@@ -112,20 +112,22 @@ def _row(a: jax.Array, s: Any) -> jax.Array:
 class _Books:
     """How one run builds each step's codebook (static): from the spec, or the explicit rows.
 
-    `chunk` and `axis_name` decide how atoms are scored (memory, devices), never which are chosen.
+    `chunk`, `axis_name` and `kernel` decide how atoms are scored (memory, devices, fusion), never
+    which are chosen.
     """
 
     size: int
     generator: str
     chunk: int | None = None
     axis_name: str | None = None
+    kernel: str = "xla"
 
     def at(self, shape: tuple[int, ...], root: jax.Array, s: Any, rows: Any) -> AtomSource:
         if rows is not None:
             # One materialised row, as both sides see it (not fused into either side's gathers).
             row = jax.lax.optimization_barrier(_row(rows, s))
             return AtomSource.from_array(row, chunk=self.chunk, axis_name=self.axis_name)
-        return AtomSource(self.size, shape, self.generator, self.chunk, self.axis_name, root=root,
+        return AtomSource(self.size, shape, self.generator, self.chunk, self.axis_name, self.kernel, root=root,
                           step=s.i).with_base()  # fmt: skip
 
 
@@ -294,7 +296,7 @@ def encode(model: Family, spec: CodeSpec, image: Image | None = None, *, key: Ke
            measurement: Measurement | None = None, image_shape: tuple[int, ...] | None = None,
            x_T: Any = None, codebook: Codebook | None = None, weights: Weights | None = None,
            class_label: Label | None = None, schedule: Schedule | None = None, prompt: str | None = None,
-           guidance: float = 0.0, codebook_chunk: int | None = None,
+           guidance: float = 0.0, codebook_chunk: int | None = None, codebook_kernel: str = "xla",
            progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Choose the code of `image` (H, W, 3) or a batch (B, H, W, 3) under `spec`, for any family.
 
@@ -306,14 +308,15 @@ def encode(model: Family, spec: CodeSpec, image: Image | None = None, *, key: Ke
     """
     return encode_split(model, spec, image, key=key, measurement=measurement, image_shape=image_shape, x_T=x_T,
                         codebook=codebook, weights=weights, class_label=class_label, schedule=schedule,
-                        prompt=prompt, guidance=guidance, codebook_chunk=codebook_chunk, progress=progress)  # fmt: skip
+                        prompt=prompt, guidance=guidance, codebook_chunk=codebook_chunk,
+                        codebook_kernel=codebook_kernel, progress=progress)  # fmt: skip
 
 
 def encode_split(model: Family, spec: CodeSpec, image: Any, *, key: Any, measurement: Any = None,
                  image_shape: Any = None, x_T: Any = None, codebook: Any = None, weights: Any = None,
                  class_label: Any = None, schedule: Schedule | None = None, prompt: str | None = None,
                  guidance: float = 0.0, cond: Any = None, codebook_chunk: int | None = None,
-                 codebook_axis: str | None = None, progress: Progress | None = None,
+                 codebook_kernel: str = "xla", codebook_axis: str | None = None, progress: Progress | None = None,
                  window: Window | None = None) -> CompressResult:  # fmt: skip
     """`encode` with each codebook split over the mesh axis `codebook_axis` (inside `shard_map`).
 
@@ -333,7 +336,7 @@ def encode_split(model: Family, spec: CodeSpec, image: Any, *, key: Any, measure
         cond = model.make_conditioning(prompt=prompt, guidance=guidance, ccfg=spec.rule.aims_at_guidance)
     if measurement is not None:
         measurement = jnp.asarray(measurement, jnp.float32)
-    books = _Books(spec.codebook_size, spec.generator, codebook_chunk, codebook_axis)
+    books = _Books(spec.codebook_size, spec.generator, codebook_chunk, codebook_axis, codebook_kernel)
     shape = model.state_shape(image_shape[-3:])
     rows = _check_codebook(codebook, spec, shape)
     xs = model.schedule_xs(spec, schedule)
@@ -449,7 +452,7 @@ def compress(model: Family, image: Image, *, steps: int, codebook_size: int, num
              codebook: Codebook | None = None, weights: Weights | None = None,
              t_range: tuple[int, int] | None = None, class_label: Label | None = None,
              schedule: Schedule | str | None = None, eta: float = 1.0, clip: bool | None = None,
-             generator: str = "philox", codebook_chunk: int | None = None,
+             generator: str = "philox", codebook_chunk: int | None = None, codebook_kernel: str = "xla",
              progress: Progress | None = None, no_bits_steps: int | None = None, prompt: str | None = None,
              guidance: float = 0.0) -> CompressResult:  # fmt: skip
     """Encode `image` (H, W, 3) in [-1, 1], or a batch (B, H, W, 3), as codebook indices, with any family.
@@ -473,7 +476,9 @@ def compress(model: Family, image: Image, *, steps: int, codebook_size: int, num
 
     Codebooks: `generator` "philox" (default), "threefry" or "shift" (see
     `ddcm_jax.codebook`); `codebook_chunk` atoms are generated and scored at a
-    time (default: from a 64 MB budget). `progress(done, total)`, if given,
+    time (default: from a 64 MB budget); `codebook_kernel` "pallas" scores a
+    philox codebook in one fused kernel instead (`ddcm_jax.fused`; the same
+    atoms, sums in another order). `progress(done, total)`, if given,
     runs the steps one call each and reports after each (same result).
     Returns a `CompressResult`. Batches: per-image `x_T`, `weights`,
     `class_label` (B,) and `key` ((B,) keys) with the batch axis first.
@@ -484,7 +489,7 @@ def compress(model: Family, image: Image, *, steps: int, codebook_size: int, num
                            schedule=schedule if isinstance(schedule, str) else None, no_bits_steps=no_bits_steps)  # fmt: skip
     return encode(model, spec, image, key=key, x_T=x_T, codebook=codebook, weights=weights, class_label=class_label,
                   schedule=_override(schedule), prompt=prompt, guidance=guidance, codebook_chunk=codebook_chunk,
-                  progress=progress)  # fmt: skip
+                  codebook_kernel=codebook_kernel, progress=progress)  # fmt: skip
 
 
 def restore(model: Family, measurement: Measurement, operator: Any, *, steps: int, codebook_size: int,
@@ -492,7 +497,7 @@ def restore(model: Family, measurement: Measurement, operator: Any, *, steps: in
             x_T: Image | None = None, codebook: Codebook | None = None,
             class_label: Label | None = None, schedule: Schedule | None = None, eta: float = 1.0,
             clip: bool = True, generator: str = "philox", codebook_chunk: int | None = None,
-            progress: Progress | None = None) -> CompressResult:  # fmt: skip
+            codebook_kernel: str = "xla", progress: Progress | None = None) -> CompressResult:  # fmt: skip
     """Compressed posterior sampling for y = operator(x) (pixel models): indices + restored image.
 
     `operator`: an operator from `ddcm_jax.operators` or its name
@@ -505,7 +510,7 @@ def restore(model: Family, measurement: Measurement, operator: Any, *, steps: in
                            generator=generator, eta=eta, clip=clip)  # fmt: skip
     return encode(model, spec, None, key=key, measurement=measurement, image_shape=image_shape, x_T=x_T,
                   codebook=codebook, class_label=class_label, schedule=schedule, codebook_chunk=codebook_chunk,
-                  progress=progress)  # fmt: skip
+                  codebook_kernel=codebook_kernel, progress=progress)  # fmt: skip
 
 
 def generate(model: Family, *, steps: int, codebook_size: int, key: Key, class_label: Label | None = None,

@@ -503,7 +503,7 @@ def _weighted_sum(book: AtomSource, p: jax.Array) -> jax.Array:
 
 def select_atoms(key: Key, residual: Atoms, codebook_size: int, *, step: int = 0,
                  num_atoms: int = 1, coef_bits: int = 1, rule: Any = "ddcm",
-                 generator: str = "philox") -> tuple[StepIndices, Atoms]:  # fmt: skip
+                 generator: str = "philox", kernel: str = "xla") -> tuple[StepIndices, Atoms]:  # fmt: skip
     """One step's selection over a key-derived codebook, for research on rules.
 
     Scores the atoms of step `step` of the codebook with root `key` against
@@ -511,20 +511,23 @@ def select_atoms(key: Key, residual: Atoms, codebook_size: int, *, step: int = 0
     The codebooks of a `compress(..., key=k)` call have the root
     `fold_in(k, 1)` and steps numbered by the respaced index.
 
-    Compiled once per (residual shape, K, rule settings, generator): an eager
-    call with a new key, step or residual reuses the program.
+    `kernel` "pallas" scores a philox codebook in one fused kernel
+    (`ddcm_jax.fused`) instead of XLA's chunked stream.
+
+    Compiled once per (residual shape, K, rule settings, generator, kernel): an
+    eager call with a new key, step or residual reuses the program.
     """
     rule = make_rule(rule, num_atoms, coef_bits)
     return _select_atoms(key, jnp.asarray(residual, jnp.float32), jnp.asarray(step, jnp.int32), rule,
-                         codebook_size=int(codebook_size), generator=generator)  # fmt: skip
+                         codebook_size=int(codebook_size), generator=generator, kernel=kernel)  # fmt: skip
 
 
-@functools.partial(jit, static_argnames=("codebook_size", "generator"))
+@functools.partial(jit, static_argnames=("codebook_size", "generator", "kernel"))
 def _select_atoms(key: jax.Array, residual: jax.Array, step: jax.Array, rule: Any, *, codebook_size: int,
-                  generator: str) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+                  generator: str, kernel: str) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     zero = jnp.zeros_like(residual)
     ctx = StepContext(zero, zero, jnp.float32(0), jnp.float32(1), target=residual)
-    book = AtomSource(codebook_size, tuple(residual.shape), generator, root=key, step=step)
+    book = AtomSource(codebook_size, tuple(residual.shape), generator, kernel=kernel, root=key, step=step)
     sel = rule.select(ctx, book)
     return sel.indices, sel.noise
 

@@ -121,9 +121,9 @@ def _leaves(tree):
 def test_ddcm_compress_numbers(reduced: dict) -> None:
     cc = MODE["compress"]
     jx = _ran(reduced, "ddcm_compress", "jax")
-    rows = {(r["batch"], r["steps"]): r for r in jx["rows"]}
-    assert list(rows) == [(b, s) for b, s, _ in cc["plan"]]
-    for (batch, steps), r in rows.items():
+    rows = {(r["batch"], r["steps"], r["dtype"]): r for r in jx["rows"]}
+    assert list(rows) == [(b, s, d) for b, s, _, d in cc["plan"]]
+    for (batch, steps, _), r in rows.items():
         _check_timing(r)
         assert r["K"] == cc["K"] and r["D"] == 3 * SUITE.adm_config(MODE).image_size ** 2
         assert r["seconds_per_image"] == pytest.approx(r["seconds"] / batch, rel=1e-9)
@@ -132,7 +132,7 @@ def test_ddcm_compress_numbers(reduced: dict) -> None:
         assert r["indices_shape"] == [batch, steps - 1, 1] and r["image_finite"]
     # The extrapolation to 1000 steps: two runs at batch 1 (fixed part apart), linear scaling otherwise
     # (and where timing noise made the two runs' fixed part negative).
-    full, half = rows[1, cc["steps"]], rows[1, cc["half_steps"]]
+    full, half = rows[1, cc["steps"], "float32"], rows[1, cc["half_steps"], "float32"]
     ex = full["extrapolated"]
     per_step = (full["seconds"] - half["seconds"]) / (cc["steps"] - cc["half_steps"])
     fixed = full["seconds"] - cc["steps"] * per_step
@@ -145,9 +145,9 @@ def test_ddcm_compress_numbers(reduced: dict) -> None:
         assert ex["per_step_s"] == pytest.approx(full["seconds"] / cc["steps"], rel=1e-9) and ex["fixed_s"] == 0
     assert ex["seconds"] == pytest.approx(ex["fixed_s"] + 1000 * ex["per_step_s"], rel=1e-9)
     assert ex["seconds_per_image"] == pytest.approx(ex["seconds"], rel=1e-9)
-    ex2 = rows[2, cc["steps"]]["extrapolated"]
+    ex2 = rows[2, cc["steps"], "float32"]["extrapolated"]
     assert ex2["method"] == "linear scaling" and ex2["fixed_s"] == 0.0
-    assert ex2["seconds"] == pytest.approx(rows[2, cc["steps"]]["seconds"] * 1000 / cc["steps"], rel=1e-9)
+    assert ex2["seconds"] == pytest.approx(rows[2, cc["steps"], "float32"]["seconds"] * 1000 / cc["steps"], rel=1e-9)
     assert ex2["seconds_per_image"] == pytest.approx(ex2["seconds"] / 2, rel=1e-9)
     assert "extrapolated" not in half
 
@@ -161,9 +161,9 @@ def test_ddcm_compress_numbers(reduced: dict) -> None:
         assert t["seconds_per_image"] == t["seconds"]
         assert summary["jax_over_torch_seconds_per_image_b1"] == pytest.approx(
             full["seconds_per_image"] / t["seconds_per_image"], rel=1e-9)  # fmt: skip
-        for b in (1, 2):
-            assert summary[f"speedup_vs_torch_b1_per_image_jax_b{b}"] == pytest.approx(
-                t["seconds_per_image"] / rows[b, cc["steps"]]["seconds_per_image"], rel=1e-9)  # fmt: skip
+        for b, d, at in ((1, "float32", "b1"), (2, "float32", "b2"), (2, "bfloat16", "b2_bfloat16")):
+            assert summary[f"speedup_vs_torch_b1_per_image_jax_{at}"] == pytest.approx(
+                t["seconds_per_image"] / rows[b, cc["steps"], d]["seconds_per_image"], rel=1e-9)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -180,7 +180,7 @@ def test_ddcm_compress_times_the_real_thing(reduced: dict) -> None:
     assert jx["config"]["params_sha256"] == SUITE.params_sha256(params)
     model = SUITE.adm_model(MODE, params)
     steps, k = MODE["compress"]["steps"], MODE["compress"]["K"]
-    rows = [r for r in jx["rows"] if r["steps"] == steps]
+    rows = [r for r in jx["rows"] if r["steps"] == steps and r["dtype"] == "float32"]
     batch = max(r["batch"] for r in rows)
     images, labels = SUITE.compress_inputs(MODE, batch)
     res = ddcm_jax.compress(model, images, steps=steps, codebook_size=k, key=SUITE.SEED, class_label=labels)
@@ -212,6 +212,100 @@ def test_sd_components(reduced: dict) -> None:
         _check_timing(t)
         summary = reduced["cases"]["sd_components"]["summary"]
         assert summary["turbo_select_torch_over_jax_seconds"] == pytest.approx(t["seconds"] / turbo["seconds"])
+
+
+@pytest.mark.slow
+def test_latent_turbo_roundtrip(reduced: dict) -> None:
+    lc = MODE["latent"]
+    jx = _ran(reduced, "latent_turbo", "jax")
+    cfg = jx["config"]
+    assert cfg["manifest_check"]["status"].startswith("not applicable")
+    n = lc["image"]
+    assert (cfg["T"], cfg["K"], cfg["M"], cfg["rule"]) == (lc["T"], lc["K"], lc["M"], "turbo")
+    assert cfg["D"] == math.prod(cfg["latent"]) and cfg["latent"] == [n // 8, n // 8, 4]
+    coded = lc["T"] - 1 - cfg["no_bits_steps"]
+    assert coded >= 1
+    rows = jx["rows"]
+    assert [(r["phase"], r["batch"], r["dtype"], r["kernel"]) for r in rows] == [
+        (ph, b, d, k) for b, d, _, k in lc["plan"] for ph in ("compress", "decompress")]  # fmt: skip
+    for enc, dec in zip(rows[::2], rows[1::2], strict=True):
+        _check_timing(enc)
+        _check_timing(dec)
+        b = enc["batch"]
+        assert enc["indices_shape"] == [b, coded, lc["M"]] and enc["image_finite"]
+        assert enc["seconds_per_image"] == pytest.approx(enc["seconds"] / b, rel=1e-9)
+        assert dec["decoded_equals_encoder_image"] is True  # the decoder rebuilt the encoder's picture
+        assert dec["roundtrip_seconds"] == pytest.approx(enc["seconds"] + dec["seconds"], rel=1e-9)
+        assert dec["roundtrip_seconds_per_image"] == pytest.approx(dec["roundtrip_seconds"] / b, rel=1e-9)
+        assert dec["roundtrip_images_per_s"] == pytest.approx(b / dec["roundtrip_seconds"], rel=1e-9)
+        for r in (enc, dec):
+            assert r["compiled_memory"]["total_bytes"] > 0
+    summary = reduced["cases"]["latent_turbo"]["summary"]
+    tr = _ran(reduced, "latent_turbo", "torch")
+    if tr is not None:
+        (t,) = tr["rows"]
+        _check_timing(t["compress"])
+        _check_timing(t["decompress"])
+        assert (t["batch"], t["T"], t["K"], t["M"], t["coded_steps"]) == (1, lc["T"], lc["K"], lc["M"], coded)
+        assert tr["config"]["no_bits_steps"] == cfg["no_bits_steps"]
+        assert t["roundtrip_seconds_per_image"] == pytest.approx(t["compress"]["seconds"] + t["decompress"]["seconds"])
+        assert summary["torch_b1_roundtrip_seconds_per_image"] == t["roundtrip_seconds_per_image"]
+        for dec in rows[1::2]:
+            at = f"jax_{dec['dtype']}_b{dec['batch']}" + ("" if dec["kernel"] == "xla" else f"_{dec['kernel']}")
+            assert summary[f"{at}_roundtrip_seconds_per_image"] == dec["roundtrip_seconds_per_image"]
+            assert summary[f"speedup_vs_torch_b1_per_image_{at}"] == pytest.approx(
+                t["roundtrip_seconds_per_image"] / dec["roundtrip_seconds_per_image"], rel=1e-9)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_latent_turbo_times_the_real_thing(reduced: dict) -> None:
+    """The recorded indices and signs are those of a direct `ddcm_jax.compress` (rule turbo) with the
+    same key and weights, with either codebook kernel, and `ddcm_jax.decompress` of them gives that
+    call's picture."""
+    import ddcm_jax
+
+    jx = _ran(reduced, "latent_turbo", "jax")
+    params = SUITE.latent_params(MODE)
+    assert jx["config"]["params_sha256"] == SUITE.params_sha256(params)
+    model = SUITE.latent_model(MODE, params)
+    lc = MODE["latent"]
+    enc = [r for r in jx["rows"] if r["phase"] == "compress" and r["dtype"] == "float32"]
+    assert {r["kernel"] for r in enc} == {"xla", "pallas"}
+    batch = max(r["batch"] for r in enc)
+    images = SUITE.latent_inputs(MODE, batch)
+    kw = dict(steps=lc["T"], codebook_size=lc["K"], num_atoms=lc["M"], rule="turbo", key=SUITE.SEED)
+    res = ddcm_jax.compress(model, images, **kw)
+    for r in enc:
+        np.testing.assert_array_equal(np.asarray(res.indices)[: r["batch"]], np.asarray(r["indices"]))
+        np.testing.assert_array_equal(np.asarray(res.coeffs)[: r["batch"]], np.asarray(r["coeffs"]))
+    back = ddcm_jax.decompress(model, res.indices, res.coeffs, image_shape=images.shape, **kw)
+    np.testing.assert_array_equal(np.asarray(back.image), np.asarray(res.image))
+
+
+@pytest.mark.slow
+def test_selection_kernels(reduced: dict) -> None:
+    """Each item timed with XLA's stream and the fused kernel, which chose the same indices."""
+    items = MODE["selection"]["items"]
+    jx = _ran(reduced, "selection", "jax")
+    assert [(r["case"], r["kernel"]) for r in jx["rows"]] == [(it[0], k) for it in items for k in ("xla", "pallas")]
+    pairs = zip(jx["rows"][::2], jx["rows"][1::2], strict=True)
+    for (_, rule, k, shape, m), (xla, pallas) in zip(items, pairs, strict=True):
+        for r in (xla, pallas):
+            _check_timing(r)
+            assert (r["rule"], r["K"], r["D"], r["M"]) == (rule, k, math.prod(shape), m)
+        assert pallas["same_indices_as_xla"] is True
+        assert pallas["xla_over_pallas_seconds"] == pytest.approx(xla["seconds"] / pallas["seconds"], rel=1e-9)
+    summary = reduced["cases"]["selection"]["summary"]
+    assert all(summary[f"{it[0]}_same_indices"] for it in items)
+    tr = _ran(reduced, "selection", "torch")
+    if tr is not None:
+        assert [r["case"] for r in tr["rows"]] == [it[0] for it in items]
+        for t in tr["rows"]:
+            _check_timing(t)
+            for r in jx["rows"]:
+                if r["case"] == t["case"]:
+                    assert summary[f"{t['case']}_torch_over_jax_{r['kernel']}_seconds"] == pytest.approx(
+                        t["seconds"] / r["seconds"], rel=1e-9)  # fmt: skip
 
 
 def test_extrapolate() -> None:
