@@ -71,7 +71,8 @@ def make_mesh(data: int | None = None, codebook: int = 1, devices: Sequence[Any]
     return Mesh(np.array(devices[: data * codebook]).reshape(data, codebook), (DATA, CODEBOOK))
 
 
-def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis: str | None, n: int) -> Any:
+def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, kernel: str, axis: str | None,
+               n: int) -> Any:  # fmt: skip
     """What one device runs on its rows: the sampler's batch path over steps [lo, lo + n), nothing else."""
 
     def run(model: Any, spec: CodeSpec, x: Any, keys: jax.Array, extra: Any, cond: Any, lo: Any) -> Any:
@@ -84,14 +85,14 @@ def _device_fn(mode: str, image_shape: tuple[int, ...], chunk: int | None, axis:
         return encode_split(model, spec, x if mode == "compress" else None, key=keys,
                             measurement=x if mode == "restore" else None, image_shape=batch_shape, x_T=x_T,
                             weights=weights, class_label=labels, cond=cond, codebook_chunk=chunk,
-                            codebook_axis=axis, window=window)  # fmt: skip
+                            codebook_kernel=kernel, codebook_axis=axis, window=window)  # fmt: skip
 
     return run
 
 
 @functools.lru_cache(maxsize=64)
-def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | None, has: tuple[bool, ...],
-             n: int) -> Any:  # fmt: skip
+def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | None, kernel: str,
+             has: tuple[bool, ...], n: int) -> Any:  # fmt: skip
     """The jitted program for a mesh and a window of n steps (arguments: model, spec, x, keys (B,),
     (x_T, weights, labels), cond (shared), lo).
 
@@ -99,7 +100,7 @@ def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | N
     over the data axis, each codebook split over the codebook axis.
     """
     axis = CODEBOOK if mesh.size > 1 and mesh.shape[CODEBOOK] > 1 else None
-    fn = _device_fn(mode, image_shape, chunk, axis, n)
+    fn = _device_fn(mode, image_shape, chunk, kernel, axis, n)
     if mesh.size == 1:
         return jax.jit(fn)
     data = P(DATA)
@@ -134,8 +135,9 @@ def _each(fn: Any, model: Any, a: jax.Array) -> jax.Array:
 
 def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, *, key: Any,
          image_shape: tuple[int, ...], x_T: Any = None, weights: Any = None, class_label: Any = None,
-         codebook_chunk: int | None = None, progress: Progress | None = None, prompt: str | None = None,
-         guidance: float = 0.0, edit_prompt: str | None = None, tskip: int = 0) -> Any:  # fmt: skip
+         codebook_chunk: int | None = None, codebook_kernel: str = "xla", progress: Progress | None = None,
+         prompt: str | None = None, guidance: float = 0.0, edit_prompt: str | None = None,
+         tskip: int = 0) -> Any:  # fmt: skip
     model.check_spec(spec)
     n = mesh.shape[DATA]
     padded = -(-batch // n) * n
@@ -164,7 +166,8 @@ def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, 
             x_t = jax.device_put(x_t, rows)
         extra = (x_t, weights, labels)
         has = (x is not None, *(v is not None for v in extra))
-        out = _program(mesh, mode, image_hw_c, codebook_chunk, has, w.n)(model, spec, x, keys, extra, cond, w.lo)
+        program = _program(mesh, mode, image_hw_c, codebook_chunk, codebook_kernel, has, w.n)
+        out = program(model, spec, x, keys, extra, cond, w.lo)
         return (out, None) if mode == "decode" else (out.latent, (out.indices, out.coeffs))
 
     x_0, code = run_steps(call, x_T, spec.steps, spec.code_rows, progress)
@@ -186,7 +189,7 @@ def encode_sharded(model: Any, spec: CodeSpec, images: Any = None, *, mesh: Mesh
     """`sampler.encode` of a batch over `mesh`: images (B, H, W, 3), measurements (B, ...), or keys (B,).
 
     Per-image `x_T`, `weights`, `class_label` have a leading B axis;
-    `codebook_chunk` as in `encode`. B need not divide the data axis (the last
+    `codebook_chunk` and `codebook_kernel` as in `encode`. B need not divide the data axis (the last
     row is repeated, then dropped).
     """
     if images is not None:

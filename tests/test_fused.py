@@ -120,3 +120,48 @@ def test_the_grid_fills_a_large_gpu():
         n_p, splits, per = fused.grid_for(k, d)
         assert n_p * fused.BLOCK_ATOMS >= k and splits * per * fused.BLOCK_GROUPS * 4 >= d
         assert per >= 8 or splits == 1
+
+
+SHARDED = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from ddcm_jax.codebook import AtomSource
+assert jax.device_count() == 4
+mesh = jax.make_mesh((4,), ("codebook",))
+r = jnp.asarray(np.random.default_rng(0).standard_normal((10, 10, 3)).astype(np.float32))
+root = jax.random.key(5)
+for k in (203, 256):  # a slice per device; the last one short for 203
+    def run(kernel, axis):
+        book = AtomSource(k, r.shape, kernel=kernel, axis_name=axis, root=root, step=jnp.int32(4))
+        return book.best(r), book.top_abs(r, 9), book.scores(r)
+    want = jax.jit(lambda: run("xla", None))()
+    got = jax.jit(jax.shard_map(lambda: run("pallas", "codebook"), mesh=mesh, in_specs=(), out_specs=P(),
+                                check_vma=False))()
+    assert int(got[0][0]) == int(want[0][0]), k
+    assert np.array_equal(np.asarray(got[1][0]), np.asarray(want[1][0])), k
+    assert got[2].shape == (k,) and np.allclose(np.asarray(got[2]), np.asarray(want[2]), atol=1e-4), k
+import sys, ddcm_jax
+from ddcm_jax.parallel import compress_sharded, make_mesh
+m = ddcm_jax.load_model(sys.argv[1])
+ims = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+kw = dict(steps=4, codebook_size=90, key=2, rule="turbo", num_atoms=3)
+one = ddcm_jax.compress(m, ims, **kw)
+r = compress_sharded(m, ims, mesh=make_mesh(2, 2), codebook_kernel="pallas", **kw)
+assert np.array_equal(np.asarray(r.indices), np.asarray(one.indices))
+assert np.array_equal(np.asarray(r.coeffs), np.asarray(one.coeffs))
+print("OK")
+"""
+
+
+def test_fused_scoring_split_across_devices(tiny_model_dir):
+    """A codebook split over 4 devices (`axis_name`), each scoring its slice with the kernel, ranks
+    the atoms as one device streaming them does; so does `compress_sharded(codebook_kernel=
+    "pallas")` on a 2 x 2 mesh against one device's `compress`."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", SHARDED, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
