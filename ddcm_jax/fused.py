@@ -26,8 +26,8 @@ two scores tie to within it; a decoder regenerates the chosen atoms either way,
 so a file decodes to the same picture whichever kernel encoded it.
 
 On a GPU the kernel is compiled through Pallas' Triton backend; on any other
-backend it runs in Pallas' interpreter (correct, slow: for tests and for
-checking a GPU's indices on a CPU).
+backend it runs in Pallas' interpreter (correct; on a 2-core CPU about 1.6x the
+XLA stream's time: for tests and for checking a GPU's indices on a CPU).
 """
 
 from __future__ import annotations
