@@ -110,6 +110,20 @@ def test_the_kernel_lowers_to_a_triton_gpu_kernel(count, shape):
     assert exp.out_avals[0].shape == (count,)
 
 
+def test_a_batch_lowers_to_one_kernel_with_a_batch_grid_axis():
+    """`compress` of a batch vmaps the sampler, so the kernel: one Triton call, the batch a grid axis."""
+    from jax import export
+
+    triton = "__gpu$xla.gpu.triton"
+    fn = jax.vmap(lambda root, r: fused.philox_scores(root, jnp.int32(3), r, 16384, interpret=False),
+                  in_axes=(None, 0))  # fmt: skip
+    exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(
+        triton)])(jax.random.key(0), jnp.zeros((3, 64, 64, 4), jnp.float32))  # fmt: skip
+    text = exp.mlir_module()
+    assert text.count(f"@{triton}") == 1 and "grid_z = 3" in text
+    assert exp.out_avals[0].shape == (3, 16384)
+
+
 def test_the_grid_fills_a_large_gpu():
     # A Turbo step at SD 2.1-base latents and a DDCM step at ADM-256: about TARGET_PROGRAMS programs,
     # the sum over D split where K alone gives too few; a tiny problem is one split.
