@@ -282,6 +282,10 @@ def random_params(abstract: Any, seed: int) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
+def _sha(a: Any) -> str:
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
 def params_sha256(params: Any) -> str:
     import jax
 
@@ -684,7 +688,7 @@ def ddcm_compress_jax(part: Part, mode: str) -> None:
         indices = np.asarray(out[0])
         got.update(seconds_per_image=got["seconds"] / batch, images_per_s=batch / got["seconds"],
                    seconds_per_step=got["seconds"] / steps, indices_shape=list(indices.shape),
-                   indices_sha256="sha256:" + hashlib.sha256(indices.astype(np.int32).tobytes()).hexdigest(),
+                   indices_sha256=_sha(indices.astype(np.int32)),
                    image_finite=bool(np.isfinite(np.asarray(out[1])).all()))  # fmt: skip
         if mode == "reduced":
             got["indices"] = indices.tolist()
@@ -832,10 +836,6 @@ def latent_decompress_call(model: Any, indices: Any, coeffs: Any, *, steps: int,
     res = ddcm_jax.decompress(model, indices, coeffs, steps=steps, codebook_size=codebook_size, num_atoms=num_atoms,
                               rule="turbo", key=SEED, image_shape=image_shape)  # fmt: skip
     return res.image
-
-
-def _sha(a: Any) -> str:
-    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 def latent_turbo_jax(part: Part, mode: str) -> None:

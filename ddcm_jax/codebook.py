@@ -58,6 +58,7 @@ from ddcm_jax.pytree import pytree_dataclass, static_field
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "GENERATORS",
+    "KERNELS",
     "AtomSource",
     "Generator",
     "atom",
@@ -72,6 +73,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_BYTES = 64 << 20  # float32 working set of one chunk of atoms
+KERNELS = ("xla", "pallas")  # how a philox codebook is scored (`AtomSource.kernel`; "pallas": `ddcm_jax.fused`)
 
 # Philox4x32 constants (Random123).
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -360,8 +362,8 @@ class AtomSource:
             raise ValueError(f"unknown codebook generator {self.generator!r} ({', '.join(GENERATORS)})")
         if (self.array is not None) != (self.generator == "array"):
             raise ValueError("explicit atoms go with generator='array' (use AtomSource.from_array)")
-        if self.kernel not in ("xla", "pallas"):
-            raise ValueError(f"unknown codebook kernel {self.kernel!r} (xla, pallas)")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown codebook kernel {self.kernel!r} ({', '.join(KERNELS)})")
         if self.kernel == "pallas" and self.generator != "philox":
             raise ValueError(f"the pallas kernel scores philox codebooks, not {self.generator!r} ones")
 

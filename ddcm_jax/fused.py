@@ -42,9 +42,8 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from ddcm_jax.codebook import _M0, _M1, _W0, _W1, _philox_key, normals_from_words
 
-__all__ = ["BLOCK_ATOMS", "BLOCK_GROUPS", "KERNELS", "TARGET_PROGRAMS", "grid_for", "philox_scores", "philox_words_u32"]
+__all__ = ["BLOCK_ATOMS", "BLOCK_GROUPS", "TARGET_PROGRAMS", "grid_for", "philox_scores", "philox_words_u32"]
 
-KERNELS = ("xla", "pallas")  # how a philox codebook is scored (`AtomSource.kernel`)
 BLOCK_ATOMS = 64  # atoms per program (BK)
 BLOCK_GROUPS = 64  # element groups (4 elements each) per inner step (BG)
 TARGET_PROGRAMS = 1024  # programs to aim for: several per streaming multiprocessor of a large GPU
