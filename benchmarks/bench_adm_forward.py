@@ -9,7 +9,10 @@ holding its `guided_diffusion` package) the original UNet itself is timed too,
 built by its `create_model` with the same options and loaded with the same
 state dict (strict); its output's largest difference from `tests/torch_adm.py`'s
 is recorded. Reports the median of `--repeats` timed calls after warm-up (and,
-for JAX, after compilation, reported separately), the sides interleaved. Needs
+for JAX, after compilation, reported separately), the sides interleaved. The
+JAX side is the package's program (`ddcm_jax.jit`, with its XLA:CPU options, as
+`model(x, t)` and the codec compile it); `jax_plain_jit_s` is the same function
+under a plain `jax.jit`, timed in the same rounds. Needs
 the `bench` extra for torch; without it only the JAX side is timed.
 """
 
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from configs import CONFIGS
 from ddcm_jax.convert import convert_state_dict
 
+from ddcm_jax.jit import compiler_options, jit
 from ddcm_jax.models import ADMConfig, adm_apply
 
 
@@ -96,21 +100,27 @@ def bench(name: str, kwargs: dict, batch: int, repeats: int, dtype: str, origina
 
         params = adm_init(cfg, jax.random.key(0))
     params = jax.device_put(params)
-    fwd = jax.jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt))
+    # The package's own program (`ddcm_jax.jit`: what `model(x, t)` and the codec run),
+    # and the plain `jax.jit` of the same function beside it.
+    fwd = jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt))
+    plain = jax.jit(lambda p, xx, tt: adm_apply(cfg, p, xx, tt))
     t0 = time.perf_counter()
     fwd(params, x, t).block_until_ready()
     row["jax_compile_s"] = time.perf_counter() - t0
     jax_call = lambda: fwd(params, x, t).block_until_ready()  # noqa: E731
-    jax_call()
+    plain_call = lambda: plain(params, x, t).block_until_ready()  # noqa: E731
+    jax_call(), plain_call()
     # Interleaved, so that a slow spell of a shared machine hits both sides alike.
-    times: dict[str, list[float]] = {"jax": [], "torch": [], "original": []}
+    times: dict[str, list[float]] = {"jax": [], "jax_plain_jit": [], "torch": [], "original": []}
     for _ in range(repeats):
         times["jax"] += _time(jax_call, 1)
+        times["jax_plain_jit"] += _time(plain_call, 1)
         if torch_call is not None:
             times["torch"] += _time(torch_call, 1)
         if "original_max_abs_diff_vs_torch_adm" in row:
             times["original"] += _time(original_call, 1)
     row["jax_s"] = statistics.median(times["jax"])
+    row["jax_plain_jit_s"] = statistics.median(times["jax_plain_jit"])
     if torch_call is not None:
         row["torch_s"] = statistics.median(times["torch"])
     if "torch_s" in row:
@@ -159,6 +169,7 @@ def main() -> None:
             "jax_devices": [str(d) for d in jax.devices()],
         },
         "jax_version": jax.__version__,
+        "jax_compiler_options": compiler_options() if jax.default_backend() == "cpu" else {},
         "torch": torch_info,
         "repeats": args.repeats,
         "rows": rows,

@@ -10,7 +10,9 @@ it zero-initialises are filled with small random values, and its state dict is
 converted with the strict converter (`sd_unet.params_from_state_dict`); the
 outputs are compared before timing. Reports the median of `--repeats` timed
 calls after one warm-up call (JAX: after compilation, reported separately),
-the two sides' calls interleaved so that both see the same load.
+the two sides' calls interleaved so that both see the same load. The JAX side is
+the package's program (`ddcm_jax.jit`, with its XLA:CPU options);
+`jax_plain_jit_s` is the same function under a plain `jax.jit`, in the same rounds.
 Needs the `bench` extra (torch, diffusers).
 """
 
@@ -78,6 +80,7 @@ def bench(net, cfg, params, batch: int, repeats: int, torch_device: str, jax_dev
     import jax
     import torch
 
+    from ddcm_jax.jit import jit
     from ddcm_jax.models import sd_unet
 
     rng = np.random.default_rng(batch)
@@ -99,25 +102,34 @@ def bench(net, cfg, params, batch: int, repeats: int, torch_device: str, jax_dev
 
     p = jax.device_put(params, jax_device)
     xs, ts, cs = (jax.device_put(a, jax_device) for a in (x, t, ctx))
-    fwd = jax.jit(lambda pp, a, b, c: sd_unet.sd_unet_apply(cfg, pp, a, b, c))
+    # The package's program (`ddcm_jax.jit`, as `model(x, t, context)` and the codec compile
+    # it), and the plain `jax.jit` of the same function beside it.
+    fwd = jit(lambda pp, a, b, c: sd_unet.sd_unet_apply(cfg, pp, a, b, c))
+    plain = jax.jit(lambda pp, a, b, c: sd_unet.sd_unet_apply(cfg, pp, a, b, c))
     t0 = time.perf_counter()
     out = np.asarray(fwd(p, xs, ts, cs).block_until_ready())
     row["jax_compile_s"] = time.perf_counter() - t0
+    plain(p, xs, ts, cs).block_until_ready()
 
     def jax_call():
         return fwd(p, xs, ts, cs).block_until_ready()
+
+    def plain_call():
+        return plain(p, xs, ts, cs).block_until_ready()
 
     with torch.inference_mode():
         ref = torch_call().cpu().numpy().transpose(0, 2, 3, 1)
         row["max_abs_diff_vs_torch"] = float(np.abs(out - ref).max())
         jax_call()  # warm-up after compilation
         # Interleaved, so that both sides see the same load on a shared machine.
-        torch_times, jax_times = [], []
+        torch_times, jax_times, plain_times = [], [], []
         for _ in range(repeats):
             torch_times += _time(torch_call, 1)
             jax_times += _time(jax_call, 1)
+            plain_times += _time(plain_call, 1)
     row["torch_s"] = statistics.median(torch_times)
     row["jax_s"] = statistics.median(jax_times)
+    row["jax_plain_jit_s"] = statistics.median(plain_times)
     row["torch_all_s"], row["jax_all_s"] = torch_times, jax_times
     row["speedup_vs_torch"] = row["torch_s"] / row["jax_s"]
     return row
@@ -142,6 +154,8 @@ def main() -> None:
     import diffusers
     import jax
     import torch
+
+    from ddcm_jax.jit import compiler_options
 
     if args.cpus:
         torch.set_num_threads(args.cpus)
@@ -169,6 +183,7 @@ def main() -> None:
             "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         },
         "jax_version": jax.__version__,
+        "jax_compiler_options": compiler_options() if jax_device.platform == "cpu" else {},
         "torch": {"version": torch.__version__, "threads": torch.get_num_threads()},
         "diffusers_version": diffusers.__version__,
         "config": CONFIG,

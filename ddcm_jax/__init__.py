@@ -15,8 +15,8 @@ The public API, re-exported here from the modules that define it:
   bitstream `BitstreamError`; the format's own types (`Header`, `StoredSpec`, ...) stay in
             `ddcm_jax.bitstream`
   shapes    the shape annotations of the public signatures
-  jit       `compiler_options`: the XLA options `select_atoms` compiles with (pass them to
-            your own `jax.jit` around it to keep its speed)
+  jit       `compiler_options`: the XLA:CPU options every program of the package compiles
+            with (pass them to your own `jax.jit` around its calls to keep their speed)
 
 Importing the package is cheap: each name is imported from its module on first use
 (PEP 562), so that `ddcm` can install its Ctrl-C handler before JAX loads, and

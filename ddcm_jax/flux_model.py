@@ -38,6 +38,7 @@ import numpy as np
 
 from ddcm_jax import modeldir as M
 from ddcm_jax.flux import FluxFamily
+from ddcm_jax.jit import jit
 from ddcm_jax.models import clip, flux_transformer, sd_vae, t5
 from ddcm_jax.printable import printable
 
@@ -259,13 +260,13 @@ def leaf_entries(abstract: Any) -> list[tuple[str, tuple[int, ...]]]:
 # --- the loaded model -----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _encode(config: sd_vae.SDVAEConfig, params: Any, images: jax.Array) -> jax.Array:
     mean, _ = sd_vae.vae_encode(config, params, images)
     return (mean - jnp.float32(config.shift_factor)) * jnp.float32(config.scaling_factor)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _decode(config: sd_vae.SDVAEConfig, params: Any, latents: jax.Array) -> jax.Array:
     z = latents / jnp.float32(config.scaling_factor) + jnp.float32(config.shift_factor)
     return sd_vae.vae_decode(config, params, z)

@@ -1,27 +1,36 @@
-"""`jit`: `jax.jit` with 512-bit CPU vectors, for the research entry points that score codebooks.
+"""`jit`: `jax.jit` with the package's XLA:CPU options, for every program the package compiles.
 
-XLA:CPU asks LLVM for 256-bit vectors even on processors with 512-bit registers
-(some older Intel server cores lowered their clock for 512-bit work). On this
-project's AVX-512 Xeons 512-bit vectors make codebook scoring (Philox words,
-Box-Muller, the dot with the residual, fused per chunk) up to twice as fast,
-with bit-identical scores and choices (`tests/test_jit.py`). `select_atoms` is
-compiled this way.
+Two options, both for XLA:CPU only (other backends compile plainly):
 
-The codec's programs are not: there the option changes how XLA sums long
-reductions, and Turbo's noise, normalised over all D values, moves in its last
-bits. A file coded before would then decode one grey level off in about 1e-4
-of its values (158 of kodim23's 1,179,648 at the main command's settings),
-which the format does not allow. The networks gain nothing from it.
+* **No YNNPACK library fusions** (`xla_cpu_experimental_ynn_fusion_type` empty).
+  jaxlib 0.10 hands convolutions, dots and reductions to YNNPACK by default,
+  and runs many of those single-threaded: a 3x3 convolution at 16 x 16 x 256
+  takes the same 3.1 ms on one core as on two. XLA's own (Eigen) kernels use
+  both cores. Measured side by side on 2 cores: the ADM forward at batch 1 of
+  adm_small_64px 84.7 -> 67.1 ms, of the default model at 128 px 268 -> 254 ms
+  (on larger convolutions the two kernels trade places from run to run:
+  `benchmarks/results/adm_convs_cpu.json`); one image end to end went from
+  1.12x the original's time to 0.79x (`benchmarks/results/e2e_cpu.json`).
+* **512-bit vectors** (`xla_cpu_prefer_vector_width`). XLA asks LLVM for 256-bit
+  vectors even on processors with 512-bit registers (some older Intel server
+  cores lowered their clock for 512-bit work). On AVX-512 Xeons this makes
+  codebook scoring (Philox words, Box-Muller, the dot with the residual, fused
+  per chunk) up to twice as fast, with bit-identical scores and choices
+  (`tests/test_jit.py`).
 
-An `--xla_cpu_prefer_vector_width=N` in the XLA_FLAGS environment variable wins
-(then no option is passed), and only XLA:CPU gets it.
+Both change how XLA sums, so a program's last bits differ from the plain
+`jax.jit`'s: the format allows that (a file decodes to the same picture, >= 60 dB
+and <= 2 grey levels, on any version and backend; the same bits only within one
+version on one backend), and `tests/test_v1_files.py` checks the pinned files
+under these options. An option that the XLA_FLAGS environment variable already
+sets is not passed, so the user's setting wins.
 
 JAX accepts compile options only on the outermost `jax.jit`. A function made by
 `jit` therefore runs its optioned program when called at top level (eagerly, as
-a researcher calls `select_atoms`) and becomes a plain nested `jax.jit` inside
-somebody else's trace (`jax.jit`, `scan`, `shard_map`), where the outer
-program's options apply: pass `compiler_options()` to your own `jax.jit` to get
-the same speed.
+a researcher calls `model(x, t)` or `select_atoms`) and becomes a plain nested
+`jax.jit` inside somebody else's trace (`jax.jit`, `scan`, `shard_map`), where
+the outer program's options apply: pass `compiler_options()` to your own
+`jax.jit` to get the same speed.
 """
 
 from __future__ import annotations
@@ -33,16 +42,17 @@ from typing import Any
 
 import jax
 
-__all__ = ["VECTOR_WIDTH_OPTION", "Jitted", "compiler_options", "jit"]
+__all__ = ["LIBRARY_FUSION_OPTION", "VECTOR_WIDTH_OPTION", "Jitted", "compiler_options", "jit"]
 
 VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"
+LIBRARY_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_OPTIONS = {VECTOR_WIDTH_OPTION: "512", LIBRARY_FUSION_OPTION: ""}
 
 
 def compiler_options() -> dict[str, str]:
-    """The options `jit` passes: none when XLA_FLAGS sets the vector width itself."""
-    if VECTOR_WIDTH_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return {}
-    return {VECTOR_WIDTH_OPTION: "512"}
+    """The XLA:CPU options `jit` passes, less those the XLA_FLAGS environment variable sets itself."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {name: value for name, value in _OPTIONS.items() if name not in flags}
 
 
 class Jitted:
@@ -56,7 +66,7 @@ class Jitted:
 
     def _top(self) -> Any:
         if self._optioned is None:
-            # Only XLA:CPU reads the option; other backends keep the plain program.
+            # Only XLA:CPU reads the options; other backends keep the plain program.
             options = compiler_options() if jax.default_backend() == "cpu" else {}
             self._optioned = jax.jit(self._fun, compiler_options=options, **self._kwargs) if options else self._plain
         return self._optioned

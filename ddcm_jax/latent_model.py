@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddcm_jax import modeldir as M
+from ddcm_jax.jit import jit
 from ddcm_jax.latent import LatentFamily
 from ddcm_jax.models import clip, sd_unet, sd_vae
 from ddcm_jax.printable import printable
@@ -518,18 +519,18 @@ def param_counts(params: Any) -> dict[str, int]:
 
 
 # Compiled once per config and shapes when called eagerly; inlined when the caller is traced.
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _unet(config: sd_unet.SDUNetConfig, params: Any, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
     return sd_unet.sd_unet_apply(config, params, x, t, context)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _encode(config: sd_vae.SDVAEConfig, params: Any, images: jax.Array) -> jax.Array:
     mean, _ = sd_vae.vae_encode(config, params, images)
     return mean * jnp.float32(config.scaling_factor)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _decode(config: sd_vae.SDVAEConfig, params: Any, latents: jax.Array) -> jax.Array:
     return sd_vae.vae_decode(config, params, latents / jnp.float32(config.scaling_factor))
 

@@ -17,6 +17,8 @@ import re
 import jax
 import jax.numpy as jnp
 
+from ddcm_jax.jit import jit
+
 __all__ = [
     "HOST_BYTES_PER_PIXEL",
     "LPIPS_MAX_PIXELS",
@@ -60,7 +62,7 @@ def forward_bytes(arch: object, height: int, width: int) -> int:
     x = jax.ShapeDtypeStruct((1, height, width, arch.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     y = None if arch.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
-    compiled = jax.jit(functools.partial(adm_apply, arch)).lower(params, x, t, y).compile()
+    compiled = jit(functools.partial(adm_apply, arch)).lower(params, x, t, y).compile()
     m = compiled.memory_analysis()
     if m is None:  # a backend without the analysis: count the arguments at least
         return sum(int(p.size) * 4 for p in jax.tree_util.tree_leaves(params))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax.jit import jit
 from ddcm_jax.modeldir import (  # noqa: F401  (MODEL_DIR machinery, shared by every family)
     DEFAULT_MODEL,
     MAX_MODEL_JSON,
@@ -242,7 +243,7 @@ def config_fingerprint(config: ModelConfig, array_fingerprint: str) -> str:
 
 
 # An eager `model(x, t)` ran op by op, 11x slower than the same call under jax.jit (adm_tiny).
-_compiled_apply = jax.jit(adm_apply, static_argnums=0)
+_compiled_apply = jit(adm_apply, static_argnums=0)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddcm_jax.jit import jit
 from ddcm_jax.sampler import (
     CompressResult,
     Progress,
@@ -102,10 +103,10 @@ def _program(mesh: Mesh, mode: str, image_shape: tuple[int, ...], chunk: int | N
     axis = CODEBOOK if mesh.size > 1 and mesh.shape[CODEBOOK] > 1 else None
     fn = _device_fn(mode, image_shape, chunk, kernel, axis, n)
     if mesh.size == 1:
-        return jax.jit(fn)
+        return jit(fn)
     data = P(DATA)
     specs = (P(), P(), data if has[0] else None, data, tuple(data if h else None for h in has[1:]), P(), P())
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
+    return jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=data, check_vma=False))
 
 
 def _pad_rows(a: Any, n: int) -> Any:
@@ -178,7 +179,7 @@ def _run(mesh: Mesh, mode: str, model: Any, spec: CodeSpec, batch: int, x: Any, 
     return CompressResult(code[0][:batch], code[1][:batch], image, x_0)
 
 
-@functools.partial(jax.jit, static_argnames="shape")
+@functools.partial(jit, static_argnames="shape")
 def _start_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: start_noise(k, shape))(keys)
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from ddcm_jax.codebook import AtomSource
 from ddcm_jax.family import Family
+from ddcm_jax.jit import jit
 from ddcm_jax.pytree import pytree_dataclass
 from ddcm_jax.schedule import Schedule
 from ddcm_jax.selection import Random, StepContext
@@ -158,7 +159,7 @@ def _window(xs: Any, w: Window) -> Any:
     return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(jnp.asarray(a), w.lo, w.n), xs)
 
 
-@functools.partial(jax.jit, static_argnames=("books", "n"))
+@functools.partial(jit, static_argnames=("books", "n"))
 def _encode_one(model, spec, target, measurement, x_T, xs, rows, weights, cond, key, lo, *, books, n):
     shape, rule = tuple(x_T.shape), spec.rule
     replay = rule.replay()
@@ -184,7 +185,7 @@ def _encode_one(model, spec, target, measurement, x_T, xs, rows, weights, cond, 
     return _scan(model, spec, x_T, _window(xs, Window(lo, n, spec.steps)), cond, noise_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("books", "n"))
+@functools.partial(jit, static_argnames=("books", "n"))
 def _decode_one(model, spec, indices, coeffs, x_T, xs, rows, cond, key, lo, *, books, n):
     shape, rule = tuple(x_T.shape), spec.rule
     cb_root = jax.random.fold_in(key, 1)
@@ -198,7 +199,7 @@ def _decode_one(model, spec, indices, coeffs, x_T, xs, rows, cond, key, lo, *, b
     return _scan(model, spec, x_T, _window(xs, Window(lo, n, spec.steps)), cond, noise_fn)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
+@functools.partial(jit, static_argnames=("n",))
 def _sample_one(model, spec, x_T, xs, cond, key, lo, *, n):
     noise_key = jax.random.fold_in(key, 3)
 
@@ -208,12 +209,12 @@ def _sample_one(model, spec, x_T, xs, cond, key, lo, *, n):
     return _scan(model, spec, x_T, _window(xs, Window(lo, n, spec.steps)), cond, noise_fn)[0]
 
 
-@jax.jit
+@jit
 def _to_target(model: Family, image: jax.Array) -> jax.Array:
     return model.to_target(image)
 
 
-@jax.jit
+@jit
 def _to_image(model: Family, x_0: jax.Array) -> jax.Array:
     return model.to_image(jax.lax.optimization_barrier(x_0))
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import ddcm_jax
+from ddcm_jax.jit import compiler_options
 from ddcm_jax.operators import (
     Colorization,
     GaussianBlur,
@@ -283,7 +284,7 @@ def test_scan_matches_a_plain_python_loop(model, image):
 
 def test_compress_under_jit_equals_eager_call(model, image):
     kw = dict(steps=4, codebook_size=16, key=2)
-    jitted = jax.jit(lambda im: ddcm_jax.compress(model, im, **kw))(image)
+    jitted = jax.jit(lambda im: ddcm_jax.compress(model, im, **kw), compiler_options=compiler_options())(image)
     plain = ddcm_jax.compress(model, image, **kw)
     np.testing.assert_array_equal(jitted.indices, plain.indices)
     np.testing.assert_allclose(jitted.image, plain.image, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import ddcm_jax
+from ddcm_jax.jit import compiler_options
 from ddcm_jax.operators import Colorization
 from ddcm_jax.pixel import predict_x0, schedule_xs, step
 from ddcm_jax.sampler import compress, decompress, restore
@@ -98,14 +100,17 @@ def test_free_running_matches_trace(reference, tiny_model_dir, name):
     steps, K = len(tr["step"]), meta["K"]
     rule = rule_for(meta)
     x_T, book = nhwc(tr["x_T"]), nhwc(tr["codebook"][: steps - 1])
-    # Through one jitted call of the public keyword API: the steps are one scan.
+    # Through one jitted call of the public keyword API: the steps are one scan. With the
+    # package's compile options, as the Python API guide says, so that decompress (compiled
+    # with them) can rebuild the encoder's image bit for bit.
+    jit = functools.partial(jax.jit, compiler_options=compiler_options())
     if meta["loss"] == "mse":
-        run = jax.jit(lambda y, key: restore(model, y, Colorization(), steps=steps, codebook_size=K, rule=rule,
-                                             key=key, x_T=x_T, codebook=book))  # fmt: skip
+        run = jit(lambda y, key: restore(model, y, Colorization(), steps=steps, codebook_size=K, rule=rule,
+                                         key=key, x_T=x_T, codebook=book))  # fmt: skip
         res = run(nhwc(tr["measurement"]), jax.random.key(0))
     else:
-        run = jax.jit(lambda image, key: compress(model, image, steps=steps, codebook_size=K, rule=rule, key=key,
-                                                  x_T=x_T, codebook=book))  # fmt: skip
+        run = jit(lambda image, key: compress(model, image, steps=steps, codebook_size=K, rule=rule, key=key,
+                                              x_T=x_T, codebook=book))  # fmt: skip
         res = run(nhwc(tr["reference_image"]), jax.random.key(0))
     np.testing.assert_array_equal(res.indices, tr["indices"][: steps - 1])
     np.testing.assert_allclose(res.image, nhwc(tr["final"]), atol=1e-3)

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax.jit import jit
+
 __all__ = [
     "CLIPConfigError",
     "CLIPStateDictError",
@@ -394,7 +396,7 @@ def clip_text_apply(
     return _apply(config, _dtype(dtype), params, input_ids)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
+@partial(jit, static_argnums=(0, 1))
 def _apply(config: CLIPTextConfig, dtype: Any, params: Any, input_ids: jax.Array) -> Any:
     # Compiled once per (config, dtype, shapes); inlined when the caller is traced.
     return CLIPTextTransformer(config, dtype).apply({"params": params}, input_ids)

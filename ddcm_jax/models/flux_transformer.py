@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax.jit import jit
 from ddcm_jax.models import _layers as L
 
 __all__ = [
@@ -763,7 +764,7 @@ def flux_transformer_apply(
     return _apply(config, params, hs, t, g, ehs, pooled, cos, sin)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _apply(config: FluxTransformerConfig, params: Any, hidden_states: jax.Array,
            timestep: jax.Array, guidance: jax.Array | None, encoder_hidden_states: jax.Array,
            pooled_projections: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # fmt: skip

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddcm_jax.jit import jit
 from ddcm_jax.models._layers import (
     DTYPES,
     SDConfigError,
@@ -523,7 +524,7 @@ def t5_init(config: T5Config, key: jax.Array) -> dict[str, Any]:
     return _init(config, key)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jit, static_argnums=0)
 def _init(config: T5Config, key: jax.Array) -> dict[str, Any]:
     # Compiled: op-by-op initialisation takes seconds even for the tiny model.
     return T5Encoder(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
@@ -541,7 +542,7 @@ def t5_encode(config: T5Config, params: Mapping[str, Any], input_ids: jax.Array)
     return _encode(config, params, input_ids)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jit, static_argnums=0)
 def _encode(config: T5Config, params: Any, input_ids: jax.Array) -> jax.Array:
     return T5Encoder(config).apply({"params": params}, input_ids)
 
@@ -562,12 +563,12 @@ def t5_encode_blockwise(config: T5Config, read: Any, input_ids: jax.Array) -> ja
     return _final_norm(config, read(("encoder", "final_layer_norm")), x)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
+@partial(jit, static_argnums=(0, 1))
 def _block(config: T5Config, first: bool, params: Any, x: jax.Array, position_bias: Any) -> Any:
     return Block(config, first, DTYPES[config.compute_dtype]).apply({"params": params}, x, position_bias)
 
 
-@partial(jax.jit, static_argnums=0)
+@partial(jit, static_argnums=0)
 def _final_norm(config: T5Config, params: Any, x: jax.Array) -> jax.Array:
     return RMSNorm(config.layer_norm_epsilon).apply({"params": params}, x)
 
